@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every error a user can cause (a missing file, a corrupt image, a checkpoint for another architecture, a
+bad option) raises a :class:`VitdenseError` subclass whose message names the file or option and says how
+to fix it. The CLI prints the message on one line and exits with code 2; programming errors stay
+ordinary exceptions with tracebacks.
+"""
+from __future__ import annotations
+
+
+class VitdenseError(Exception):
+    """Base class of errors caused by user input."""
+
+
+class ImageError(VitdenseError):
+    """An image file is missing, unreadable, or too small."""
+
+
+class CheckpointError(VitdenseError):
+    """A weights file is missing, unreadable, or does not match the architecture."""
+
+
+class ConfigError(VitdenseError):
+    """An option has a value that cannot work (bad stride, unknown model, bad layer...)."""
+
+
+class DataError(VitdenseError):
+    """A folder or data set is empty or malformed."""

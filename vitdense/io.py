@@ -1,0 +1,131 @@
+"""Reading images and writing results: one-line errors for bad files, atomic writes for outputs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .backbones import atomic_write
+from .errors import DataError, ImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+def natural_key(path: str | os.PathLike) -> list:
+    """Sort key that orders frame_2 before frame_10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image fully (so corrupt data fails here, not later) as RGB; ImageError names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, expected an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"corrupt image ({err})"
+        raise ImageError(f"{path}: {kind}") from None
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files of a folder (by suffix), naturally sorted; DataError if the folder is missing or empty."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: folder not found")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    images = sorted((p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+    if not images:
+        raise DataError(f"{folder}: no image files found ({', '.join(IMAGE_SUFFIXES[:5])}, ...)")
+    return images
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Paths given on a command line: image files as they are, folders expanded to their images."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out.extend(list_images(path))
+        elif not path.exists():
+            raise ImageError(f"{path}: file not found")
+        else:
+            out.append(path)
+    if not out:
+        raise DataError("no input images given")
+    return out
+
+
+def load_images(paths: Sequence[str | os.PathLike], strict: bool = False
+                ) -> tuple[list[Path], list[Image.Image], list[tuple[Path, str]]]:
+    """Load many images; unreadable ones are skipped and returned as (path, reason) unless ``strict``."""
+    good, images, skipped = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            good.append(Path(path))
+        except ImageError as err:
+            if strict:
+                raise
+            skipped.append((Path(path), str(err).split(": ", 1)[-1]))
+    return good, images, skipped
+
+
+# -------------------------------------------------------------------------------------------- writing
+
+def save_png(path: str | os.PathLike, image: np.ndarray | Image.Image, palette: Sequence[int] | None = None) -> None:
+    """Write a PNG atomically. uint8 arrays (h, w) or (h, w, 3); float arrays in [0, 1] are scaled."""
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8) if arr.dtype.kind == "f" \
+                else arr.astype(np.uint8)
+        image = Image.fromarray(arr)
+    if palette is not None:
+        image = image.convert("P") if image.mode != "P" else image
+        image.putpalette(list(palette))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (numpy scalars and arrays converted)."""
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, Path):
+            return str(obj)
+        raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+    text = json.dumps(data, indent=2, default=default)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write a compressed NPZ atomically (the temp name keeps the .npz suffix numpy insists on)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def write_outputs(writers: Sequence[Callable[[], None]]) -> None:
+    """Run output writers in order (each one atomic): used after all computation succeeded."""
+    for write in writers:
+        write()

@@ -1,0 +1,124 @@
+"""Pictures people look at: PCA of descriptors as RGB, heat maps, mask overlays, contact sheets.
+
+Functions return uint8 arrays (h, w, 3); writing them is :func:`vitdense.io.save_png`'s job.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def pca_rgb(descriptors: Sequence[np.ndarray | torch.Tensor], grids: Sequence[tuple[int, int]],
+            n_components: int = 3, masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Project descriptors of several images on their first 3 principal components → RGB maps.
+
+    descriptors: per image (T, D); grids: per image (h, w); masks: optional per image (T,) bool selecting
+    the tokens the PCA is fitted on (e.g. salient ones). The components are fitted jointly over all images
+    so colours are comparable across them, then each channel is min-max scaled to [0, 1] over all images.
+    Returns per image a float (h, w, 3) array.
+    """
+    descs = [torch.as_tensor(d, dtype=torch.float32) for d in descriptors]
+    fit = torch.cat([d[torch.as_tensor(m, dtype=torch.bool)] if masks is not None else d
+                     for d, m in zip(descs, masks if masks is not None else [None] * len(descs))])
+    mean = fit.mean(dim=0, keepdim=True)
+    # torch.pca_lowrank is randomised; a full SVD of the (D, D) covariance is exact and cheap for D <= 7000.
+    cov = (fit - mean).T @ (fit - mean) / max(1, fit.shape[0] - 1)
+    evals, evecs = torch.linalg.eigh(cov.double())
+    comps = evecs[:, -n_components:].flip(-1).float()  # largest first
+    # Fix each component's sign so the picture does not flip between runs or machines.
+    signs = torch.sign(comps[comps.abs().argmax(dim=0), torch.arange(n_components)])
+    comps = comps * signs
+    projected = [(d - mean) @ comps for d in descs]
+    allp = torch.cat(projected)
+    lo, hi = allp.min(dim=0).values, allp.max(dim=0).values
+    out = []
+    for proj, (h, w) in zip(projected, grids):
+        rgb = ((proj - lo) / (hi - lo).clamp_min(1e-12)).reshape(h, w, n_components)
+        out.append(rgb.numpy())
+    return out
+
+
+def similarity_map(desc_a: torch.Tensor, index: int, desc_b: torch.Tensor, grid_b: tuple[int, int]
+                   ) -> np.ndarray:
+    """Cosine similarity of token ``index`` of image A (T_a, D) to every token of image B (T_b, D) → (h, w)."""
+    a = torch.nn.functional.normalize(torch.as_tensor(desc_a, dtype=torch.float32)[index], dim=-1)
+    b = torch.nn.functional.normalize(torch.as_tensor(desc_b, dtype=torch.float32), dim=-1)
+    return (b @ a).reshape(grid_b).numpy()
+
+
+def heatmap(values: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A (h, w) array → uint8 RGB 'jet'-style colour map, min-max scaled, optionally resized to (H, W)."""
+    v = np.asarray(values, dtype=np.float32)
+    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
+    # piecewise-linear jet: blue → cyan → yellow → red
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    rgb = (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+    if size is not None:
+        rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+    return rgb
+
+
+def upsample(grid_map: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize a (h, w) or (h, w, C) float/uint8 map to (H, W) (bilinear, or nearest for labels)."""
+    arr = np.asarray(grid_map)
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    if arr.ndim == 2:
+        mode_arr = arr.astype(np.float32) if not nearest else arr.astype(np.int32)
+        return np.asarray(Image.fromarray(mode_arr).resize((size[1], size[0]), resample))
+    return np.stack([upsample(arr[..., c], size, nearest) for c in range(arr.shape[-1])], axis=-1)
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct colours (n, 3) uint8; label 0 is black (background), as in the PASCAL/DAVIS palette."""
+    out = np.zeros((max(n, 1), 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, alpha: float = 0.5,
+            colors: np.ndarray | None = None) -> np.ndarray:
+    """Blend a label map (H, W) of ints (0 = background, left untouched) over an RGB image."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape != img.shape[:2]:
+        labels = upsample(labels, img.shape[:2], nearest=True).astype(np.int64)
+    colors = palette(int(labels.max()) + 1) if colors is None else np.asarray(colors)
+    out = img.copy()
+    fg = labels > 0
+    out[fg] = (1 - alpha) * img[fg] + alpha * colors[labels[fg]].astype(np.float32)
+    return out.round().astype(np.uint8)
+
+
+def contact_sheet(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, cols: int | None = None,
+                  cell: int = 256, pad: int = 4) -> np.ndarray:
+    """Tile RGB images (each fitted into a cell × cell box, aspect kept) into one uint8 picture."""
+    n = len(images)
+    if n == 0:
+        return np.full((cell, cell, 3), 255, np.uint8)
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    title_h = 14 if titles else 0
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + pad + title_h) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, img in enumerate(images):
+        im = Image.fromarray(np.asarray(img).astype(np.uint8))
+        im.thumbnail((cell, cell))
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * (cell + pad), pad + r * (cell + pad + title_h)
+        sheet.paste(im, (x0 + (cell - im.width) // 2, y0 + title_h + (cell - im.height) // 2))
+        if titles:
+            draw.text((x0, y0), str(titles[i])[:40], fill="black", font=font)
+    return np.asarray(sheet)
