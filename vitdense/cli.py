@@ -182,3 +182,19 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
     click.echo(f"wrote {len(paths)} PCA image(s) to {out}")
 
 
+
+
+# ---------------------------------------------------------------------------------- analysis commands
+
+def _register_commands() -> None:
+    """Import the per-analysis command modules; each adds its commands to :func:`main`."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+_register_commands()
