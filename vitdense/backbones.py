@@ -14,6 +14,7 @@ Every file is read with ``torch.load(..., weights_only=True)`` or safetensors: a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -171,7 +172,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
         return _clean_state_dict(state), meta
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # The official DINO training checkpoints store their argparse Namespace under "args": allow
+        # that one plain container class, nothing else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, zip errors, unsafe globals: all mean "not a weights file"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({first})") from None

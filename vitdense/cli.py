@@ -130,6 +130,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
 
     paths = expand_inputs(images)
     extractor = build_extractor(**opts)
+    extractor.layer_index(layer)  # fail before any work
     arrays: dict[str, np.ndarray] = {}
     for i, path in enumerate(tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2)):
         batch, _ = extractor.preprocess(path, load_size_arg(opts["load_size"]))
@@ -164,6 +165,7 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
 
     paths = expand_inputs(images)
     extractor = build_extractor(**opts)
+    extractor.layer_index(layer)  # fail before any work
     descs, grids, masks, sizes = [], [], [], []
     for path in tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2):
         batch, pil = extractor.preprocess(path, load_size_arg(opts["load_size"]))

@@ -270,7 +270,8 @@ class ViTExtractor:
         x = model.norm_pre(x)
         return x, grid
 
-    def _layer_index(self, layer: int) -> int:
+    def layer_index(self, layer: int) -> int:
+        """0-based index of ``layer`` (negative counts from the end); ConfigError when out of range."""
         if not -self.depth <= layer < self.depth:
             raise ConfigError(f"--layer {layer}: the model has {self.depth} layers (use 0..{self.depth - 1} "
                               f"or negative indices)")
@@ -293,7 +294,7 @@ class ViTExtractor:
         if saliency and not self.has_cls:
             raise ConfigError(f"model {self.model_type} has no CLS token: saliency needs CLS attention")
         layer_list = [layers] if isinstance(layers, int) else list(layers)
-        wanted = {self._layer_index(l) for l in layer_list}
+        wanted = {self.layer_index(l) for l in layer_list}
         if batch.dim() != 4 or batch.shape[1] != 3:
             raise ConfigError(f"expected a (B, 3, H, W) batch, got {tuple(batch.shape)}")
         hgt, wid = batch.shape[-2:]
@@ -326,7 +327,7 @@ class ViTExtractor:
         self.num_patches = grid
         descriptors = {}
         for layer in layer_list:
-            feats = out[self._layer_index(layer)].float()  # (B, heads, P + T, d)
+            feats = out[self.layer_index(layer)].float()  # (B, heads, P + T, d)
             if include_cls:
                 feats = torch.cat([feats[:, :, :1], feats[:, :, self.num_prefix:]], dim=2)
             else:

@@ -1,0 +1,178 @@
+"""Every weights format loads and gives the same descriptors; mismatched or corrupt files fail clearly."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from conftest import tiny_vit
+from vitdense import ViTExtractor, backbone_meta, create_vit, load_backbone, save_backbone
+from vitdense.backbones import infer_arch, read_weights
+from vitdense.errors import CheckpointError
+
+# head dim 64 as in every DINO model: the number of heads is not stored in a state dict, it is inferred
+TINY = dict(embed_dim=128, depth=4, num_heads=2, img_size=64, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return tiny_vit(dim=128, heads=2)
+
+
+@pytest.fixture(scope="module")
+def reference(vit):
+    """Key descriptors (layer 2, stride 4) and saliency of the in-memory model on a fixed input."""
+    ext = ViTExtractor("custom", stride=4, model=vit, device="cpu")
+    batch = torch.randn(1, 3, 56, 72, generator=torch.Generator().manual_seed(0))
+    feats = ext.extract(batch, 2, "key", saliency=True)
+    return batch, feats.descriptors[2], feats.saliency
+
+
+def assert_same(ext: ViTExtractor, reference) -> None:
+    batch, desc, sal = reference
+    feats = ext.extract(batch, 2, "key", saliency=True)
+    torch.testing.assert_close(feats.descriptors[2], desc)
+    torch.testing.assert_close(feats.saliency, sal)
+
+
+def official_backbone_file(vit, path):
+    """The layout of dino_deitsmall8_pretrain.pth: a bare state dict of the backbone."""
+    torch.save({k: v.clone() for k, v in vit.state_dict().items()}, path)
+
+
+def official_full_checkpoint(vit, path):
+    """The layout of main_dino.py's checkpoint.pth: student (DDP) and teacher with heads, args, optimiser."""
+    backbone = vit.state_dict()
+    head = {"head.mlp.0.weight": torch.randn(32, 128), "head.last_layer.weight_g": torch.ones(64, 1),
+            "head.last_layer.weight_v": torch.randn(64, 16)}
+    student = {f"module.backbone.{k}": v + 1.0 for k, v in backbone.items()}  # must NOT be picked
+    student.update({f"module.{k}": v for k, v in head.items()})
+    teacher = {f"backbone.{k}": v.clone() for k, v in backbone.items()}
+    teacher.update(head)
+    torch.save({"student": student, "teacher": teacher, "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 100, "args": argparse.Namespace(arch="vit_small", patch_size=8),
+                "dino_loss": {"center": torch.zeros(1, 64)}}, path)
+
+
+def test_official_backbone_only_file_infers_architecture(vit, reference, tmp_path):
+    path = tmp_path / "dino_deitsmall8_pretrain.pth"
+    official_backbone_file(vit, path)
+    arch, kwargs = infer_arch(read_weights(path)[0])
+    assert {k: kwargs[k] for k in TINY} == TINY
+    assert_same(ViTExtractor(None, stride=4, weights=path, device="cpu"), reference)
+
+
+def test_official_full_checkpoint_uses_teacher_and_drops_head(vit, reference, tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    official_full_checkpoint(vit, path)
+    state, _ = read_weights(path)
+    assert not any(k.startswith(("head", "module", "backbone")) for k in state)
+    assert_same(ViTExtractor(None, stride=4, weights=path, device="cpu"), reference)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_our_export_loads_without_naming_the_architecture(vit, reference, tmp_path, suffix):
+    path = tmp_path / f"teacher{suffix}"
+    save_backbone(vit, path, backbone_meta("vit_small_patch8_224", TINY, saliency_heads=(1,)))
+    assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
+    ext = ViTExtractor(None, stride=4, weights=path, device="cpu")
+    assert ext.saliency_heads == (1,)
+    ext.saliency_heads = (0, 1)
+    assert_same(ext, reference)
+
+
+def test_fp16_safetensors_export_is_close(vit, reference, tmp_path):
+    path = tmp_path / "teacher_fp16.safetensors"
+    save_backbone(vit, path, backbone_meta("vit_small_patch8_224", TINY), dtype=torch.float16)
+    _, desc, _ = reference
+    ext = ViTExtractor(None, stride=4, weights=path, device="cpu")
+    out = ext.extract(reference[0], 2, "key").descriptors[2]
+    assert torch.nn.functional.cosine_similarity(out, desc, dim=-1).min() > 0.999
+
+
+def test_named_model_with_matching_file(tmp_path):
+    """A user-named architecture with a file: dino_vits16 + a ViT-S/16 state dict."""
+    torch.manual_seed(0)
+    model = create_vit("vit_small_patch16_224")
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(model.state_dict(), path)
+    ext = ViTExtractor("dino_vits16", stride=8, weights=path, device="cpu")
+    assert (ext.p, ext.num_heads, ext.depth) == (16, 6, 12)
+    torch.testing.assert_close(ext.model.blocks[5].attn.qkv.weight, model.blocks[5].attn.qkv.weight)
+
+
+def test_dinov2_with_registers_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = create_vit("vit_small_patch14_reg4_dinov2", img_size=56, depth=2)
+    path = tmp_path / "dinov2_small_reg.pth"
+    torch.save(model.state_dict(), path)
+    ext = ViTExtractor(None, stride=7, weights=path, device="cpu")
+    assert ext.num_prefix == 5 and ext.p == 14
+    batch = torch.randn(1, 3, 56, 70)
+    feats = ext.extract(batch, -1, "token", saliency=True)
+    assert feats.num_patches == (7, 9) and feats.descriptors[-1].shape == (1, 63, 384)
+    # at the native stride and size, tokens equal timm's own forward
+    ext14 = ViTExtractor(None, stride=14, weights=path, device="cpu")
+    batch = torch.randn(1, 3, 56, 56)
+    tokens = ext14.extract(batch, -1, "token", include_cls=True).descriptors[-1]
+    with torch.no_grad():
+        expected = model.forward_features(batch)
+        normed = model.norm(tokens.clone())
+    expected = torch.cat([expected[:, :1], expected[:, 5:]], dim=1)
+    torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_file_for_another_architecture_names_the_keys(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "vits16.pth"
+    torch.save(create_vit("vit_small_patch16_224").state_dict(), path)
+    with pytest.raises(CheckpointError, match="vits16.pth.*(position embedding|missing|shape)"):
+        ViTExtractor("dino_vits8", weights=path, device="cpu")
+    deeper = tmp_path / "deeper.pth"
+    state = create_vit("vit_small_patch16_224", depth=13).state_dict()
+    torch.save(state, deeper)
+    with pytest.raises(CheckpointError, match=r"unexpected keys blocks\.12\."):
+        ViTExtractor("dino_vits16", weights=deeper, device="cpu")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a checkpoint at all", "not a readable PyTorch weights file"),
+    (b"", "not a readable PyTorch weights file"),
+])
+def test_corrupt_file_one_line_error(tmp_path, content, message):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        ViTExtractor(None, weights=path, device="cpu")
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_corrupt_safetensors_and_missing_file(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        ViTExtractor(None, weights=path, device="cpu")
+    with pytest.raises(CheckpointError, match="not found"):
+        ViTExtractor(None, weights=tmp_path / "nope.pth", device="cpu")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    """weights_only=True: a file that would run code on load is rejected, not executed."""
+    path = tmp_path / "evil.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a pickled module object, not tensors
+    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
+        read_weights(path)
+
+
+def test_hub_offline_fails_with_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"--weights PATH") as info:
+        load_backbone("dino_vits16")
+    assert "dino_deitsmall16_pretrain.pth" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_random_init_needs_no_file():
+    backbone = load_backbone("dino_vits16", pretrained=False)
+    assert backbone.model.patch_embed.proj.weight.shape == (384, 3, 16, 16)
