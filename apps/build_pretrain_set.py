@@ -31,7 +31,7 @@ from PIL import Image
 DEBIAN_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "gnome-backgrounds")
 RASTER = {".jpg", ".jpeg", ".png", ".webp"}
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "colorwheel", "logo", "skin", "lily", "cat")
+                  "retina", "colorwheel", "logo", "skin", "lily")  # data.cat() is chelsea again
 
 
 def save_resized(image: Image.Image, dest: Path, max_side: int) -> tuple[int, int]:
@@ -79,18 +79,25 @@ def sklearn_images() -> list[tuple[str, Image.Image, str]]:
 
 
 def licence_of(copyright_text: str, relpath: str) -> str:
-    """The ``License:`` of the first DEP-5 ``Files:`` stanza whose pattern matches ``relpath``."""
-    best = "see package copyright file"
+    """``License`` (and ``Copyright``) of the last DEP-5 ``Files:`` stanza whose patterns match ``relpath``."""
+    found = "see the package's copyright file"
     for stanza in copyright_text.split("\n\n"):
-        files = re.search(r"^Files:\s*(.+)$", stanza, re.M)
-        lic = re.search(r"^License:\s*(.+)$", stanza, re.M)
-        if not files or not lic:
+        fields: dict[str, str] = {}
+        current = None
+        for line in stanza.splitlines():
+            if line[:1] in (" ", "\t") and current:
+                fields[current] += " " + line.strip()
+            elif ":" in line:
+                current, _, value = line.partition(":")
+                fields[current] = value.strip()
+        if "Files" not in fields or "License" not in fields:
             continue
-        for pattern in files.group(1).split():
-            regex = re.escape(pattern).replace(r"\*", ".*")
-            if re.search(regex + "$", relpath):
-                return lic.group(1).strip()
-    return best
+        for pattern in fields["Files"].split():
+            if re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), relpath) or pattern == "*":
+                holder = fields.get("Copyright", "")
+                found = fields["License"].split()[0] + (f" (© {holder})" if holder else "")
+                break
+    return found
 
 
 def debian_images(package: str, workdir: Path) -> tuple[list[tuple[str, Image.Image, str, str]], str]:
@@ -111,7 +118,9 @@ def debian_images(package: str, workdir: Path) -> tuple[list[tuple[str, Image.Im
                         and "screenshot" not in p.name and "/doc/" not in str(p) and "images_dark" not in str(p))
     chosen: dict[str, Path] = {}
     for path in candidates:
-        group = str(path.parent.parent.parent) if path.parent.name == "images" else str(path.with_suffix(""))
+        # one picture in several resolutions: plasma's NAME/contents/images/WxH.jpg, mate's NAME_WxH.jpg
+        group = (str(path.parent.parent.parent) if path.parent.name == "images"
+                 else re.sub(r"_\d+x\d+$", "", str(path.with_suffix(""))))
         with Image.open(path) as im:
             area = im.width * im.height if im.width >= im.height else 0
         previous = chosen.get(group)
@@ -120,8 +129,8 @@ def debian_images(package: str, workdir: Path) -> tuple[list[tuple[str, Image.Im
     out = []
     for group, path in sorted(chosen.items()):
         rel = str(path.relative_to(root))
-        name = Path(group).name if path.parent.name == "images" else path.stem
-        out.append((name, Image.open(path), licence_of(copyright_text, rel.split("/backgrounds/mate/")[-1]), rel))
+        name = Path(group).name
+        out.append((name, Image.open(path), licence_of(copyright_text, rel.split("backgrounds/mate/")[-1]), rel))
     return out, version
 
 
