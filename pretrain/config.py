@@ -1,0 +1,176 @@
+"""Every hyper-parameter of DINO pretraining, with its default and a one-line help, in one dataclass.
+
+The defaults are those of facebookresearch/dino (``main_dino.py``) and of the paper's ViT-S/16 recipe
+(Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"). Both command lines
+(``vitdense pretrain`` and ``python -m pretrain``) are derived from :class:`PretrainConfig`, so an option
+added here appears in both.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitdense.errors import ConfigError
+
+# Short names → timm architecture prefixes; the patch size and 224 are appended.
+SHORT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata=dict(help=help, **extra))
+
+
+@dataclass
+class PretrainConfig:
+    """DINO self-distillation settings. Schedules are defined per global step (all processes together)."""
+
+    data_dir: str = _opt("", "Folder tree of training images (no labels needed).", positional=True)
+    out: str = _opt("runs/dino", "Run folder: checkpoint.pth, teacher_backbone.pth, log.jsonl, curves.png.")
+
+    # ----- model
+    arch: str = _opt("vit_small", "vit_tiny/vit_small/vit_base, or any timm ViT name "
+                                  "(vit_small_patch8_224, ...).")
+    patch_size: int = _opt(0, "Patch size (0 = from the timm name, 16 for short names).")
+    img_size: int = _opt(0, "Size of the position-embedding grid in pixels (0 = --global-size).")
+    drop_path: float = _opt(0.1, "Stochastic depth rate of the student (the teacher has none).")
+    out_dim: int = _opt(65536, "Output dimension K of the DINO head.")
+    hidden_dim: int = _opt(2048, "Hidden width of the DINO head's MLP.")
+    bottleneck_dim: int = _opt(256, "Bottleneck width of the DINO head (L2-normalised).")
+    norm_last_layer: bool = _opt(True, "Fix the norm of the head's weight-normalised last layer to 1.")
+
+    # ----- loss and teacher
+    student_temp: float = _opt(0.1, "Student softmax temperature.")
+    warmup_teacher_temp: float = _opt(0.04, "Teacher temperature at step 0.")
+    teacher_temp: float = _opt(0.07, "Teacher temperature after the warm-up.")
+    warmup_teacher_temp_epochs: float = _opt(30.0, "Epochs of the linear teacher-temperature warm-up.")
+    center_momentum: float = _opt(0.9, "Momentum of the teacher-output centre.")
+    momentum_teacher: float = _opt(0.996, "Teacher EMA momentum at step 0 (cosine to --momentum-teacher-end).")
+    momentum_teacher_end: float = _opt(1.0, "Teacher EMA momentum at the last step.")
+
+    # ----- optimisation
+    epochs: int = _opt(100, "Training epochs.")
+    max_steps: int = _opt(0, "Stop after this many global steps (0 = all epochs); schedules still span "
+                             "--epochs.")
+    batch_size: int = _opt(64, "Global batch size (split evenly across processes).")
+    lr: float = _opt(0.0005, "Peak learning rate for a global batch of 256 (scaled linearly with the batch).")
+    min_lr: float = _opt(1e-6, "Learning rate at the end of the cosine schedule.")
+    warmup_epochs: float = _opt(10.0, "Epochs of linear learning-rate warm-up.")
+    weight_decay: float = _opt(0.04, "Weight decay at step 0 (not on biases and norms).")
+    weight_decay_end: float = _opt(0.4, "Weight decay at the last step (cosine schedule).")
+    clip_grad: float = _opt(3.0, "Per-parameter gradient-norm clipping (0 = off).")
+    freeze_last_layer: int = _opt(1, "Epochs during which the head's last layer gets no update.")
+
+    # ----- multi-crop augmentation
+    global_size: int = _opt(224, "Side of the two global crops in pixels.")
+    local_size: int = _opt(96, "Side of the local crops in pixels.")
+    local_crops: int = _opt(8, "Number of local crops (10 in the paper's best recipe; 0 = none).")
+    global_scale: tuple[float, float] = _opt((0.4, 1.0), "Area range of the global crops.")
+    local_scale: tuple[float, float] = _opt((0.05, 0.4), "Area range of the local crops.")
+
+    # ----- system
+    device: str = _opt("auto", "cpu, cuda or auto (under torchrun: cuda:LOCAL_RANK).")
+    precision: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.", choices=("auto", "bf16", "fp32"))
+    compile: bool = _opt(False, "torch.compile the student and teacher.")
+    workers: int = _opt(4, "Data-loader worker processes per training process.")
+    seed: int = _opt(0, "Random seed (data order, crops, initialisation, drop-path).")
+    resume: str = _opt("", "Checkpoint (or run folder) to continue from.")
+    save_every: int = _opt(0, "Also checkpoint every N steps (0 = only at the end of each epoch).")
+    log_every: int = _opt(1, "Write a log.jsonl record every N steps.")
+    knn_data: str = _opt("", "Labelled folder (one subfolder per class; train/ and val/ optional) "
+                             "for k-NN evaluation.")
+    knn_every: int = _opt(5, "Run the k-NN evaluation every N epochs (and at the end).")
+    knn_k: int = _opt(20, "Neighbours of the k-NN evaluation.")
+    knn_temp: float = _opt(0.07, "Temperature of the k-NN weighted vote.")
+
+    # ------------------------------------------------------------------ derived values
+    def timm_arch(self) -> tuple[str, dict[str, Any]]:
+        """The timm architecture name and the constructor overrides (patch_size, img_size)."""
+        arch = self.arch
+        match = re.search(r"_patch(\d+)", arch)
+        if arch in SHORT_ARCHS:
+            patch = self.patch_size or 16
+            arch = f"{arch}_patch{patch}_224"
+        elif match:
+            patch = self.patch_size or int(match.group(1))
+        elif arch.startswith(("vit_", "deit")):
+            patch = self.patch_size or 16
+        else:
+            raise ConfigError(f"--arch {self.arch}: use vit_tiny, vit_small, vit_base or a timm ViT name")
+        return arch, dict(img_size=self.img_size or self.global_size, patch_size=patch)
+
+    def validate(self) -> None:
+        """ConfigError naming the option when a value cannot work."""
+        _, kwargs = self.timm_arch()
+        patch = kwargs["patch_size"]
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.local_crops >= 0, "--local-crops must be 0 or more"),
+            (self.global_size >= patch and self.global_size % patch == 0,
+             f"--global-size {self.global_size} must be a multiple of the patch size {patch}"),
+            (self.local_crops == 0 or (self.local_size >= patch and self.local_size % patch == 0),
+             f"--local-size {self.local_size} must be a multiple of the patch size {patch}"),
+            (0 < self.global_scale[0] <= self.global_scale[1] <= 1, "--global-scale needs 0 < min <= max <= 1"),
+            (0 < self.local_scale[0] <= self.local_scale[1] <= 1, "--local-scale needs 0 < min <= max <= 1"),
+            (self.precision in ("auto", "bf16", "fp32"), f"--precision {self.precision}: use auto, bf16 or fp32"),
+            (self.workers >= 0, "--workers must be 0 or more"),
+            (self.out_dim >= 1, "--out-dim must be at least 1"),
+            (self.knn_k >= 1, "--knn-k must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PretrainConfig":
+        """Config from a dict (e.g. the one stored in a checkpoint); unknown keys are ignored."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(names[k].default, tuple) else v)
+                  for k, v in values.items() if k in names}
+        return cls(**kwargs)
+
+
+# Fields whose change makes a checkpoint incompatible with the run that resumes it.
+MODEL_FIELDS = ("arch", "patch_size", "img_size", "out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer",
+                "global_size")
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The option fields in declaration order (what both command lines are built from)."""
+    return list(dataclasses.fields(PretrainConfig))
+
+
+def option_name(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def build_argparser(prog: str = "python -m pretrain") -> argparse.ArgumentParser:
+    """An argparse parser with one option per :class:`PretrainConfig` field (the data folder positional)."""
+    parser = argparse.ArgumentParser(prog=prog, description="DINO self-distillation pretraining of a ViT.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in config_fields():
+        help_text = f.metadata["help"]
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text)
+        elif isinstance(f.default, bool):
+            parser.add_argument(option_name(f), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(option_name(f), dest=f.name, type=float, nargs=2, default=f.default,
+                                metavar=("MIN", "MAX"), help=help_text)
+        else:
+            parser.add_argument(option_name(f), dest=f.name, type=type(f.default), default=f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace | dict[str, Any]) -> PretrainConfig:
+    """PretrainConfig from parsed options (argparse namespace or click's keyword dict)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return PretrainConfig.from_dict(values)

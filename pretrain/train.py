@@ -1,0 +1,385 @@
+"""DINO training, top to bottom: set up processes, data, models and optimiser, then one loop.
+
+Runs unchanged on one CPU, one GPU, or many GPUs/nodes under ``torchrun`` (DDP, ``env://``; gloo on CPU,
+nccl on CUDA). The global batch ``--batch-size`` is split across processes and every schedule is a
+function of the global step, so the number of processes changes speed, not the curves.
+
+Outputs in ``--out``: checkpoint.pth (resume), teacher_backbone.pth (``ViTExtractor(weights=...)``),
+log.jsonl, curves.png, config.json, and knn.json when ``--knn-data`` is given.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from vitdense.backbones import FORMAT_KEY, IMAGENET_MEAN, IMAGENET_STD, backbone_meta, create_vit, save_backbone
+from vitdense.errors import ConfigError, DataError
+from vitdense.extractor import resolve_device
+from vitdense.io import save_json
+
+from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .config import MODEL_FIELDS, PretrainConfig
+from .data import (ImageFolderDataset, MultiCropAugmentation, StepBatchSampler, collate_crops, find_images,
+                   readable_images)
+from .heads import DINOHead, MultiCropWrapper
+from .loss import DINOLoss
+from .monitor import JsonlLog, plot_curves
+from .schedules import Schedules
+
+LOG = logging.getLogger("pretrain")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or ``--max-steps``-stopped) run leaves behind."""
+
+    steps: int
+    last_loss: float
+    checkpoint: Path
+    export: Path
+    log: Path
+    plot: Path
+    skipped_files: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes(cfg: PretrainConfig) -> Processes:
+    """Join the torchrun process group when launched by it (WORLD_SIZE > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return Processes(rank, world, local_rank, device)
+
+
+def build_model(cfg: PretrainConfig, student: bool) -> MultiCropWrapper:
+    """A timm ViT + DINO head; the student gets stochastic depth, the teacher none."""
+    arch, kwargs = cfg.timm_arch()
+    backbone = create_vit(arch, **kwargs, dynamic_img_size=True, drop_path_rate=cfg.drop_path if student else 0.0)
+    head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                    norm_last_layer=cfg.norm_last_layer)
+    return MultiCropWrapper(backbone, head)
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: biases and norm scales (1-D parameters) get none, as in DINO."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Scale each parameter's gradient to norm at most ``max_norm`` (per parameter, as DINO's clip_gradients)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """EMA: teacher <- m * teacher + (1 - m) * student, parameter by parameter."""
+    s_params = [p.detach() for p in student.parameters()]
+    t_params = [p for p in teacher.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def export_meta(cfg: PretrainConfig, step: int) -> dict[str, Any]:
+    """Backbone metadata: ``ViTExtractor(weights=...)`` rebuilds the architecture from it alone."""
+    arch, kwargs = cfg.timm_arch()
+    return backbone_meta(arch, kwargs, IMAGENET_MEAN, IMAGENET_STD, name=f"dino_{Path(cfg.out).name}",
+                         trained_steps=step, data_dir=str(cfg.data_dir))
+
+
+def make_checkpoint(cfg: PretrainConfig, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                    loss_fn: DINOLoss, step: int, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+            "loss": loss_fn.state_dict(), "step": step, "epoch": epoch, "config": cfg.to_dict(), "rng": rng,
+            FORMAT_KEY: export_meta(cfg, step)}
+
+
+def gather_rng(procs: Processes) -> list[dict[str, Any]]:
+    """Every process's generator states (rank order), so a resumed run draws the same drop-path masks."""
+    if procs.world_size == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * procs.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+@torch.no_grad()
+def knn_features(backbone: nn.Module, paths: list[Path], size: int, device: torch.device,
+                 autocast: Any) -> torch.Tensor:
+    """CLS features (N, D) of images resized to size·256/224 (shorter side) and centre-cropped to size."""
+    from vitdense.io import load_image
+
+    import torchvision.transforms.functional as TF
+
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    feats = []
+    for start in range(0, len(paths), 32):
+        batch = []
+        for path in paths[start:start + 32]:
+            image = TF.center_crop(TF.resize(load_image(path), int(size * 256 / 224), antialias=True), size)
+            batch.append((TF.to_tensor(image) - mean) / std)
+        with autocast():
+            feats.append(backbone(torch.stack(batch).to(device)).float().cpu())
+    return torch.cat(feats)
+
+
+def run_knn(cfg: PretrainConfig, backbone: nn.Module, device: torch.device, autocast: Any) -> dict[str, float]:
+    """k-NN accuracy of the teacher backbone on ``--knn-data`` (leave-one-out without train/val split)."""
+    from .data import labelled_folder
+    from .knn import knn_accuracy
+
+    train_split, val_split, classes = labelled_folder(cfg.knn_data)
+    was_training = backbone.training
+    backbone.eval()
+    bank = knn_features(backbone, train_split.paths, cfg.global_size, device, autocast)
+    bank_labels = torch.tensor(train_split.labels)
+    if val_split is None:
+        result = knn_accuracy(bank, bank_labels, bank, bank_labels, len(classes), cfg.knn_k, cfg.knn_temp,
+                              exclude_self=True)
+    else:
+        queries = knn_features(backbone, val_split.paths, cfg.global_size, device, autocast)
+        result = knn_accuracy(bank, bank_labels, queries, torch.tensor(val_split.labels), len(classes),
+                              cfg.knn_k, cfg.knn_temp)
+    backbone.train(was_training)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+def train(cfg: PretrainConfig) -> TrainResult:
+    """Train student and teacher as configured; return where the results are (rank 0's view)."""
+    cfg.validate()
+    procs = init_processes(cfg)
+    device = procs.device
+    out = Path(cfg.out)
+
+    # ----- data and checkpoint: fail on bad input before anything is written
+    files = find_images(cfg.data_dir)
+    paths, unreadable = readable_images(files)
+    if not paths:
+        raise DataError(f"{cfg.data_dir}: none of the {len(files)} image files can be read")
+    if unreadable:
+        LOG.warning("skipping %d unreadable image file(s), e.g. %s", len(unreadable), unreadable[0])
+    if cfg.batch_size % procs.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {procs.world_size} processes")
+    if len(paths) < cfg.batch_size:
+        raise DataError(f"{cfg.data_dir}: {len(paths)} readable images, fewer than --batch-size {cfg.batch_size}")
+    if cfg.knn_data:
+        from .data import labelled_folder
+
+        labelled_folder(cfg.knn_data)  # a bad k-NN folder fails now, not after hours of training
+    ckpt = None
+    if cfg.resume:
+        ckpt_path = resolve_resume(cfg.resume)
+        ckpt = load_checkpoint(ckpt_path)
+        check_compatible(ckpt_path, ckpt["config"], cfg.to_dict(), MODEL_FIELDS)
+    augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.local_crops, cfg.global_scale,
+                                    cfg.local_scale)
+    dataset = ImageFolderDataset(paths, augment)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, procs.rank, procs.world_size, cfg.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_crops,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        prefetch_factor=4 if cfg.workers > 0 else None,
+                        generator=torch.Generator())  # keeps the loader off the global RNG (exact resume)
+    steps_per_epoch = sampler.steps_per_epoch
+    schedules = Schedules.from_config(cfg, steps_per_epoch)
+    last_step = schedules.total_steps if cfg.max_steps <= 0 else min(cfg.max_steps, schedules.total_steps)
+
+    # ----- models: identical initialisation on every process, teacher starts as a copy of the student
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg, student=True).to(device)
+    teacher = build_model(cfg, student=False).to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    loss_fn = DINOLoss(cfg.out_dim, augment.ncrops, cfg.student_temp, cfg.center_momentum).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student))  # lr and weight decay are set every step
+    torch.manual_seed(cfg.seed + 1000 * procs.rank + 1)  # drop-path masks differ between processes
+
+    # ----- resume
+    step = 0
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        step = int(ckpt["step"])
+        if len(ckpt.get("rng", [])) == procs.world_size:
+            set_rng_state(ckpt["rng"][procs.rank])
+        else:
+            LOG.warning("%s: saved by %d processes, running %d: drop-path masks will differ from the original "
+                        "run", cfg.resume, len(ckpt.get("rng", [])), procs.world_size)
+            torch.manual_seed(cfg.seed + 1000 * procs.rank + step)
+        del ckpt
+        LOG.info("resumed from %s at step %d", cfg.resume, step)
+
+    student_ddp: nn.Module = student
+    if procs.world_size > 1:
+        student_ddp = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    student_fwd, teacher_fwd = student_ddp, teacher
+    if cfg.compile:
+        student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # ----- outputs
+    ckpt_file, export_file = out / "checkpoint.pth", out / "teacher_backbone.pth"
+    log_file, plot_file = out / "log.jsonl", out / "curves.png"
+    log = None
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "config.json", cfg.to_dict())
+        log = JsonlLog(log_file, resume_step=step)
+
+    def save(epoch: int) -> None:
+        """Checkpoint + teacher export + plot (rank 0 writes; every rank joins the RNG gather)."""
+        rng = gather_rng(procs)
+        if procs.main:
+            save_checkpoint(ckpt_file, make_checkpoint(cfg, student, teacher, optimizer, loss_fn, step, epoch, rng))
+            save_backbone(teacher.backbone.state_dict(), export_file, meta=export_meta(cfg, step))
+            plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
+
+    knn_at = -1
+
+    def knn_eval(epoch: int) -> None:
+        nonlocal knn_at
+        knn_at = step
+        if procs.main:
+            result = run_knn(cfg, teacher.backbone, device, autocast)
+            log.append({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
+            save_json(out / "knn.json", {"step": step, "k": cfg.knn_k, "temperature": cfg.knn_temp, **result})
+            LOG.info("k-NN at step %d: top-1 %.2f%%, top-5 %.2f%%", step, result["top1"], result["top5"])
+        if procs.world_size > 1:
+            dist.barrier()
+
+    # ----- the loop
+    from tqdm import tqdm
+
+    progress = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not procs.main,
+                    dynamic_ncols=True)
+    student.train()
+    teacher.train()  # no dropout/BN in a ViT: train/eval only matters for the (zero) teacher drop-path
+    skipped = len(unreadable)
+    last_loss = math.nan
+    saved_at = step if cfg.resume else -1
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
+        t_data = time.perf_counter()
+        for crops, n_failed in loader:
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            t_step = time.perf_counter()
+            values = schedules.at(step)
+            for i, group in enumerate(optimizer.param_groups):
+                group["lr"] = values.lr
+                group["weight_decay"] = values.weight_decay if i == 0 else 0.0
+
+            # Teacher sees the two global views, the student all views (Caron et al. 2021, Alg. 1).
+            with autocast():
+                with torch.no_grad():
+                    teacher_out = teacher_fwd(crops[:2])
+                student_out = student_fwd(crops)
+            terms = loss_fn(student_out, teacher_out, values.teacher_temp)
+            if not torch.isfinite(terms.loss):
+                raise ConfigError(f"loss is {terms.loss.item()} at step {step}: training diverged; lower --lr or "
+                                  f"raise --clip-grad/--freeze-last-layer")
+
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            if cfg.clip_grad > 0:
+                clip_gradients(student, cfg.clip_grad)
+            if epoch < cfg.freeze_last_layer:
+                for p in student.head.last_layer.parameters():
+                    p.grad = None  # AdamW skips parameters without gradient: no step, no decay
+            optimizer.step()
+            update_teacher(student, teacher, values.momentum)
+            step += 1
+
+            # ----- monitoring (averaged over processes)
+            stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl,
+                                 torch.tensor(float(n_failed), device=device)])
+            if procs.world_size > 1:
+                dist.all_reduce(stats)
+                stats[:3] /= procs.world_size
+            last_loss = stats[0].item()
+            skipped += int(stats[3].item())
+            now = time.perf_counter()
+            if procs.main and (step % cfg.log_every == 0 or step == last_step):
+                log.append({"step": step, "epoch": epoch, "loss": last_loss, "teacher_entropy": stats[1].item(),
+                            "kl": stats[2].item(), "lr": values.lr, "weight_decay": values.weight_decay,
+                            "momentum": values.momentum, "teacher_temp": values.teacher_temp,
+                            "images_per_s": cfg.batch_size / max(now - t_data, 1e-9),
+                            "data_wait_s": t_step - t_data, "skipped_files": skipped})
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(epoch)
+                saved_at = step
+            t_data = time.perf_counter()
+            if step >= last_step:
+                break
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch and saved_at != step:
+            save(step // steps_per_epoch)
+            saved_at = step
+        done_epochs = step // steps_per_epoch
+        if cfg.knn_data and end_of_epoch and (done_epochs % cfg.knn_every == 0 or step >= last_step):
+            knn_eval(epoch)
+    progress.close()
+
+    if saved_at != step:
+        save(step // steps_per_epoch)
+    if cfg.knn_data and knn_at != step:
+        knn_eval(step // steps_per_epoch)
+    if procs.main:
+        plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
+    if procs.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(step, last_loss, ckpt_file, export_file, log_file, plot_file, skipped)

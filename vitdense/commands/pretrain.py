@@ -1,0 +1,50 @@
+"""``vitdense pretrain DATA_DIR --out RUN ...``: DINO pretraining, options derived from PretrainConfig."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from ..cli import main
+
+
+def _config_options(fn: Callable) -> Callable:
+    """One click option per PretrainConfig field, with its default and help (the data folder an argument)."""
+    from pretrain.config import config_fields, option_name
+
+    for f in reversed(config_fields()):
+        if f.metadata.get("positional"):
+            fn = click.argument(f.name, type=click.Path(exists=False, file_okay=False))(fn)
+        elif isinstance(f.default, bool):
+            flag = option_name(f)
+            fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=True,
+                              help=f.metadata["help"])(fn)
+        elif isinstance(f.default, tuple):
+            fn = click.option(option_name(f), f.name, type=float, nargs=2, default=f.default, show_default=True,
+                              metavar="MIN MAX", help=f.metadata["help"])(fn)
+        else:
+            kind: Any = click.Choice(f.metadata["choices"]) if f.metadata.get("choices") else type(f.default)
+            fn = click.option(option_name(f), f.name, type=kind, default=f.default, show_default=True,
+                              help=f.metadata["help"])(fn)
+    return fn
+
+
+@main.command("pretrain")
+@_config_options
+def pretrain_command(**options: Any) -> None:
+    """Train a ViT with DINO self-distillation on the images under DATA_DIR (no labels needed).
+
+    Writes OUT/checkpoint.pth (resume with --resume OUT), OUT/teacher_backbone.pth (use with --weights in
+    every other command), OUT/log.jsonl and OUT/curves.png. Several processes: torchrun -m pretrain.
+    """
+    import logging
+
+    from pretrain.config import config_from_args
+    from pretrain.train import train
+
+    logging.getLogger("pretrain").setLevel(logging.INFO)
+    result = train(config_from_args(options))
+    click.echo(f"trained {result.steps} steps, last loss {result.last_loss:.4f}, {result.skipped_files} "
+               f"unreadable file(s) skipped")
+    click.echo(f"teacher backbone: {result.export} (vitdense ... --weights {result.export})")
+    click.echo(f"checkpoint: {result.checkpoint}, log: {result.log}, curves: {result.plot}")
