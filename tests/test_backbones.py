@@ -176,3 +176,13 @@ def test_hub_offline_fails_with_hint(monkeypatch):
 def test_random_init_needs_no_file():
     backbone = load_backbone("dino_vits16", pretrained=False)
     assert backbone.model.patch_embed.proj.weight.shape == (384, 3, 16, 16)
+
+
+def test_exported_files_get_normal_permissions(vit, tmp_path):
+    import os
+
+    path = tmp_path / "teacher.safetensors"
+    save_backbone(vit, path, backbone_meta("vit_small_patch8_224", TINY))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
