@@ -1,0 +1,237 @@
+"""`vitdense correspond` end to end, batch layouts, errors; apps/eval_correspondence.py PCK per ground truth."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import tiny_extractor, tiny_vit
+from vitdense import backbone_meta, save_backbone
+from vitdense.cli import main
+from vitdense.correspond import CorrespondenceResult, Correspondences
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_backbone(tiny_vit(depth=4), path, backbone_meta("vit_small_patch8_224", dict(
+        embed_dim=96, depth=4, num_heads=3, img_size=64, patch_size=8)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def app():
+    spec = importlib.util.spec_from_file_location("eval_correspondence", ROOT / "apps" / "eval_correspondence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shifted(photos, shift=16):
+    img = photos["chelsea"][60:124, 120:216 + shift]
+    return img[:, shift:], img[:, :-shift]  # A(x) = B(x + shift)
+
+
+@pytest.fixture
+def pair(tmp_path, photos):
+    a, b = shifted(photos)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    return tmp_path / "a.png", tmp_path / "b.png"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_cli_writes_png_and_json(weights, pair, tmp_path):
+    out = tmp_path / "out"
+    result = run("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0,
+                 "--num-pairs", 5, "--thresh", 0, "--out", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "correspondences.json").read_text())
+    assert len(data["pairs"]) == 5 and data["size_a"] == [64, 96] and data["settings"]["layer"] == 3
+    for p in data["pairs"]:
+        for key in ("a", "b"):
+            assert 0 <= p[key]["x"] <= 95 and 0 <= p[key]["y"] <= 63
+        assert p["b"]["x"] - p["a"]["x"] == pytest.approx(16) and p["b"]["y"] == p["a"]["y"]
+        assert -1 <= p["similarity"] <= 1 and 0 <= p["saliency_a"] <= 1
+    with Image.open(out / "correspondences.png") as im:
+        assert im.size == (96 + 8 + 96, 64)
+
+    out_all = tmp_path / "all"
+    result = run("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0, "--all",
+                 "--thresh", 0, "--out", out_all, "--backend", "faiss")
+    assert result.exit_code == 0, result.output
+    data_all = json.loads((out_all / "correspondences.json").read_text())
+    assert len(data_all["pairs"]) == data_all["num_salient_buddies"] > 5
+    every = {(p["a"]["x"], p["a"]["y"]) for p in data_all["pairs"]}
+    assert {(p["a"]["x"], p["a"]["y"]) for p in data["pairs"]} <= every
+
+
+def test_cli_batch_layouts(weights, pair, tmp_path, photos):
+    a, b = pair
+    folder = tmp_path / "pairs"
+    (folder / "cat").mkdir(parents=True)
+    Image.open(a).save(folder / "cat" / "1.png")
+    Image.open(b).save(folder / "cat" / "2.png")
+    Image.open(a).save(folder / "shift_a.png")
+    Image.open(b).save(folder / "shift_b.png")
+    out = tmp_path / "batch"
+    result = run("correspond", folder, "--weights", weights, "--device", "cpu", "--load-size", 32, "--out", out,
+                 "--num-pairs", 3, "--thresh", 0)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["name"] for p in summary["pairs"]] == ["cat", "shift"]
+    for name in ("cat", "shift"):
+        assert (out / name / "correspondences.png").is_file()
+        assert len(json.loads((out / name / "correspondences.json").read_text())["pairs"]) == 3
+
+    (tmp_path / "broken.jpg").write_bytes(b"junk")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# pairs\na.png b.png\nb.png broken.jpg  # bad one\n")
+    out = tmp_path / "listed"
+    result = run("correspond", "--pairs", listing, "--weights", weights, "--device", "cpu", "--load-size", 32,
+                 "--out", out, "--thresh", 0)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())["pairs"]
+    assert summary[0]["name"] == "0000_a_b" and summary[0]["pairs"] == 10
+    assert "broken.jpg" in summary[1]["error"]
+    assert (out / "0000_a_b" / "correspondences.json").is_file() and not (out / "0001_b_broken").exists()
+
+
+def test_cli_errors(weights, pair, tmp_path, photos):
+    a, _ = pair
+    common = ["--weights", weights, "--device", "cpu", "--out", tmp_path / "o"]
+    assert_user_error(run("correspond", a, tmp_path / "nope.jpg", *common), "nope.jpg", "not found")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_user_error(run("correspond", tmp_path / "notes.txt", a, *common), "notes.txt", "not an image")
+    Image.fromarray(photos["coffee"][:6, :6]).save(tmp_path / "tiny.png")
+    assert_user_error(run("correspond", a, tmp_path / "tiny.png", "--load-size", 0, *common), "tiny.png",
+                      "smaller than one")
+    assert_user_error(run("correspond", a, *common), "expected two images")
+    assert_user_error(run("correspond", a, a, "--layer", 9, *common), "--layer 9")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run("correspond", empty, *common), "no pairs found")
+    assert not (tmp_path / "o").exists()  # nothing written on errors
+
+
+def test_cli_no_salient_region_writes_empty_result(weights, pair, tmp_path):
+    out = tmp_path / "empty"
+    result = run("correspond", *pair, "--weights", weights, "--device", "cpu", "--thresh", 1.0, "--out", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "correspondences.json").read_text())
+    assert data["pairs"] == [] and "no salient region" in data["message"]
+    assert (out / "correspondences.png").is_file()
+
+
+# ------------------------------------------------------------------------------ eval_correspondence
+
+def synthetic_result(points_a, points_b, size=(20, 40), pairs=None):
+    n = len(points_a)
+    matches = Correspondences(np.array(points_a, float), np.array(points_b, float), np.ones(n), np.ones(n),
+                              np.ones(n), np.arange(n), np.arange(n))
+    chosen = matches.subset(pairs if pairs is not None else np.arange(n))
+    return CorrespondenceResult(chosen, matches, size, size, size, size, (1, 1), (1, 1))
+
+
+def test_eval_disparity_pck_by_hand(app):
+    disp = np.full((20, 40), 4.0)
+    disp[5, 5] = np.inf
+    # truths: (10, 16) and (10, 26); third point has no disparity. Errors 0 and 6 px, L = 40.
+    result = synthetic_result([[10, 20], [10, 30], [5, 5]], [[10, 16], [10, 20], [0, 0]], pairs=[1])
+    got = app.evaluate_disparity(result, disp, alphas=(0.05, 0.10, 0.15))
+    assert got["pck@0.05"] == 0.5 and got["pck@0.10"] == 0.5 and got["pck@0.15"] == 1.0
+    assert got["evaluated"] == 2 and got["epe_px"] == pytest.approx(3.0)
+    assert got["pairs_pck@0.10"] == 0.0 and got["pairs_pck@0.15"] == 1.0 and got["pairs_evaluated"] == 1
+    # zero motion: errors 4 and 4 px
+    assert got["identity_pck@0.05"] == 0.0 and got["identity_pck@0.10"] == 1.0
+
+
+def test_eval_homography_pck_by_hand(app):
+    hom = np.array([[2.0, 0, 1], [0, 2.0, 3], [0, 0, 1]])
+    # truths (5, 5) and (3, 1): errors 0 and 3 px; L = 40 → thresholds 2, 4, 6
+    result = synthetic_result([[1, 2], [0, 0]], [[5, 5], [3, 4]])
+    got = app.evaluate_homography(result, hom, alphas=(0.05, 0.10, 0.15))
+    assert (got["pck@0.05"], got["pck@0.10"], got["pck@0.15"]) == (0.5, 1.0, 1.0)
+    assert got["epe_px"] == pytest.approx(1.5) and got["pairs_evaluated"] == 2
+
+
+def test_eval_keypoints_spair_and_pfpascal_layouts(app, photos, tmp_path):
+    a, b = shifted(photos)
+    # SPair-71k layout; keypoints at token centres of A, moved 16 px in B; the last one annotated 3 px off
+    root = tmp_path / "SPair-71k"
+    (root / "JPEGImages" / "cat").mkdir(parents=True)
+    (root / "PairAnnotation" / "test").mkdir(parents=True)
+    Image.fromarray(a).save(root / "JPEGImages" / "cat" / "a.jpg", quality=100)
+    Image.fromarray(b).save(root / "JPEGImages" / "cat" / "b.jpg", quality=100)
+    xy_a = np.array([[3.5 + 4 * c, 3.5 + 4 * r] for r, c in ((2, 3), (5, 6), (8, 10), (10, 12))])
+    xy_b = xy_a + [16, 0]
+    xy_b[-1, 1] += 3
+    ann = dict(category="cat", src_imname="a.jpg", trg_imname="b.jpg", src_kps=xy_a.tolist(),
+               trg_kps=xy_b.tolist(), trg_bndbox=[0, 0, 40, 20])  # L = 40: 0.05 → 2 px, 0.10 → 4 px
+    (root / "PairAnnotation" / "test" / "000001-a-b:cat.json").write_text(json.dumps(ann))
+    pairs = app.load_spair(root)
+    np.testing.assert_allclose(pairs[0].kps_a, xy_a[:, ::-1])
+    got = app.evaluate_keypoints(tiny_extractor(), pairs, load_size=None)
+    assert got["pck@0.05"] == 0.75 and got["pck@0.10"] == 1.0 and got["keypoints"] == 4
+    assert got["mutual"] == 1.0
+
+    # PF-PASCAL layout: 1-based coordinates, -1 = missing; L = longer image side (96) → 4.8 px at 0.05
+    pf = tmp_path / "PF-dataset-PASCAL"
+    (pf / "JPEGImages").mkdir(parents=True)
+    Image.fromarray(a).save(pf / "JPEGImages" / "x.png")
+    Image.fromarray(b).save(pf / "JPEGImages" / "y.png")
+    xb = xy_b.copy()
+    xb[-1, 1] += 4  # 7 px off: wrong at 0.05 (4.8 px), right at 0.10 (9.6 px)
+
+    def col(values):
+        return ";".join(f"{v:g}" for v in values)
+
+    (pf / "test_pairs_pf_pascal.csv").write_text(
+        "source_image,target_image,class,XA,YA,XB,YB\n"
+        f"PF-dataset-PASCAL/JPEGImages/x.png,PF-dataset-PASCAL/JPEGImages/y.png,8,"
+        f"{col(list(xy_a[:, 0] + 1) + [-1])},{col(list(xy_a[:, 1] + 1) + [-1])},"
+        f"{col(list(xb[:, 0] + 1) + [-1])},{col(list(xb[:, 1] + 1) + [-1])}\n")
+    pairs = app.load_pfpascal(pf)
+    assert len(pairs[0].kps_a) == 4 and pairs[0].bbox_b is None
+    got = app.evaluate_keypoints(tiny_extractor(), pairs, load_size=None)
+    assert got["pck@0.05"] == 0.75 and got["pck@0.10"] == 1.0
+
+
+def test_eval_script_end_to_end(app, weights, pair, tmp_path):
+    hfile = tmp_path / "H.txt"
+    hfile.write_text("1 0 16\n0 1 0\n0 0 1\n")
+    out = tmp_path / "eval"
+    report = app.main(["homography", *map(str, pair), str(hfile), "--weights", str(weights), "--device", "cpu",
+                       "--load-size", "0", "--thresh", "0", "--out", str(out)])
+    saved = json.loads((out / "homography.json").read_text())
+    assert saved["scores"] == report["scores"] and saved["layer"] == 3
+    assert report["scores"]["pck@0.05"] > 0.9 and report["scores"]["pairs_pck@0.05"] > 0.8
+    assert (out / "homography.png").is_file()
+    with pytest.raises(SystemExit):
+        app.main(["spair", str(tmp_path / "missing"), "--weights", str(weights), "--out", str(out)])
+
+
+def test_evaluate_motorcycle_keys(app, tmp_path):
+    scores = app.evaluate_motorcycle(tiny_extractor(), load_size=48, out_dir=tmp_path)
+    assert {"pck@0.01", "pck@0.05", "pck@0.10", "pck@0.15", "pairs_pck@0.10", "identity_pck@0.05",
+            "epe_px", "buddies"} <= set(scores)
+    assert 0 <= scores["pck@0.05"] <= 1 and scores["evaluated"] <= scores["buddies"]
+    assert (tmp_path / "motorcycle.png").is_file()

@@ -1,0 +1,201 @@
+"""`vitdense cosegment / part-cosegment` end to end on real photos, bad input, and apps/eval_cosegmentation.py."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import tiny_vit
+from vitdense import backbone_meta, save_backbone
+from vitdense.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--device", "cpu", "--load-size", "48", "--niter", "20", "--nredo", "2"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_backbone(tiny_vit(depth=12), path, backbone_meta("vit_small_patch8_224", dict(
+        embed_dim=96, depth=12, num_heads=3, img_size=64, patch_size=8)))
+    return path
+
+
+@pytest.fixture
+def images(tmp_path, photos):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("chelsea", "coffee", "astronaut"):
+        im = Image.fromarray(photos[name])
+        im.thumbnail((160, 160))  # different sizes and aspect ratios
+        im.save(folder / f"{name}.jpg")
+    (folder / "readme.txt").write_text("not an image, ignored by suffix")
+    return folder
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.strip().splitlines() if l.startswith("vitdense")]
+    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_cosegment_end_to_end_and_deterministic(tmp_path, images, weights):
+    outs = []
+    for run_id, ram_mb in enumerate([1024, 0]):  # the second run keeps every descriptor on disk
+        out = tmp_path / f"out{run_id}"
+        result = run("cosegment", images, "--out", out, "--weights", weights, "--seed", 3, "--ram-mb", ram_mb,
+                     *FAST)
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    assert json.loads((outs[1] / "summary.json").read_text())["descriptors_on_disk"] == 3
+    summary = json.loads((outs[0] / "summary.json").read_text())
+    assert summary["descriptors_on_disk"] == 0
+    assert summary["n_images"] == 3 and summary["k"] == len(summary["votes"]) >= 1
+    assert set(summary["timings_s"]) == {"extract", "cluster", "refine", "write"}
+    assert (outs[0] / "contact_sheet.png").is_file()
+    for entry in summary["images"]:
+        name = Path(entry["file"]).stem
+        with Image.open(images / f"{name}.jpg") as im:
+            size = (im.height, im.width)
+        mask = np.asarray(Image.open(outs[0] / f"{name}_mask.png"))
+        assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
+        assert np.asarray(Image.open(outs[0] / f"{name}_overlay.png")).shape == size + (3,)
+        # the resized image has shorter side 48; the stride-4 grid of an 8-px patch: 1 + (48 - 8) / 4 = 11
+        assert min(entry["resized"]) == 48 and min(entry["grid"]) == 11
+        assert entry["foreground_fraction"] == pytest.approx((mask > 0).mean())
+        # same seed, same masks
+        assert (outs[1] / f"{name}_mask.png").read_bytes() == (outs[0] / f"{name}_mask.png").read_bytes()
+
+
+def test_part_cosegment_end_to_end(tmp_path, images, weights):
+    out = tmp_path / "parts"
+    result = run("part-cosegment", images, "--out", out, "--weights", weights, "--parts", 3, "--clusters", 4,
+                 "--votes-percentage", 1, "--thresh", 0, *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_parts"] == 3 and summary["k"] == 4
+    for entry in summary["images"]:
+        with Image.open(out / entry["mask"]) as im:
+            assert im.mode == "P"
+            labels = np.asarray(im)
+        assert labels.max() <= 3 and labels.shape == tuple(entry["size"])
+        assert sum(entry["part_fractions"]) == pytest.approx(1.0)
+    # three stages with crop augmentations: augmentations are clustered but not written
+    out3 = tmp_path / "parts3"
+    result = run("part-cosegment", images, "--out", out3, "--weights", weights, "--parts", "auto",
+                 "--three-stages", "--crop-augmentations", 1, "--votes-percentage", 1, "--thresh", 0, *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out3 / "summary.json").read_text())
+    assert summary["n_augmentations"] == 6 and summary["stage2_k"] >= 1
+    assert len(list(out3.glob("*_mask.png"))) == 3
+
+
+def test_unreadable_files_are_skipped_or_fatal_with_strict(tmp_path, images, weights):
+    (images / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    out = tmp_path / "o"
+    result = run("cosegment", images, "--out", out, "--weights", weights, "--refine", "none", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 3
+    assert summary["skipped"] == [{"file": str(images / "broken.jpg"), "reason": "not an image file"}]
+    strict_out = tmp_path / "strict"
+    assert_user_error(run("cosegment", images, "--out", strict_out, "--weights", weights, "--strict", *FAST),
+                      "broken.jpg")
+    assert not strict_out.exists()  # nothing written half-way
+
+
+def test_bad_input_errors(tmp_path, images, weights):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run("cosegment", empty, "--out", tmp_path / "o", "--weights", weights), "no image files")
+    single = tmp_path / "single"
+    single.mkdir()
+    (images / "chelsea.jpg").rename(single / "chelsea.jpg")
+    assert_user_error(run("cosegment", single, "--out", tmp_path / "o", "--weights", weights), "at least 2")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"x")
+    (bad / "b.png").write_bytes(b"y")
+    assert_user_error(run("cosegment", bad, "--out", tmp_path / "o", "--weights", weights, *FAST),
+                      "at least 2 readable", "a.jpg")
+    assert_user_error(run("part-cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--parts", "x"),
+                      "--parts x")
+    assert_user_error(run("cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--elbow", 1.5),
+                      "--elbow")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_app_scores_predictions(tmp_path, images, weights):
+    spec = importlib.util.spec_from_file_location("eval_cosegmentation", ROOT / "apps" / "eval_cosegmentation.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    pred = tmp_path / "pred"
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    # ground truth: the left half of each image is the object
+    truths = {}
+    for path in sorted(images.glob("*.jpg")):
+        with Image.open(path) as im:
+            truth = np.zeros((im.height, im.width), np.uint8)
+        truth[:, : truth.shape[1] // 2] = 255
+        truths[path.stem] = truth > 0
+        Image.fromarray(truth).save(gt / f"{path.stem}.png")
+    scores_file = tmp_path / "scores.json"
+    code = app.main([str(images), str(gt), "--out", str(pred), "--json", str(scores_file), "--",
+                     "--weights", str(weights), *FAST])
+    assert code == 0
+    scores = json.loads(scores_file.read_text())
+    jac, prec = [], []
+    for stem, truth in truths.items():  # independent computation from the written masks
+        mask = np.asarray(Image.open(pred / f"{stem}_mask.png")) > 0
+        jac.append((mask & truth).sum() / max((mask | truth).sum(), 1))
+        prec.append((mask == truth).mean())
+    assert scores["n_scored"] == 3
+    assert scores["mean"]["jaccard"] == pytest.approx(np.mean(jac))
+    assert scores["mean"]["precision"] == pytest.approx(np.mean(prec))
+    # predictions scored against themselves are perfect; parts NMI/ARI included with --parts
+    assert app.main([str(images), str(pred), "--pred", str(pred), "--parts", "--json", str(scores_file)]) == 0
+    assert json.loads(scores_file.read_text())["mean"] == pytest.approx(
+        {"jaccard": 1.0, "precision": 1.0, "nmi": 1.0, "ari": 1.0})
+
+
+def test_extract_set_batches_match_single_images(tmp_path, photos, make_extractor):
+    from vitdense.commands.cosegment import extract_set
+
+    folder = tmp_path / "same"
+    folder.mkdir()
+    sizes = [(96, 64), (96, 64), (96, 64), (64, 96)]  # three share a batch, the last has its own
+    for i, (name, size) in enumerate(zip(["chelsea", "coffee", "astronaut", "rocket"], sizes)):
+        Image.fromarray(photos[name]).resize(size).save(folder / f"{i}.png")
+    paths = sorted(folder.glob("*.png"))
+    extractor = make_extractor()
+    data = extract_set(extractor, paths, 40, -1, "key", use_bin=False, need_cls=True, crops=1, seed=0,
+                       batch_size=4, progress=False)
+    with data.store:
+        assert data.n_images == 4 and len(data.store) == 4 + 4 * 2
+        assert data.augmented == [False] * 4 + [True] * 8
+        assert data.cls.shape == (4, 96)
+        for i, path in enumerate(paths):  # independent: one image at a time through the extractor
+            batch, _ = extractor.preprocess(path, 40)
+            feats = extractor.extract(batch, [-1], "key", include_cls=True, saliency=True)
+            desc = feats.descriptors[-1][0].numpy()
+            want = desc[1:] / np.linalg.norm(desc[1:], axis=1, keepdims=True)
+            np.testing.assert_allclose(data.store[i].astype(np.float32), want, atol=3e-3)
+            np.testing.assert_allclose(data.saliency[i], feats.saliency[0].numpy(), atol=1e-4)
+            np.testing.assert_allclose(data.cls[i], desc[0], rtol=1e-3, atol=1e-4)
+            assert data.grids[i] == feats.num_patches and data.sizes[i] == feats.load_size
+        assert data.original == [(64, 96)] * 3 + [(96, 64)]
+        # crops: 95 % of the resized image, resized back to a shorter side of 40
+        assert all(min(s) == 40 for s in data.sizes[4:])

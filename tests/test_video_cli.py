@@ -1,0 +1,191 @@
+"""`vitdense propagate` and `vitdense eval-davis` end to end: frame folders, video files, DAVIS layout, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import tiny_vit
+from test_davis import write_davis
+from test_video import synthetic_video
+from vitdense import backbone_meta, save_backbone
+from vitdense.cli import main
+from vitdense.davis import region_similarity
+
+FAST = ["--device", "cpu", "--load-size", "0"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_backbone(tiny_vit(), path, backbone_meta("vit_small_patch8_224", dict(
+        embed_dim=96, depth=4, num_heads=3, img_size=64, patch_size=8)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def video():
+    return synthetic_video(n=6)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.strip().splitlines() if l.startswith("vitdense")]
+    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def write_frames(folder, frames, names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    names = names or [f"f{i}" for i in range(len(frames))]
+    for name, frame in zip(names, frames):
+        Image.fromarray(frame).save(folder / f"{name}.png")
+    return names
+
+
+def write_mask(path, mask, palette):
+    im = Image.fromarray(mask.astype(np.uint8), mode="L").convert("P")
+    im.putpalette(palette)
+    im.save(path)
+
+
+PALETTE = [0, 0, 0, 10, 200, 30] + [7] * (768 - 6)  # not the default palette: outputs must copy it
+
+
+def test_propagate_frame_folder(tmp_path, video, weights):
+    frames, masks = video
+    names = write_frames(tmp_path / "frames", frames)  # f0 ... f5: natural order puts f10 after f9
+    write_mask(tmp_path / "first.png", masks[0], PALETTE)
+    out = tmp_path / "out"
+    result = run("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out", out,
+                 "--weights", weights, *FAST)
+    assert result.exit_code == 0, result.output
+    for i, name in enumerate(names):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.mode == "P" and im.getpalette()[:768] == PALETTE
+            labels = np.array(im)
+        if i == 0:
+            np.testing.assert_array_equal(labels, masks[0])
+        else:
+            assert region_similarity(masks[i] == 1, labels == 1) > 0.7
+    with Image.open(out / "overlay.gif") as gif:
+        assert gif.n_frames == len(frames)
+    assert (out / "contact_sheet.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["topk"] == 5 and summary["settings"]["neighborhood"] == 12
+    assert summary["settings"]["stride"] == 8 and summary["settings"]["facet"] == "token"
+    entry = summary["videos"]["frames"]
+    assert entry["n_frames"] == 6 and entry["objects"] == [1]
+    assert entry["object_pixels_per_frame"][0] == [int(masks[0].sum())]
+
+
+def test_propagate_video_file(tmp_path, video, weights):
+    import cv2
+
+    frames, masks = video
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    write_mask(tmp_path / "first.png", masks[0], PALETTE)
+    out = tmp_path / "out"
+    result = run("propagate", path, "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
+                 "--no-overlay", "--n-last-frames", 2, "--topk", 3, *FAST)
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == [f"{i:05d}.png" for i in range(6)]
+    assert not (out / "overlay.gif").exists()
+    last = np.array(Image.open(out / "00005.png"))
+    assert region_similarity(masks[5] == 1, last == 1) > 0.6  # MJPG compression: a little lower
+
+
+def test_propagate_bad_input(tmp_path, video, weights):
+    frames, masks = video
+    write_frames(tmp_path / "ok", frames[:3])
+    write_mask(tmp_path / "first.png", masks[0], PALETTE)
+    out = tmp_path / "out"
+
+    write_frames(tmp_path / "sizes", [frames[0], frames[1][:90]])
+    r = run("propagate", tmp_path / "sizes", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
+    assert_user_error(r, "f1.png", "128x90", "one size")
+
+    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "nope.png", "--out", out, "--weights", weights)
+    assert_user_error(r, "nope.png", "first-frame mask not found")
+
+    write_mask(tmp_path / "small.png", masks[0][:64], PALETTE)
+    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "small.png", "--out", out, "--weights", weights)
+    assert_user_error(r, "small.png", "128x64", "128x96")
+
+    Image.fromarray(frames[0]).save(tmp_path / "rgb.png")
+    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "rgb.png", "--out", out, "--weights", weights)
+    assert_user_error(r, "rgb.png", "indexed (palette)")
+
+    write_frames(tmp_path / "corrupt", frames[:2])
+    (tmp_path / "corrupt" / "f2.png").write_bytes(b"\x89PNG not really")
+    r = run("propagate", tmp_path / "corrupt", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
+    assert_user_error(r, "f2.png")
+
+    r = run("propagate", tmp_path / "ok", "--out", out, "--weights", weights)
+    assert_user_error(r, "--mask")
+    r = run("propagate", "--out", out, "--weights", weights)
+    assert_user_error(r, "FRAMES", "--davis-root")
+    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
+            "--topk", 0)
+    assert_user_error(r, "--topk 0")
+    assert not out.exists()  # nothing written by any failed run
+
+
+def test_davis_root_end_to_end(tmp_path, weights):
+    a_frames, a_masks = synthetic_video(n=5, seed=1)
+    b_frames, b_masks = synthetic_video(n=4, seed=2, step=-2)
+    b_masks = b_masks.copy()
+    b_masks[:, 70:90, 90:120] = 2  # a second, static object
+    b_frames = b_frames.copy()
+    b_frames[:, 70:90, 90:120] = (240, 240, 40)
+    write_davis(tmp_path / "DAVIS", {"disk": (a_frames, a_masks), "two": (b_frames, b_masks)})
+    out = tmp_path / "results"
+    r = run("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights, "--evaluate",
+            *FAST)
+    assert r.exit_code == 0, r.output
+    assert "Global results for val" in r.output
+    assert sorted(p.name for p in (out / "two").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    assert (out / "overlays" / "disk.gif").exists() and (out / "overlays" / "two_sheet.png").exists()
+    with open(out / "per-sequence_results-val.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["Sequence"] for row in rows] == ["disk_1", "two_1", "two_2"]
+    # J-Mean of disk_1 from the written PNGs, frames 1..N-2
+    preds = [np.array(Image.open(out / "disk" / f"{i:05d}.png")) for i in range(1, 4)]
+    j = np.mean([region_similarity(a_masks[i] == 1, p == 1) for i, p in zip(range(1, 4), preds)])
+    assert float(rows[0]["J-Mean"]) == pytest.approx(j, abs=5e-4)
+    with open(out / "global_results-val.csv") as f:
+        glob = next(csv.DictReader(f))
+    jm = np.mean([float(row["J-Mean"]) for row in rows])
+    fm = np.mean([float(row["F-Mean"]) for row in rows])
+    assert float(glob["J&F-Mean"]) == pytest.approx((jm + fm) / 2, abs=2e-3)
+    assert float(glob["J-Mean"]) > 0.6
+    first_csv = (out / "global_results-val.csv").read_text()
+
+    (out / "global_results-val.csv").unlink()
+    r = run("eval-davis", "--davis-root", tmp_path / "DAVIS", "--results", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "global_results-val.csv").read_text() == first_csv
+    assert json.loads((out / "davis_results-val.json").read_text())["objects"][0]["name"] == "disk_1"
+
+    r = run("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights,
+            "--sequences", "disk,cat")
+    assert_user_error(r, "cat", "val.txt")
+    (tmp_path / "DAVIS" / "Annotations" / "480p" / "two" / "00000.png").unlink()
+    r = run("propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "new", "--weights", weights)
+    assert_user_error(r, "two/00000.png", "not found")
+    assert not (tmp_path / "new").exists()  # checked before the first sequence ran

@@ -1,0 +1,241 @@
+"""``vitdense propagate`` (video object segmentation by label propagation) and ``vitdense eval-davis``.
+
+``propagate FRAMES --mask FIRST.png --out OUT`` segments one video (a folder of frames or a video file)
+and writes, per frame, ``OUT/NAME.png`` (indexed PNG with the mask's palette; the first frame gets the
+given mask), then ``overlay.gif``, ``contact_sheet.png`` and ``summary.json``.
+``propagate --davis-root ROOT --out OUT`` does the same for every sequence of a DAVIS-2017 layout
+(``OUT/SEQ/NAME.png``, overlays under ``OUT/overlays/``), ready for the official evaluation or for
+``eval-davis`` (``--evaluate`` runs it right after).
+
+Each PNG is written atomically as soon as its frame is segmented (memory stays flat for long videos);
+everything that can be checked before the first frame (sizes of all frames, the mask) is checked first.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..errors import ConfigError, DataError, ImageError
+
+THUMB = 320  # longer side of the overlay frames kept for the GIF / contact sheet
+MAX_GIF_FRAMES = 80
+SHEET_FRAMES = 12
+
+
+def _propagation_config(opts: dict[str, Any]):
+    from ..video import PropagationConfig
+
+    return PropagationConfig(n_last_frames=opts.pop("n_last_frames"), topk=opts.pop("topk"),
+                             radius=opts.pop("neighborhood"), temperature=opts.pop("temperature"))
+
+
+def _colors(palette: list[int] | None) -> np.ndarray:
+    from ..viz import palette as default_palette
+
+    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3) if palette else default_palette(256)
+
+
+def _thumbnail(frame: np.ndarray, labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    from ..viz import overlay
+
+    im = Image.fromarray(overlay(frame, labels, alpha=0.55, colors=colors))
+    im.thumbnail((THUMB, THUMB))
+    return np.asarray(im)
+
+
+def _save_gif(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> None:
+    from PIL import Image
+
+    from ..backbones import atomic_write
+
+    ims = [Image.fromarray(f) for f in frames]
+    atomic_write(path, lambda tmp: ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:],
+                                               duration=int(1000 / fps), loop=0))
+
+
+def segment_one(extractor: Any, frames_path: Path, mask_path: Path, out_dir: Path, gif_path: Path | None,
+                sheet_path: Path | None, propagator: Any, opts: dict[str, Any], label: str = "") -> dict[str, Any]:
+    """Segment one video and write its PNGs (and overlays); returns its entry of summary.json."""
+    from tqdm import tqdm
+
+    from ..io import save_png
+    from ..video import VideoFrames, read_mask, segment_video
+    from ..viz import contact_sheet
+
+    frames = VideoFrames(frames_path)
+    mask, palette = read_mask(mask_path)
+    if mask.shape != frames.size:
+        raise ImageError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px but the frames of "
+                         f"{frames_path} are {frames.size[1]}x{frames.size[0]}")
+    pal = palette or _colors(None).flatten().tolist()
+    colors = _colors(palette)
+    keep_every = max(1, math.ceil(len(frames) / MAX_GIF_FRAMES))
+    thumbs: list[np.ndarray] = []
+    names: list[str] = []
+    areas: list[list[int]] = []
+    n_labels = int(mask.max()) + 1
+    start = time.perf_counter()
+    stream = segment_video(extractor, frames, mask, layer=opts["layer"], facet=opts["facet"],
+                           load_size=load_size_arg(opts["load_size"]), batch_size=opts["batch_size"],
+                           propagator=propagator)
+    for seg in tqdm(stream, total=len(frames), desc=label or "propagate", unit="frame"):
+        name = frames.names[seg.index]
+        save_png(out_dir / f"{name}.png", seg.labels, palette=pal)
+        names.append(name)
+        areas.append(np.bincount(seg.labels.ravel(), minlength=n_labels)[1:n_labels].tolist())
+        if gif_path is not None and seg.index % keep_every == 0:
+            thumbs.append(_thumbnail(seg.frame, seg.labels, colors))
+    seconds = time.perf_counter() - start
+    if gif_path is not None and thumbs:
+        _save_gif(gif_path, thumbs)
+        pick = np.unique(np.linspace(0, len(thumbs) - 1, min(SHEET_FRAMES, len(thumbs))).round().astype(int))
+        sheet = contact_sheet([thumbs[i] for i in pick], titles=[names[i * keep_every] for i in pick],
+                              cell=max(thumbs[0].shape[:2]), cols=min(4, len(pick)))
+        save_png(sheet_path, sheet)
+    return {"frames": str(frames_path), "mask": str(mask_path), "n_frames": len(names),
+            "objects": list(range(1, n_labels)), "seconds": round(seconds, 3),
+            "frames_per_second": round((len(names) - 1) / seconds, 3) if seconds > 0 and len(names) > 1 else None,
+            "outputs": str(out_dir), "object_pixels_per_frame": areas}
+
+
+def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, Any]:
+    return {"model": extractor.model_type, "layer": opts["layer"], "facet": opts["facet"],
+            "stride": extractor.stride[0], "load_size": opts["load_size"], "n_last_frames": config.n_last_frames,
+            "topk": config.topk, "neighborhood": config.radius, "temperature": config.temperature,
+            "batch_size": opts["batch_size"]}
+
+
+@main.command("propagate")
+@click.argument("frames", required=False, type=click.Path())
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="First-frame annotation: indexed (palette) or grayscale PNG, ids 0 (background), 1, 2, ...")
+@click.option("--davis-root", type=click.Path(file_okay=False), default=None,
+              help="Run every sequence of a DAVIS-2017 folder (JPEGImages/, Annotations/, ImageSets/2017/).")
+@click.option("--subset", default="val", show_default=True, help="DAVIS ImageSets/2017 list to run.")
+@click.option("--sequences", default=None, help="DAVIS: comma-separated sequence names (default: the whole list).")
+@click.option("--resolution", default="480p", show_default=True, help="DAVIS: JPEGImages/Annotations subfolder.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--n-last-frames", type=int, default=7, show_default=True,
+              help="Previous frames kept as context besides the first frame.")
+@click.option("--topk", type=int, default=5, show_default=True, help="Source patches voting for each target patch.")
+@click.option("--neighborhood", type=int, default=12, show_default=True,
+              help="Neighbourhood half-size in patches (0 = no spatial restriction).")
+@click.option("--temperature", type=float, default=0.1, show_default=True, help="Affinity exp(cos / temperature).")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Frames per feature-extraction forward pass (propagation stays sequential).")
+@click.option("--overlay/--no-overlay", "write_overlay", default=True, show_default=True,
+              help="Write an overlay GIF and a contact sheet per video.")
+@click.option("--evaluate", is_flag=True, help="DAVIS: run eval-davis on the results afterwards.")
+@extractor_options(stride=8, layer=-1, facet="token", load_size=480)
+def propagate_command(frames: str | None, mask_path: str | None, davis_root: str | None, subset: str,
+                      sequences: str | None, resolution: str, out_dir: str, write_overlay: bool, evaluate: bool,
+                      **opts: Any) -> None:
+    """Segment the objects of a video's first-frame mask in every frame by label propagation (DINO protocol).
+
+    FRAMES is a folder of frames (natural order) or a video file, annotated by --mask. Frames are resized
+    to --load-size on the shorter side (longer side floored to a multiple of 64, as DINO's evaluation); the
+    token facet is taken after the model's final norm. Use --stride equal to the patch size for the
+    reference protocol.
+    """
+    from ..io import save_json
+    from ..video import LabelPropagator
+
+    config = _propagation_config(opts)
+    if opts["batch_size"] < 1:
+        raise ConfigError(f"--batch-size {opts['batch_size']}: must be >= 1")
+    out = Path(out_dir)
+    if (frames is None) == (davis_root is None):
+        raise ConfigError("give either FRAMES (with --mask) or --davis-root ROOT")
+    if davis_root is None:
+        if mask_path is None:
+            raise ConfigError(f"{frames}: --mask FIRST_FRAME.png is required (the first frame's annotation)")
+        if evaluate:
+            raise ConfigError("--evaluate needs --davis-root (the ground truth comes from its Annotations/)")
+        jobs = [(Path(frames), Path(mask_path), out, out / "overlay.gif", out / "contact_sheet.png", "")]
+    else:
+        if mask_path is not None:
+            raise ConfigError("--mask is not used with --davis-root (masks come from Annotations/)")
+        jobs = _davis_jobs(Path(davis_root), subset, sequences, resolution, out)
+    if not write_overlay:
+        jobs = [(f, m, o, None, None, lab) for f, m, o, _, _, lab in jobs]
+    extractor = build_extractor(**opts)
+    extractor.layer_index(opts["layer"])  # fail before any work
+    propagator = LabelPropagator(config)
+    videos = {}
+    for frames_path, mask, seq_out, gif, sheet, label in jobs:
+        videos[label or frames_path.name] = segment_one(extractor, frames_path, mask, seq_out, gif, sheet,
+                                                        propagator, opts, label)
+    save_json(out / "summary.json", {"settings": _settings(extractor, opts, config), "videos": videos})
+    total = sum(v["n_frames"] for v in videos.values())
+    click.echo(f"segmented {len(videos)} video(s), {total} frame(s) → {out}")
+    if davis_root is not None and evaluate:
+        _evaluate(Path(davis_root), out, subset, [j[5] for j in jobs], resolution)
+
+
+def _davis_jobs(root: Path, subset: str, sequences: str | None, resolution: str, out: Path) -> list[tuple]:
+    """(frames folder, first mask, output folder, gif, sheet, name) per sequence, all checked up front."""
+    from ..davis import sequence_names
+    from ..io import list_images
+
+    names = sequence_names(root, subset)
+    if sequences:
+        wanted = [s.strip() for s in sequences.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in names]
+        if unknown:
+            raise DataError(f"--sequences: {', '.join(unknown)} not in {root}/ImageSets/2017/{subset}.txt")
+        names = wanted
+    jobs = []
+    for seq in names:
+        frames_dir = root / "JPEGImages" / resolution / seq
+        first = list_images(frames_dir)[0]
+        mask = root / "Annotations" / resolution / seq / f"{first.stem}.png"
+        if not mask.is_file():
+            raise ImageError(f"{mask}: first-frame annotation of sequence {seq} not found")
+        jobs.append((frames_dir, mask, out / seq, out / "overlays" / f"{seq}.gif",
+                     out / "overlays" / f"{seq}_sheet.png", seq))
+    return jobs
+
+
+def _evaluate(root: Path, results: Path, subset: str, sequences: list[str] | None, resolution: str) -> None:
+    from ..davis import GLOBAL_COLUMNS, evaluate_davis
+
+    res = evaluate_davis(root, results, subset, sequences, resolution)
+    paths = res.write(results)
+    row = res.global_row()
+    click.echo(f"--------------------------- Global results for {subset} ---------------------------")
+    click.echo("  ".join(f"{c:>9}" for c in GLOBAL_COLUMNS))
+    click.echo("  ".join(f"{row[c]:>9.3f}" for c in GLOBAL_COLUMNS))
+    click.echo(f"\n---------- Per sequence results for {subset} ----------")
+    click.echo(f"{'Sequence':<24} {'J-Mean':>7} {'F-Mean':>7}")
+    for name, j, f in res.sequence_rows():
+        click.echo(f"{name:<24} {j:>7.3f} {f:>7.3f}")
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command("eval-davis")
+@click.option("--davis-root", type=click.Path(file_okay=False), required=True,
+              help="DAVIS-2017 folder with Annotations/ and ImageSets/2017/.")
+@click.option("--results", type=click.Path(file_okay=False), required=True,
+              help="Folder with one subfolder of indexed PNGs per sequence; the CSVs are written here.")
+@click.option("--set", "subset", default="val", show_default=True, help="ImageSets/2017 list to evaluate.")
+@click.option("--sequences", default=None, help="Comma-separated sequence names (default: the whole list).")
+@click.option("--resolution", default="480p", show_default=True, help="Annotations subfolder.")
+def eval_davis_command(davis_root: str, results: str, subset: str, sequences: str | None, resolution: str) -> None:
+    """DAVIS-2017 semi-supervised metrics (J, F, J&F) as the official davis2017-evaluation computes them.
+
+    Writes global_results-SET.csv and per-sequence_results-SET.csv (the official tables) and
+    davis_results-SET.json (per-frame scores) into --results. Results are always recomputed.
+    """
+    results_dir = Path(results)
+    if not results_dir.is_dir():
+        raise DataError(f"{results_dir}: results folder not found")
+    names = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
+    _evaluate(Path(davis_root), results_dir, subset, names, resolution)

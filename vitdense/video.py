@@ -1,0 +1,475 @@
+"""Semi-supervised video object segmentation by label propagation through ViT patch features.
+
+The protocol of the DINO paper (Caron et al. 2021, facebookresearch/dino ``eval_video_segmentation.py``):
+the labels of frame t are a weighted vote of the labels of the context frames (the first frame, whose
+mask is given, and the ``n_last_frames`` previous frames, whose soft labels were propagated before). Each
+target patch looks only at source patches within ``radius`` grid cells of its own position, keeps the
+``topk`` most similar sources over all context frames, and weights them by ``exp(cos / temperature)``.
+The soft labels are upsampled bilinearly, min-max normalised per label and arg-maxed.
+
+Shapes used below:
+    N  frames        n  context frames (1 + up to n_last_frames)     C  labels (background = 0 included)
+    H0, W0  original frame size    H, W  resized frame size    h, w  token grid    T = h * w    D  channels
+    k  topk          c  target tokens of one chunk                   L  source tokens of one band
+
+What differs from the reference, keeping its results:
+
+* the neighbourhood mask is built vectorised and cached per (grid, device) by :class:`LabelPropagator`,
+  not with four nested Python loops;
+* the affinity is never materialised as (n, T, T): target rows are processed in chunks, each against
+  the band of source rows within ``radius`` of it (about half the multiply-adds at 480p, a bounded
+  amount of memory whatever the video length or resolution);
+* only the k best sources are gathered; rows whose k-th value is tied with the (k+1)-th fall back to the
+  reference's "keep every source >= the k-th value" rule, so ties are treated identically;
+* weights are ``exp((cos - max) / temperature)`` normalised, equal to the reference's ``exp(cos / 0.1)``
+  normalised but without overflow or underflow at small temperatures;
+* the context lives in a ring buffer of 1 + n_last_frames slots (the order of context frames does not
+  matter for the result), so memory is bounded for long videos.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ConfigError, DataError, ImageError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Hyper-parameters of label propagation, with the defaults of DINO's DAVIS-2017 evaluation.
+
+    chunk_elems bounds the affinity entries (float32) held at once; None = 2**22 (16 MiB, cache-friendly)
+    on the CPU, 2**26 (256 MiB, fewer kernel launches) on a GPU.
+    """
+
+    n_last_frames: int = 7  # previous frames kept as context besides the first frame
+    topk: int = 5  # sources voting for each target patch
+    radius: int = 12  # neighbourhood half-size in grid cells; <= 0 = no spatial restriction
+    temperature: float = 0.1  # affinity exp(cos / temperature)
+    chunk_elems: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_last_frames < 0:
+            raise ConfigError(f"--n-last-frames {self.n_last_frames}: must be >= 0")
+        if self.topk < 1:
+            raise ConfigError(f"--topk {self.topk}: must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature {self.temperature}: must be > 0")
+
+
+# --------------------------------------------------------------------------------- neighbourhood mask
+
+def neighborhood_mask(grid: tuple[int, int], radius: int, target_rows: tuple[int, int] | None = None,
+                      source_rows: tuple[int, int] | None = None, device: str | torch.device = "cpu"
+                      ) -> torch.Tensor:
+    """Which source tokens each target token may take labels from: |Δrow| <= radius and |Δcol| <= radius.
+
+    grid: (h, w). target_rows / source_rows: half-open ranges of grid rows (default: all rows). Returns a
+    bool tensor (c, L) with c = (target row count) * w, L = (source row count) * w, tokens in row-major
+    order. With the defaults it is the full (T, T) mask of the reference's ``restrict_neighborhood``.
+    """
+    hgt, wid = grid
+    t0, t1 = target_rows or (0, hgt)
+    s0, s1 = source_rows or (0, hgt)
+    cols = torch.arange(wid, device=device)
+    near_rows = (torch.arange(t0, t1, device=device)[:, None] - torch.arange(s0, s1, device=device)[None]
+                 ).abs() <= radius  # (rows_t, rows_s)
+    near_cols = (cols[:, None] - cols[None]).abs() <= radius  # (w, w)
+    mask = near_rows[:, None, :, None] & near_cols[None, :, None, :]  # (rows_t, w, rows_s, w)
+    return mask.reshape((t1 - t0) * wid, (s1 - s0) * wid)
+
+
+@dataclass(frozen=True)
+class Band:
+    """One chunk of target rows [t0, t1) and the source rows [s0, s1) its neighbourhood can reach.
+
+    mask: (c, L) bool neighbourhood mask, or None when every source is allowed (radius <= 0).
+    """
+
+    t0: int
+    t1: int
+    s0: int
+    s1: int
+    mask: torch.Tensor | None
+
+
+def plan_bands(grid: tuple[int, int], radius: int, n_context: int, chunk_elems: int,
+               device: str | torch.device = "cpu") -> list[Band]:
+    """Split the target rows into chunks whose affinity (c, L * n_context) has at most ``chunk_elems`` entries
+    (at least one row per chunk), each with its band of source rows and neighbourhood mask."""
+    hgt, wid = grid
+    reach = radius if radius > 0 else hgt
+    rows = 1
+    for cand in range(hgt, 0, -1):
+        if cand * wid * min(hgt, cand + 2 * reach) * wid * n_context <= chunk_elems:
+            rows = cand
+            break
+    bands = []
+    for t0 in range(0, hgt, rows):
+        t1 = min(hgt, t0 + rows)
+        s0, s1 = max(0, t0 - reach), min(hgt, t1 + reach)
+        mask = neighborhood_mask(grid, radius, (t0, t1), (s0, s1), device) if radius > 0 else None
+        bands.append(Band(t0, t1, s0, s1, mask))
+    return bands
+
+
+# --------------------------------------------------------------------------------- one propagation step
+
+def propagate_labels(target: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
+                     bands: Sequence[Band], topk: int = 5, temperature: float = 0.1) -> torch.Tensor:
+    """Soft labels of a target frame from its context frames.
+
+    target: (T, D) L2-normalised features of the target frame. keys: (T, n, D) L2-normalised features of
+    the n context frames, token-major (the order of the n frames does not matter). labels: (T, n, C) soft
+    labels of the context frames. bands: from :func:`plan_bands` for this grid. Returns (T, C): for each
+    target token the normalised ``exp(cos / temperature)``-weighted sum of the labels of its top-k sources
+    (all context frames together, within the neighbourhood). Memory: one (c, L * n) affinity chunk at a time.
+    """
+    tokens, n_ctx, dim = keys.shape
+    wid = grid[1]
+    assert target.shape == (tokens, dim) and labels.shape[:2] == (tokens, n_ctx), (target.shape, keys.shape,
+                                                                                   labels.shape)
+    n_labels = labels.shape[2]
+    out = torch.empty(tokens, n_labels, dtype=labels.dtype, device=labels.device)
+    for band in bands:
+        query = target[band.t0 * wid: band.t1 * wid]  # (c, D)
+        src = keys[band.s0 * wid: band.s1 * wid].reshape(-1, dim)  # (L * n, D), copy only when n is partial
+        src_labels = labels[band.s0 * wid: band.s1 * wid].reshape(-1, n_labels)  # (L * n, C)
+        cos = query @ src.T  # (c, L * n)
+        if band.mask is not None:
+            cos.view(cos.shape[0], -1, n_ctx).masked_fill_(~band.mask[:, :, None], -math.inf)
+        k = min(topk, cos.shape[1])
+        # one extra value tells whether the k-th is tied with the next (duplicated frames)
+        vals, idx = cos.topk(min(k + 1, cos.shape[1]), dim=1)  # (c, k + 1), best first
+        weights = torch.exp((vals[:, :k] - vals[:, :1]) / temperature)
+        chunk = torch.einsum("ck,ckl->cl", weights / weights.sum(1, keepdim=True), src_labels[idx[:, :k]])
+        # Reference rule: every source >= the k-th value votes; differs from top-k only where the k-th
+        # value is tied with the next one: recompute those rows densely.
+        tied = (vals[:, k] == vals[:, k - 1]).nonzero()[:, 0] if vals.shape[1] > k else idx[:0, 0]
+        if tied.numel():
+            sub = cos[tied]
+            dense = torch.where(sub >= vals[tied, k - 1: k], torch.exp((sub - vals[tied, :1]) / temperature),
+                                torch.zeros((), dtype=sub.dtype, device=sub.device))
+            chunk[tied] = (dense / dense.sum(1, keepdim=True)) @ src_labels
+        out[band.t0 * wid: band.t1 * wid] = chunk
+    return out
+
+
+class LabelPropagator:
+    """Label propagation over a video, one target frame at a time, with a bounded context.
+
+    ``start(features, labels, grid)`` takes the first frame's (T, D) features and (C, T) labels (one-hot);
+    each ``step(features)`` returns the (C, T) soft labels of the next frame and adds it to the context.
+    The context is the first frame plus the last ``n_last_frames`` frames, held in a ring buffer; band
+    plans (neighbourhood masks) are cached per (grid, device) across videos.
+    """
+
+    def __init__(self, config: PropagationConfig | None = None):
+        self.config = config or PropagationConfig()
+        self._bands: dict[tuple, list[Band]] = {}
+        self._keys: torch.Tensor | None = None  # (T, 1 + n_last, D)
+        self._labels: torch.Tensor | None = None  # (T, 1 + n_last, C)
+        self._grid: tuple[int, int] = (0, 0)
+        self._filled = 0  # context slots in use
+        self._next = 1  # ring slot the next frame goes to
+
+    def bands(self, grid: tuple[int, int], device: torch.device) -> list[Band]:
+        """Band plan for a grid, built once per (grid, device)."""
+        key = (grid, str(device))
+        if key not in self._bands:
+            cfg = self.config
+            elems = cfg.chunk_elems or (2 ** 26 if torch.device(device).type == "cuda" else 2 ** 22)
+            self._bands[key] = plan_bands(grid, cfg.radius, 1 + cfg.n_last_frames, elems, device)
+        return self._bands[key]
+
+    def start(self, features: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Reset the context to the first frame: features (T, D), labels (C, T)."""
+        tokens, dim = features.shape
+        assert tokens == grid[0] * grid[1] and labels.shape[1] == tokens, (features.shape, labels.shape, grid)
+        slots = 1 + self.config.n_last_frames
+        self._keys = features.new_zeros(tokens, slots, dim, dtype=torch.float32)
+        self._labels = labels.new_zeros(tokens, slots, labels.shape[0], dtype=torch.float32)
+        self._keys[:, 0] = F.normalize(features.float(), dim=1)
+        self._labels[:, 0] = labels.T.float()
+        self._grid, self._filled, self._next = grid, 1, 1
+
+    def step(self, features: torch.Tensor) -> torch.Tensor:
+        """Soft labels (C, T) of the next frame from its features (T, D); the frame then joins the context."""
+        assert self._keys is not None, "call start() first"
+        if features.shape != (self._keys.shape[0], self._keys.shape[2]):
+            raise DataError(f"frame features {tuple(features.shape)} do not match the first frame's "
+                            f"{(self._keys.shape[0], self._keys.shape[2])}: frame sizes must not change")
+        cfg = self.config
+        target = F.normalize(features.float(), dim=1)
+        n = self._filled
+        keys = self._keys if n == self._keys.shape[1] else self._keys[:, :n]
+        labels = self._labels if n == self._labels.shape[1] else self._labels[:, :n]
+        soft = propagate_labels(target, keys, labels, self._grid, self.bands(self._grid, target.device),
+                                cfg.topk, cfg.temperature)
+        if cfg.n_last_frames > 0:  # the oldest previous frame leaves, this one enters
+            self._keys[:, self._next] = target
+            self._labels[:, self._next] = soft
+            self._filled = min(self._filled + 1, self._keys.shape[1])
+            self._next = 1 + self._next % cfg.n_last_frames
+        return soft.T
+
+    def run(self, first_features: torch.Tensor, first_labels: torch.Tensor, grid: tuple[int, int],
+            features: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Soft labels (C, T) of every frame after the first, given their (T, D) features in order."""
+        self.start(first_features, first_labels, grid)
+        for feats in features:
+            yield self.step(feats)
+
+
+# --------------------------------------------------------------------------------- labels in and out
+
+def one_hot(labels: np.ndarray | torch.Tensor, n_labels: int | None = None) -> torch.Tensor:
+    """(h, w) integer labels → (C, h * w) float one-hot, C = n_labels or max label + 1."""
+    lab = labels.long() if isinstance(labels, torch.Tensor) else torch.from_numpy(np.array(labels, np.int64))
+    lab = lab.flatten()
+    n_labels = int(lab.max()) + 1 if n_labels is None else n_labels
+    return F.one_hot(lab, n_labels).T.float()
+
+
+def downsample_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(H0, W0) uint8 labels → (h, w) by nearest-neighbour resizing (PIL), as the reference's ``read_seg``."""
+    return np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize((grid[1], grid[0]),
+                                                                                Image.NEAREST))
+
+
+def soft_to_labels(soft: torch.Tensor, grid: tuple[int, int], scale: int, size: tuple[int, int]) -> np.ndarray:
+    """Soft labels (C, T) → (H0, W0) uint8 labels.
+
+    Bilinear upsampling by ``scale`` (the stride; = the patch size in the reference), min-max
+    normalisation of each label's map that has a positive maximum (a constant positive map becomes 1),
+    arg-max over labels, then nearest-neighbour resizing (PIL) to the original ``size`` (H0, W0).
+    """
+    n_labels = soft.shape[0]
+    maps = F.interpolate(soft.reshape(1, n_labels, *grid).float(), scale_factor=scale, mode="bilinear",
+                         align_corners=False, recompute_scale_factor=False)[0]  # (C, h*s, w*s)
+    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    normed = torch.where(span > 0, (maps - lo) / span.clamp_min(1e-30), torch.ones_like(maps))
+    maps = torch.where(hi > 0, normed, maps)
+    labels = maps.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
+
+
+# --------------------------------------------------------------------------------- frames → features
+
+def video_load_size(size: tuple[int, int], load_size: int | None, multiple: int = 64) -> tuple[int, int]:
+    """(H, W) a frame of (H0, W0) is resized to: the shorter side = ``load_size``, the longer side scaled
+    and floored to a multiple of ``multiple`` (64, as the reference's ``read_frame``; floored to 1 when the
+    side is shorter than it). None keeps the size."""
+    hgt, wid = size
+    if load_size is None:
+        return hgt, wid
+    if hgt > wid:
+        return _floor_to(load_size * hgt / wid, multiple), load_size
+    return load_size, _floor_to(load_size * wid / hgt, multiple)
+
+
+def _floor_to(value: float, multiple: int) -> int:
+    return int(value // multiple) * multiple or int(value)
+
+
+def preprocess_frame(frame: np.ndarray, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+                     ) -> torch.Tensor:
+    """(H0, W0, 3) uint8 RGB → (3, H, W) normalised float tensor; bilinear resizing with OpenCV (as the
+    reference)."""
+    import cv2
+
+    if frame.shape[:2] != tuple(size):
+        frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    img = torch.from_numpy(np.require(frame, requirements=["C", "W"])).permute(2, 0, 1).float() / 255.0
+    return (img - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def frame_features(extractor, batch: torch.Tensor, layer: int = -1, facet: str = "token") -> torch.Tensor:
+    """Features (B, T, D) of a (B, 3, H, W) batch. The token facet is passed through the model's final norm,
+    as DINO's ``get_intermediate_layers`` (the reference's features: last layer, normed, no CLS)."""
+    feats = extractor.extract(batch, [layer], facet).descriptors[layer]
+    if facet == "token":
+        with torch.inference_mode():
+            feats = extractor.model.norm(feats)
+    return feats
+
+
+@dataclass
+class SegmentedFrame:
+    """One output frame: its labels (H0, W0) uint8 and the (H0, W0, 3) RGB frame it came from."""
+
+    index: int
+    labels: np.ndarray
+    frame: np.ndarray
+
+
+def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarray,
+                  config: PropagationConfig | None = None, layer: int = -1, facet: str = "token",
+                  load_size: int | None = 480, batch_size: int = 1,
+                  propagator: LabelPropagator | None = None) -> Iterator[SegmentedFrame]:
+    """Segment every frame of a video given the first frame's labels.
+
+    frames: (H0, W0, 3) uint8 RGB arrays, the first one annotated by ``first_mask`` (H0, W0) integer labels
+    (0 = background, C = max label + 1). Yields a :class:`SegmentedFrame` per frame, the first with
+    ``first_mask`` itself. Features are extracted ``batch_size`` frames per forward pass; propagation is
+    sequential. Raises ImageError when a frame's size differs from the mask's.
+    """
+    propagator = propagator or LabelPropagator(config)
+    first_mask = np.asarray(first_mask)
+    size0 = first_mask.shape[:2]
+    size = video_load_size(size0, load_size)
+    scale = extractor.stride[0]
+    it = iter(frames)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise DataError("the video has no frames") from None
+    _check_size(first, size0, 0)
+    first_feats = frame_features(extractor, preprocess_frame(first, size, extractor.mean, extractor.std)[None],
+                                 layer, facet)[0]
+    grid = extractor.num_patches
+    labels0 = one_hot(downsample_mask(first_mask, grid), int(first_mask.max()) + 1)
+    propagator.start(first_feats, labels0.to(first_feats.device), grid)
+    yield SegmentedFrame(0, first_mask.astype(np.uint8), first)
+    index = 1
+    while True:
+        batch = []
+        for frame in it:
+            _check_size(frame, size0, index + len(batch))
+            batch.append(frame)
+            if len(batch) == batch_size:
+                break
+        if not batch:
+            return
+        tensors = torch.stack([preprocess_frame(f, size, extractor.mean, extractor.std) for f in batch])
+        feats = frame_features(extractor, tensors, layer, facet)
+        for frame, frame_feats in zip(batch, feats):
+            soft = propagator.step(frame_feats)
+            yield SegmentedFrame(index, soft_to_labels(soft, grid, scale, size0), frame)
+            index += 1
+
+
+def _check_size(frame: np.ndarray, size0: tuple[int, int], index: int) -> None:
+    if frame.shape[:2] != tuple(size0):
+        raise ImageError(f"frame {index}: {frame.shape[1]}x{frame.shape[0]} px, but the first-frame mask is "
+                         f"{size0[1]}x{size0[0]}; every frame must have the mask's size")
+
+
+# --------------------------------------------------------------------------------- reading frames and masks
+# File access for the CLI, kept apart from the algorithm above.
+
+class VideoFrames:
+    """Frames of a folder of images (natural order) or of a video file (OpenCV), read one at a time.
+
+    names: output stems, one per frame (file stems, or 00000, 00001, ... for a video file); size: (H0, W0).
+    A folder is checked up front: every file must be an image of the first file's size.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from .io import list_images
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ImageError(f"{self.path}: not found (expected a folder of frames or a video file)")
+        if self.path.is_dir():
+            self.files: list[Path] | None = list_images(self.path)
+            self.names = [p.stem for p in self.files]
+            if len(set(self.names)) != len(self.names):
+                raise DataError(f"{self.path}: several frames share a name stem (e.g. a.jpg and a.png); "
+                                "output PNGs are named after the frames")
+            sizes = [_image_size(p) for p in self.files]
+            self.size = sizes[0]
+            for p, s in zip(self.files, sizes):
+                if s != self.size:
+                    raise ImageError(f"{p}: frame is {s[1]}x{s[0]} px but {self.files[0].name} is "
+                                     f"{self.size[1]}x{self.size[0]}; all frames of a video must have one size")
+        else:
+            import cv2
+
+            self.files = None
+            cap = cv2.VideoCapture(str(self.path))
+            ok = cap.isOpened()
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if ok else 0
+            self.size = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
+            cap.release()
+            if not ok or count <= 0 or min(self.size) <= 0:
+                raise ImageError(f"{self.path}: cannot be read as a video by OpenCV (expected a folder of "
+                                 f"frames or a video file such as {', '.join(VIDEO_SUFFIXES[:3])})")
+            self.names = [f"{i:05d}" for i in range(count)]  # OpenCV's count can be an estimate
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """(H0, W0, 3) uint8 RGB frames."""
+        from .io import load_image
+
+        if self.files is not None:
+            for p in self.files:
+                frame = np.asarray(load_image(p))
+                if frame.shape[:2] != self.size:
+                    raise ImageError(f"{p}: frame is {frame.shape[1]}x{frame.shape[0]} px but "
+                                     f"{self.files[0].name} is {self.size[1]}x{self.size[0]}")
+                yield frame
+            return
+        import cv2
+
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            index = 0
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                if index >= len(self.names):
+                    self.names.append(f"{index:05d}")
+                index += 1
+                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            del self.names[index:]
+        finally:
+            cap.release()
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from an image file's header; ImageError names the file when it is not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
+        raise ImageError(f"{path}: {kind}") from None
+
+
+def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, list[int] | None]:
+    """An annotation PNG → ((H0, W0) uint8 labels, its palette as 768 ints, or None for a grayscale file).
+
+    Accepts indexed (palette), grayscale and 1-bit images; ImageError for anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: first-frame mask not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, pal = im.mode, im.getpalette() if im.mode == "P" else None
+            arr = np.array(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
+        raise ImageError(f"{path}: {kind}") from None
+    if mode not in ("P", "L", "1"):
+        raise ImageError(f"{path}: a {mode} image; the mask must be an indexed (palette) or grayscale PNG "
+                         "whose pixel values are object ids (0 = background)")
+    if pal is not None:
+        pal = list(pal) + [0] * (768 - len(pal))
+    return arr.astype(np.uint8), pal
