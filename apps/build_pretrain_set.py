@@ -5,8 +5,9 @@ Sources (all installable offline-from-the-web, only a package registry is needed
 * ``skimage.data``: the colour photographs scikit-image ships (chelsea, coffee, astronaut, ...).
 * ``sklearn.datasets.load_sample_images``: china.jpg and flower.jpg.
 * Debian wallpaper packages (``apt-get download``, unpacked with ``dpkg-deb``): the photographs in
-  mate-backgrounds, plasma-workspace-wallpapers, gnome-backgrounds (see their copyright files,
-  recorded in the manifest: GPL-2+ / CC-BY-SA).
+  mate-backgrounds, plasma-workspace-wallpapers, gnome-backgrounds, ukui-wallpapers and the
+  lomiri-wallpapers sets (each file's licence is read from its package's copyright file and recorded in
+  the manifest: GPL-2+, CC-BY-SA, CC-BY).
 
 Every image is resized so its longer side is at most ``--max-side`` pixels and written as JPEG under
 ``OUT/<source>/``. ``OUT/manifest.json`` lists every file with its source, package version, original
@@ -17,6 +18,7 @@ path and licence. Re-running gives the same files (sorted, deterministic).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import re
 import shutil
@@ -28,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEBIAN_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "gnome-backgrounds")
+DEBIAN_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "gnome-backgrounds", "ukui-wallpapers",
+                   "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
 RASTER = {".jpg", ".jpeg", ".png", ".webp"}
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "retina", "colorwheel", "logo", "skin", "lily")  # data.cat() is chelsea again
@@ -93,7 +96,9 @@ def licence_of(copyright_text: str, relpath: str) -> str:
         if "Files" not in fields or "License" not in fields:
             continue
         for pattern in fields["Files"].split():
-            if re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), relpath) or pattern == "*":
+            # Patterns name paths of the source tree, files are installed elsewhere: match the tail too.
+            if (fnmatch.fnmatch(relpath, pattern) or fnmatch.fnmatch(relpath, "*/" + pattern)
+                    or Path(relpath).name == Path(pattern).name):
                 holder = fields.get("Copyright", "")
                 found = fields["License"].split()[0] + (f" (© {holder})" if holder else "")
                 break
@@ -130,7 +135,7 @@ def debian_images(package: str, workdir: Path) -> tuple[list[tuple[str, Image.Im
     for group, path in sorted(chosen.items()):
         rel = str(path.relative_to(root))
         name = Path(group).name
-        out.append((name, Image.open(path), licence_of(copyright_text, rel.split("backgrounds/mate/")[-1]), rel))
+        out.append((name, Image.open(path), licence_of(copyright_text, rel), rel))
     return out, version
 
 
