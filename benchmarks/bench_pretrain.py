@@ -8,8 +8,9 @@ For each architecture it measures, on whatever device is present (CUDA if availa
                dense peak of known GPUs) and peak GPU memory;
 * end to end   images/s of the real loop: loader → student/teacher forward → loss → backward → AdamW → EMA.
 
-The baseline row of each architecture is end to end with fp32 and 0 loader workers; the ratio column is
-images/s divided by the baseline's. "loader / e2e" > 1 means the loader is not the bottleneck.
+The baseline row of each architecture is end to end with fp32 and the crops made by the CPU loader
+workers; the ratio column is images/s divided by the baseline's. "device crops" rows make the crops on
+the accelerator (pretrain/gpu_augment.py; the workers only decode and shrink). "loader / e2e" > 1 means the loader is not the bottleneck.
 
     python benchmarks/bench_pretrain.py                  # small CPU settings, or the issue's GPU settings
     python benchmarks/bench_pretrain.py --arch vit_small_patch16_224 --global-size 224 --local-size 96 \\
@@ -34,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.data import ImageFolderDataset, MultiCropAugmentation, StepBatchSampler, collate_crops  # noqa: E402
+from pretrain.gpu_augment import GPUMultiCrop  # noqa: E402
 from pretrain.loss import DINOLoss  # noqa: E402
+from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pretrain.train import build_model, clip_gradients, param_groups, update_teacher  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices print "n/a".
@@ -96,9 +99,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_loader(cfg: PretrainConfig, paths: list[Path], workers: int, device: torch.device) -> DataLoader:
+def make_loader(cfg: PretrainConfig, paths: list[Path], workers: int, device: torch.device,
+                source_size: int = 0) -> DataLoader:
+    """The training loader; ``source_size`` > 0: the device-augmentation path (workers only decode)."""
     augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.local_crops)
-    dataset = ImageFolderDataset(paths, augment)
+    dataset = ImageFolderDataset(paths, augment, source_size=source_size)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=0)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_crops,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -163,12 +168,19 @@ def time_compute(cfg: PretrainConfig, device: torch.device, bf16: bool, compile_
 
 
 def time_end_to_end(cfg: PretrainConfig, paths: list[Path], device: torch.device, bf16: bool, workers: int,
-                    compile_model: bool, steps: int, warmup: int) -> float:
+                    compile_model: bool, steps: int, warmup: int, device_augment: bool = False) -> float:
+    """Images/s of the real loop; ``device_augment``: crops made on the device (pretrain/gpu_augment.py)."""
     step = Stepper(cfg, device, bf16, compile_model)
-    loader = make_loader(cfg, paths, workers, device)
+    loader = make_loader(cfg, paths, workers, device, cfg.global_size * 3 // 2 if device_augment else 0)
+    on_device = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD)
     durations, start = [], time.perf_counter()
-    for i, crops in enumerate(batches(loader, warmup + steps)):
-        step([c.to(device, non_blocking=True) for c in crops])
+    for i, views in enumerate(batches(loader, warmup + steps)):
+        if device_augment:
+            images, params = views
+            crops = on_device(images.to(device, non_blocking=True), params)
+        else:
+            crops = [c.to(device, non_blocking=True) for c in views]
+        step(crops)
         sync(device)  # per-step timing; costs little next to a step
         if i >= warmup:
             durations.append(time.perf_counter() - start)
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
           f"out_dim {args.out_dim}; {args.steps} timed steps after {args.warmup} warm-up")
     if not cuda:
         print("GPU: not measured (no device)")
-    header = f"{'arch':<24} {'batch':>5} {'measurement':<34} {'img/s':>9} {'ratio':>7} {'GFLOP/img':>9} " \
+    header = f"{'arch':<24} {'batch':>5} {'measurement':<46} {'img/s':>9} {'ratio':>7} {'GFLOP/img':>9} " \
              f"{'MFU':>6} {'peak GiB':>8}"
     print(header)
     print("-" * len(header))
@@ -222,12 +234,14 @@ def main(argv: list[str] | None = None) -> None:
             paths = sorted(folder.glob("*.jpg"))
 
             rows = []
-            base = time_end_to_end(cfg, paths, device, False, 0, False, args.steps, args.warmup)
-            rows.append(("end to end, fp32, 0 workers (baseline)", base, None, None))
-            for bf16 in ([False, True] if cuda else [False]):
-                label = f"end to end, {'bf16' if bf16 else 'fp32'}, {args.workers} workers"
+            # Baseline: the plain set-up (fp32, crops made by the CPU workers).
+            base = time_end_to_end(cfg, paths, device, False, args.workers, False, args.steps, args.warmup)
+            rows.append((f"end to end, fp32, {args.workers} workers (baseline)", base, None, None))
+            for bf16, dev_aug in ([(True, False), (True, True)] if cuda else [(False, True)]):
+                label = (f"end to end, {'bf16' if bf16 else 'fp32'}, {args.workers} workers"
+                         + (", device crops" if dev_aug else ""))
                 rows.append((label, time_end_to_end(cfg, paths, device, bf16, args.workers, False, args.steps,
-                                                    args.warmup), None, None))
+                                                    args.warmup, dev_aug), None, None))
             flops = 0.0
             for bf16 in (False, True):
                 ips, mem, flops = time_compute(cfg, device, bf16, False, args.steps, args.warmup)
@@ -236,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                 ips, mem, flops = time_compute(cfg, device, cuda, True, args.steps, args.warmup)
                 rows.append((f"compute only, {'bf16' if cuda else 'fp32'}, compiled", ips, mem, flops))
             loader_n = time_loader(cfg, paths, args.workers, args.steps * 2, device)
-            loader_0 = time_loader(cfg, paths, 0, max(2, args.steps), device)
+            loader_0 = time_loader(cfg, paths, 0, 2, device)
             rows.append((f"loader only, {args.workers} workers", loader_n, None, None))
             rows.append(("loader only, 0 workers", loader_0, None, None))
             for label, ips, mem, fl in rows:
@@ -246,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     mfu = "n/a" if fl else ""
                 mem_s = f"{mem:8.2f}" if mem is not None else f"{'':>8}"
-                print(f"{arch:<24} {batch:>5} {label:<34} {ips:9.1f} {ips / base:6.2f}x {gflop} {mfu:>6} {mem_s}")
+                print(f"{arch:<24} {batch:>5} {label:<46} {ips:9.1f} {ips / base:6.2f}x {gflop} {mfu:>6} {mem_s}")
             e2e_best = max(ips for label, ips, _, _ in rows if label.startswith("end to end"))
-            print(f"{arch:<24} {batch:>5} {'loader / best end to end':<34} {loader_n / e2e_best:9.2f} "
+            print(f"{arch:<24} {batch:>5} {'loader / best end to end':<46} {loader_n / e2e_best:9.2f} "
                   f"{'(>1: loader is not the bottleneck)'}")
 
 

@@ -69,6 +69,11 @@ class PretrainConfig:
     local_crops: int = _opt(8, "Number of local crops (10 in the paper's best recipe; 0 = none).")
     global_scale: tuple[float, float] = _opt((0.4, 1.0), "Area range of the global crops.")
     local_scale: tuple[float, float] = _opt((0.05, 0.4), "Area range of the local crops.")
+    repeat: int = _opt(1, "Passes over the images per epoch (small data sets: epochs long enough for the "
+                          "schedules and checkpoints).")
+    gpu_augment: str = _opt("auto", "Make the crops on the device, the loader only decodes (auto: on CUDA).",
+                            choices=("auto", "on", "off"))
+    source_size: int = _opt(0, "Longer side images are shrunk to for --gpu-augment (0 = 1.5 x --global-size).")
 
     # ----- system
     device: str = _opt("auto", "cpu, cuda or auto (under torchrun: cuda:LOCAL_RANK).")
@@ -77,7 +82,8 @@ class PretrainConfig:
     workers: int = _opt(4, "Data-loader worker processes per training process.")
     seed: int = _opt(0, "Random seed (data order, crops, initialisation, drop-path).")
     resume: str = _opt("", "Checkpoint (or run folder) to continue from.")
-    save_every: int = _opt(0, "Also checkpoint every N steps (0 = only at the end of each epoch).")
+    save_every: int = _opt(0, "Also checkpoint every N steps (0 = only at the end of epochs).")
+    save_every_epochs: int = _opt(1, "Checkpoint at the end of every N-th epoch (and of the last).")
     log_every: int = _opt(1, "Write a log.jsonl record every N steps.")
     knn_data: str = _opt("", "Labelled folder (one subfolder per class; train/ and val/ optional) "
                              "for k-NN evaluation.")
@@ -117,6 +123,11 @@ class PretrainConfig:
             (0 < self.local_scale[0] <= self.local_scale[1] <= 1, "--local-scale needs 0 < min <= max <= 1"),
             (self.precision in ("auto", "bf16", "fp32"), f"--precision {self.precision}: use auto, bf16 or fp32"),
             (self.workers >= 0, "--workers must be 0 or more"),
+            (self.repeat >= 1, "--repeat must be at least 1"),
+            (self.save_every_epochs >= 1, "--save-every-epochs must be at least 1"),
+            (self.gpu_augment in ("auto", "on", "off"), f"--gpu-augment {self.gpu_augment}: use auto, on or off"),
+            (self.source_size == 0 or self.source_size >= self.global_size,
+             f"--source-size {self.source_size} must be 0 or at least --global-size {self.global_size}"),
             (self.out_dim >= 1, "--out-dim must be at least 1"),
             (self.knn_k >= 1, "--knn-k must be at least 1"),
         ]

@@ -195,30 +195,56 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageFolderDataset(Dataset):
     """Multi-crop views of the images of a folder tree.
 
-    Items are keyed by ``(index, seed)`` pairs (see :class:`StepBatchSampler`); an item is
-    ``(crops, failed)`` with ``crops`` the views of :class:`MultiCropAugmentation` and ``failed`` 1 when
-    the image could not be decoded and a neighbouring image was used instead (the loop counts these).
+    Items are keyed by ``(index, seed)`` pairs (see :class:`StepBatchSampler`); ``repeat`` passes over the
+    images make one epoch (index ``i`` is image ``i mod len(paths)``; every pass draws other crops), so a
+    small data set still has epochs of a useful length for the schedules and checkpoints.
+
+    An item is ``(views, failed)``, ``failed`` 1 when the image could not be decoded and a neighbouring
+    image was used instead (the loop counts these). ``views`` is
+
+    * CPU path (``source_size`` 0): the list of view tensors of :class:`MultiCropAugmentation`;
+    * device path (``source_size`` > 0): ``(image, params)``, the image shrunk to at most ``source_size``
+      on its longer side and zero-padded to (3, source_size, source_size) uint8, and the (V, NPARAM)
+      parameter rows of its views (see :mod:`pretrain.gpu_augment`), drawn as the CPU path draws them.
     """
 
-    def __init__(self, paths: Sequence[Path], augment: MultiCropAugmentation):
+    def __init__(self, paths: Sequence[Path], augment: MultiCropAugmentation, repeat: int = 1,
+                 source_size: int = 0):
         self.paths = list(paths)
         self.augment = augment
+        self.repeat = repeat
+        self.source_size = source_size
         self.draft_side = augment.min_source_side()
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) * self.repeat
 
     def load(self, path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
                 # JPEG: decode at a reduced scale when the image is much larger than any crop needs.
-                scale = self.draft_side / max(1, min(im.size))
+                need = self.source_size * min(im.size) / max(im.size) if self.source_size else self.draft_side
+                scale = need / max(1, min(im.size))
                 if im.format == "JPEG" and scale < 0.5:
                     im.draft("RGB", (int(im.width * scale) + 1, int(im.height * scale) + 1))
                 return im.convert("RGB")
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+    def source(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded uint8 source, view parameter rows) for the device path."""
+        from .gpu_augment import params_to_tensor
+
+        side = self.source_size
+        scale = side / max(image.size)
+        if scale < 1:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.BICUBIC, reducing_gap=2.0)
+        padded = torch.zeros(3, side, side, dtype=torch.uint8)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        padded[:, :image.height, :image.width] = pixels
+        return padded, params_to_tensor(self.augment.sample_params(rng, image.height, image.width))
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor], int]:
         index, seed = key
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
@@ -227,7 +253,9 @@ class ImageFolderDataset(Dataset):
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 LOG.debug("skipping unreadable %s (%s)", path, err)
                 continue
-            return self.augment(image, random.Random(seed)), int(attempt > 0)
+            rng = random.Random(seed)
+            views = self.source(image, rng) if self.source_size else self.augment(image, rng)
+            return views, int(attempt > 0)
         raise DataError("no readable image left in the data set")
 
 
@@ -261,10 +289,17 @@ class StepBatchSampler:
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk[self.rank::self.world_size]]
 
 
-def collate_crops(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], int]:
-    """Stack views across images → (list of V tensors (B, 3, S, S), number of substituted images)."""
-    crops = [torch.stack([item[0][v] for item in items]) for v in range(len(items[0][0]))]
-    return crops, sum(item[1] for item in items)
+def collate_crops(items: list[tuple]) -> tuple[list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor], int]:
+    """Stack items across images → (views, number of substituted images).
+
+    CPU path: views = list of V tensors (B, 3, S, S). Device path: views = (images (B, 3, P, P) uint8,
+    params (B, V, NPARAM)).
+    """
+    failed = sum(item[1] for item in items)
+    first = items[0][0]
+    if isinstance(first, tuple):
+        return (torch.stack([item[0][0] for item in items]), torch.stack([item[0][1] for item in items])), failed
+    return [torch.stack([item[0][v] for item in items]) for v in range(len(first))], failed
 
 
 # --------------------------------------------------------------------------------------------------

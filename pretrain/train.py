@@ -33,6 +33,7 @@ from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_s
 from .config import MODEL_FIELDS, PretrainConfig
 from .data import (ImageFolderDataset, MultiCropAugmentation, StepBatchSampler, collate_crops, find_images,
                    readable_images)
+from .gpu_augment import GPUMultiCrop
 from .heads import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
 from .monitor import JsonlLog, plot_curves
@@ -206,8 +207,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
         LOG.warning("skipping %d unreadable image file(s), e.g. %s", len(unreadable), unreadable[0])
     if cfg.batch_size % procs.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {procs.world_size} processes")
-    if len(paths) < cfg.batch_size:
-        raise DataError(f"{cfg.data_dir}: {len(paths)} readable images, fewer than --batch-size {cfg.batch_size}")
+    if len(paths) * cfg.repeat < cfg.batch_size:
+        raise DataError(f"{cfg.data_dir}: {len(paths)} readable images (x --repeat {cfg.repeat}), fewer than "
+                        f"--batch-size {cfg.batch_size}")
     if cfg.knn_data:
         from .data import labelled_folder
 
@@ -219,7 +221,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
         check_compatible(ckpt_path, ckpt["config"], cfg.to_dict(), MODEL_FIELDS)
     augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.local_crops, cfg.global_scale,
                                     cfg.local_scale)
-    dataset = ImageFolderDataset(paths, augment)
+    on_device = cfg.gpu_augment == "on" or (cfg.gpu_augment == "auto" and device.type == "cuda")
+    source_size = (cfg.source_size or cfg.global_size * 3 // 2) if on_device else 0
+    dataset = ImageFolderDataset(paths, augment, repeat=cfg.repeat, source_size=source_size)
+    device_augment = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD) if on_device else None
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, procs.rank, procs.world_size, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_crops,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
@@ -312,8 +317,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
         t_data = time.perf_counter()
-        for crops, n_failed in loader:
-            crops = [c.to(device, non_blocking=True) for c in crops]
+        for views, n_failed in loader:
+            if device_augment is not None:
+                images, params = views
+                crops = device_augment(images.to(device, non_blocking=True), params)
+            else:
+                crops = [c.to(device, non_blocking=True) for c in views]
             t_step = time.perf_counter()
             values = schedules.at(step)
             for i, group in enumerate(optimizer.param_groups):
@@ -365,7 +374,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             if step >= last_step:
                 break
         end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch and saved_at != step:
+        if end_of_epoch and saved_at != step and (step // steps_per_epoch) % cfg.save_every_epochs == 0:
             save(step // steps_per_epoch)
             saved_at = step
         done_epochs = step // steps_per_epoch

@@ -1,0 +1,108 @@
+"""Train the backbone that ships inside vitdense, within a fixed time budget, and export it.
+
+The recipe of the bundled model (see ``vitdense/weights/README.md``): DINO as ``vitdense pretrain`` runs it,
+on the package-installable image set of ``apps/build_pretrain_set.py``, for 100 epochs whose length
+(``--repeat`` passes over the ~120 images) is set so the run fills ``--minutes`` on this machine. A short
+probe run measures images/s first; the command actually run is written to ``OUT/command.txt``.
+
+    python apps/train_bundled_backbone.py --arch vit_small_patch8_224 --minutes 8 --out runs/bundled
+    python apps/train_bundled_backbone.py ... --repeat 40      # skip the probe: exactly this recipe
+
+Outputs in ``OUT``: the pretrain run (checkpoint, log.jsonl, curves.png), ``command.txt``, and
+``NAME.safetensors``, the teacher backbone in fp16 with its metadata, ready to be copied to
+``vitdense/weights/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 100
+
+
+def recipe(args: argparse.Namespace, out: Path, repeat: int, epochs: int, max_steps: int = 0) -> list[str]:
+    """The ``python -m pretrain`` command line of the bundled model's recipe."""
+    cmd = [sys.executable, "-m", "pretrain", str(args.data), "--out", str(out), "--arch", args.arch,
+           "--batch-size", str(args.batch_size), "--epochs", str(epochs), "--repeat", str(repeat),
+           "--local-crops", str(args.local_crops), "--out-dim", str(args.out_dim),
+           "--workers", str(args.workers), "--save-every-epochs", "10", "--seed", "0"]
+    if max_steps:
+        cmd += ["--max-steps", str(max_steps), "--save-every-epochs", "1000"]
+    return cmd + args.extra
+
+
+def run(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+
+
+def probe_images_per_s(args: argparse.Namespace, n_images: int) -> float:
+    """Median images/s of the steps after warm-up of a short run with the same settings."""
+    out = args.out / "probe"
+    steps = 16
+    repeat = max(1, -(-args.batch_size * steps // n_images))
+    run(recipe(args, out, repeat, 1, max_steps=steps))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r][steps // 2:]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/pretrain_set"),
+                        help="image folder (built by apps/build_pretrain_set.py when missing)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bundled"))
+    parser.add_argument("--arch", default="vit_small_patch8_224")
+    parser.add_argument("--name", default="", help="name of the exported model (default: vitdense_ARCH)")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training time budget (sets --repeat)")
+    parser.add_argument("--repeat", type=int, default=0, help="passes over the images per epoch (skips the probe)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--out-dim", type=int, default=65536)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="further pretrain options after --")
+    args = parser.parse_args()
+    args.extra = [a for a in args.extra if a != "--"]
+    args.data = args.data.resolve()
+    args.out = args.out.resolve()
+
+    if not args.data.is_dir():
+        run([sys.executable, str(REPO / "apps" / "build_pretrain_set.py"), "--out", str(args.data)])
+    from pretrain.data import find_images
+
+    n_images = len(find_images(args.data))
+    repeat = args.repeat
+    if not repeat:
+        ips = probe_images_per_s(args, n_images)
+        repeat = max(1, round(ips * args.minutes * 60 / (EPOCHS * n_images)))
+        print(f"probe: {ips:.0f} images/s -> --repeat {repeat} for {args.minutes} min", flush=True)
+    cmd = recipe(args, args.out / "run", repeat, EPOCHS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "command.txt").write_text(shlex.join(["python"] + cmd[1:]) + "\n")
+    start = time.perf_counter()
+    run(cmd)
+    minutes = (time.perf_counter() - start) / 60
+
+    import torch
+
+    from vitdense.backbones import read_weights, save_backbone
+
+    state, meta = read_weights(args.out / "run" / "teacher_backbone.pth")
+    name = args.name or f"vitdense_{args.arch.split('_224')[0]}"
+    meta = {**meta, "name": name, "data_dir": "apps/build_pretrain_set.py", "train_minutes": round(minutes, 1),
+            "recipe": (args.out / "command.txt").read_text().strip()}
+    save_backbone(state, args.out / f"{name}.safetensors", meta, dtype=torch.float16)
+    print(f"exported {args.out / f'{name}.safetensors'} after {minutes:.1f} min of training", flush=True)
+
+
+if __name__ == "__main__":
+    main()
