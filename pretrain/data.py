@@ -209,12 +209,17 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[Path], augment: MultiCropAugmentation, repeat: int = 1,
-                 source_size: int = 0):
+                 source_size: int = 0, cache_mb: int = 0):
         self.paths = list(paths)
         self.augment = augment
         self.repeat = repeat
         self.source_size = source_size
         self.draft_side = augment.min_source_side()
+        # Decoded images kept by each worker process (first come, up to cache_mb): a small data set is
+        # decoded once per worker instead of once per view set.
+        self.cache_bytes = cache_mb * 2**20
+        self.cache: dict[int, Image.Image] = {}
+        self.cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.paths) * self.repeat
@@ -244,14 +249,28 @@ class ImageFolderDataset(Dataset):
         padded[:, :image.height, :image.width] = pixels
         return padded, params_to_tensor(self.augment.sample_params(rng, image.height, image.width))
 
+    def cached_load(self, i: int) -> Image.Image:
+        image = self.cache.get(i)
+        if image is None:
+            image = self.load(self.paths[i])
+            if self.source_size and max(image.size) > self.source_size:  # keep what the device path uses
+                scale = self.source_size / max(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.BICUBIC, reducing_gap=2.0)
+            size = image.width * image.height * 3
+            if self.cached_bytes + size <= self.cache_bytes:
+                self.cache[i] = image
+                self.cached_bytes += size
+        return image
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor], int]:
         index, seed = key
         for attempt in range(len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]
+            i = (index + attempt) % len(self.paths)
             try:
-                image = self.load(path)
+                image = self.cached_load(i)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-                LOG.debug("skipping unreadable %s (%s)", path, err)
+                LOG.debug("skipping unreadable %s (%s)", self.paths[i], err)
                 continue
             rng = random.Random(seed)
             views = self.source(image, rng) if self.source_size else self.augment(image, rng)

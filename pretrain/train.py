@@ -223,7 +223,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
                                     cfg.local_scale)
     on_device = cfg.gpu_augment == "on" or (cfg.gpu_augment == "auto" and device.type == "cuda")
     source_size = (cfg.source_size or cfg.global_size * 3 // 2) if on_device else 0
-    dataset = ImageFolderDataset(paths, augment, repeat=cfg.repeat, source_size=source_size)
+    dataset = ImageFolderDataset(paths, augment, repeat=cfg.repeat, source_size=source_size,
+                                 cache_mb=cfg.cache_mb)
     device_augment = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD) if on_device else None
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, procs.rank, procs.world_size, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_crops,
