@@ -65,7 +65,7 @@ def main() -> None:
                         help="image folder (built by apps/build_pretrain_set.py when missing)")
     parser.add_argument("--out", type=Path, default=Path("runs/bundled"))
     parser.add_argument("--arch", default="vit_small_patch8_224")
-    parser.add_argument("--name", default="", help="name of the exported model (default: vitdense_ARCH)")
+    parser.add_argument("--name", default="vitdense_vits8", help="name of the exported model")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time budget (sets --repeat)")
     parser.add_argument("--repeat", type=int, default=0, help="passes over the images per epoch (skips the probe)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -101,7 +101,7 @@ def main() -> None:
     from vitdense.backbones import read_weights, save_backbone
 
     state, meta = read_weights(args.out / "run" / "teacher_backbone.pth")
-    name = args.name or f"vitdense_{args.arch.split('_224')[0]}"
+    name = args.name
     meta = {**meta, "name": name, "data_dir": "apps/build_pretrain_set.py", "train_minutes": round(minutes, 1),
             "recipe": (args.out / "command.txt").read_text().strip()}
     save_backbone(state, args.out / f"{name}.safetensors", meta, dtype=torch.float16)

@@ -208,8 +208,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if cfg.batch_size % procs.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {procs.world_size} processes")
     if len(paths) * cfg.repeat < cfg.batch_size:
-        raise DataError(f"{cfg.data_dir}: {len(paths)} readable images (x --repeat {cfg.repeat}), fewer than "
-                        f"--batch-size {cfg.batch_size}")
+        times = f" x --repeat {cfg.repeat}" if cfg.repeat > 1 else ""
+        raise DataError(f"{cfg.data_dir}: {len(paths)} readable images{times}, fewer than --batch-size "
+                        f"{cfg.batch_size}")
     if cfg.knn_data:
         from .data import labelled_folder
 
