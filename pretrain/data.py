@@ -236,14 +236,11 @@ class ImageFolderDataset(Dataset):
                 return im.convert("RGB")
 
     def source(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """(padded uint8 source, view parameter rows) for the device path."""
+        """(padded uint8 source, view parameter rows) for the device path; ``image`` is already shrunk to
+        at most ``source_size`` by :meth:`cached_load`."""
         from .gpu_augment import params_to_tensor
 
         side = self.source_size
-        scale = side / max(image.size)
-        if scale < 1:
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.BICUBIC, reducing_gap=2.0)
         padded = torch.zeros(3, side, side, dtype=torch.uint8)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         padded[:, :image.height, :image.width] = pixels
