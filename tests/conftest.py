@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -39,3 +38,31 @@ def photos():
 
     return {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
             "rocket": data.rocket()}
+
+
+def save_tiny_weights(path, depth: int = 4, seed: int = 0):
+    """Write a tiny random ViT-S/8-shaped backbone as our own weights file; return its path."""
+    from vitdense import backbone_meta, save_backbone
+
+    save_backbone(tiny_vit(depth=depth, seed=seed), path, backbone_meta("vit_small_patch8_224", dict(
+        embed_dim=96, depth=depth, num_heads=3, img_size=64, patch_size=8)))
+    return path
+
+
+def run_cli(*args):
+    """Invoke the `vitdense` command in-process; every argument is turned into a string."""
+    from click.testing import CliRunner
+
+    from vitdense.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    """A user error: exit code 2, exactly one `vitdense: error:` line holding every fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("vitdense")]
+    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

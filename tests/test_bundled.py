@@ -2,9 +2,7 @@
 limit, its metadata rebuilds the architecture, and its features carry more than a random network's."""
 from __future__ import annotations
 
-import os
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

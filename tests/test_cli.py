@@ -4,21 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_vit
-from vitdense import ViTExtractor, backbone_meta, save_backbone
-from vitdense.cli import main
+from conftest import assert_user_error, run_cli, save_tiny_weights
+from vitdense import ViTExtractor
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    # 12 layers, so the commands' default --layer 11 exists
-    save_backbone(tiny_vit(depth=12), path, backbone_meta("vit_small_patch8_224", dict(
-        embed_dim=96, depth=12, num_heads=3, img_size=64, patch_size=8)))
-    return path
+    return save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", depth=12)
 
 
 @pytest.fixture
@@ -30,23 +24,9 @@ def images(tmp_path, photos):
     return folder
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 def test_extract_writes_npz_equal_to_python_api(weights, images, tmp_path):
     out = tmp_path / "feats.npz"
-    result = run("extract", images, "--weights", weights, "--device", "cpu", "--load-size", 48,
+    result = run_cli("extract", images, "--weights", weights, "--device", "cpu", "--load-size", 48,
                  "--layer", 2, "--facet", "value", "--bin", "--out", out)
     assert result.exit_code == 0, result.output
     data = np.load(out)
@@ -61,7 +41,7 @@ def test_extract_writes_npz_equal_to_python_api(weights, images, tmp_path):
 
 def test_pca_writes_one_png_per_image(weights, images, tmp_path):
     out = tmp_path / "pca"
-    result = run("pca", images, "--weights", weights, "--device", "cpu", "--load-size", 40, "--layer", -1, "--out", out)
+    result = run_cli("pca", images, "--weights", weights, "--device", "cpu", "--load-size", 40, "--layer", -1, "--out", out)
     assert result.exit_code == 0, result.output
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["chelsea_pca.png", "coffee_pca.png"]
@@ -70,13 +50,13 @@ def test_pca_writes_one_png_per_image(weights, images, tmp_path):
 
 
 def test_models_lists_names():
-    result = run("models")
+    result = run_cli("models")
     assert result.exit_code == 0
     assert "dino_vits8" in result.output and "dinov2_vits14_reg" in result.output
 
 
 def test_missing_file(weights, tmp_path):
-    assert_user_error(run("extract", tmp_path / "nope.jpg", "--weights", weights, "--out", tmp_path / "o.npz"),
+    assert_user_error(run_cli("extract", tmp_path / "nope.jpg", "--weights", weights, "--out", tmp_path / "o.npz"),
                       "nope.jpg")
     assert not (tmp_path / "o.npz").exists()
 
@@ -85,38 +65,38 @@ def test_corrupt_and_non_image_files(weights, images, tmp_path):
     bad = images / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     out = tmp_path / "o.npz"
-    assert_user_error(run("extract", bad, "--weights", weights, "--out", out), "broken.jpg")
+    assert_user_error(run_cli("extract", bad, "--weights", weights, "--out", out), "broken.jpg")
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    assert_user_error(run("extract", text, "--weights", weights, "--out", out), "notes.txt")
+    assert_user_error(run_cli("extract", text, "--weights", weights, "--out", out), "notes.txt")
     assert not out.exists()
 
 
 def test_image_smaller_than_patch(weights, tmp_path):
     small = tmp_path / "tiny.png"
     Image.fromarray(np.zeros((5, 30, 3), np.uint8)).save(small)
-    assert_user_error(run("extract", small, "--weights", weights, "--load-size", 0, "--out", tmp_path / "o.npz"),
+    assert_user_error(run_cli("extract", small, "--weights", weights, "--load-size", 0, "--out", tmp_path / "o.npz"),
                       "tiny.png", "smaller than one 8x8 patch")
 
 
 def test_bad_stride_and_layer(weights, images, tmp_path):
-    assert_user_error(run("extract", images, "--weights", weights, "--stride", 3), "--stride 3")
-    assert_user_error(run("extract", images, "--weights", weights, "--layer", 12), "--layer 12")
+    assert_user_error(run_cli("extract", images, "--weights", weights, "--stride", 3), "--stride 3")
+    assert_user_error(run_cli("extract", images, "--weights", weights, "--layer", 12), "--layer 12")
 
 
 def test_wrong_checkpoint(images, tmp_path):
     ckpt = tmp_path / "vits16.pth"
     torch.save({"teacher": {"backbone.pos_embed": torch.zeros(1, 197, 384)}}, ckpt)
-    assert_user_error(run("extract", images, "--model", "dino_vits8", "--weights", ckpt), "vits16.pth")
+    assert_user_error(run_cli("extract", images, "--model", "dino_vits8", "--weights", ckpt), "vits16.pth")
     junk = tmp_path / "junk.pth"
     junk.write_text("junk")
-    assert_user_error(run("extract", images, "--weights", junk), "junk.pth", "not a readable")
+    assert_user_error(run_cli("extract", images, "--weights", junk), "junk.pth", "not a readable")
 
 
 def test_empty_folder(weights, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run("pca", empty, "--weights", weights), "empty")
+    assert_user_error(run_cli("pca", empty, "--weights", weights), "empty")
 
 
 def test_console_script_exit_code(weights, tmp_path):
@@ -125,6 +105,6 @@ def test_console_script_exit_code(weights, tmp_path):
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "vitdense", "extract", str(tmp_path / "nope.jpg"),
-                           "--weights", str(weights)], capture_output=True, text=True, timeout=120)
+                            "--weights", str(weights)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("vitdense: error:") and len(proc.stderr.strip().splitlines()) == 1

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_extractor, tiny_vit
-from vitdense import backbone_meta, save_backbone
-from vitdense.cli import main
+from conftest import assert_user_error, run_cli, save_tiny_weights, tiny_extractor
 from vitdense.correspond import CorrespondenceResult, Correspondences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_backbone(tiny_vit(depth=4), path, backbone_meta("vit_small_patch8_224", dict(
-        embed_dim=96, depth=4, num_heads=3, img_size=64, patch_size=8)))
-    return path
+    return save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", depth=4)
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +41,9 @@ def pair(tmp_path, photos):
     return tmp_path / "a.png", tmp_path / "b.png"
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 def test_cli_writes_png_and_json(weights, pair, tmp_path):
     out = tmp_path / "out"
-    result = run("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0,
+    result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0,
                  "--num-pairs", 5, "--thresh", 0, "--out", out)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "correspondences.json").read_text())
@@ -75,7 +57,7 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
         assert im.size == (96 + 8 + 96, 64)
 
     out_all = tmp_path / "all"
-    result = run("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0, "--all",
+    result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0, "--all",
                  "--thresh", 0, "--out", out_all, "--backend", "faiss")
     assert result.exit_code == 0, result.output
     data_all = json.loads((out_all / "correspondences.json").read_text())
@@ -93,7 +75,7 @@ def test_cli_batch_layouts(weights, pair, tmp_path, photos):
     Image.open(a).save(folder / "shift_a.png")
     Image.open(b).save(folder / "shift_b.png")
     out = tmp_path / "batch"
-    result = run("correspond", folder, "--weights", weights, "--device", "cpu", "--load-size", 32, "--out", out,
+    result = run_cli("correspond", folder, "--weights", weights, "--device", "cpu", "--load-size", 32, "--out", out,
                  "--num-pairs", 3, "--thresh", 0)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -106,7 +88,7 @@ def test_cli_batch_layouts(weights, pair, tmp_path, photos):
     listing = tmp_path / "list.txt"
     listing.write_text("# pairs\na.png b.png\nb.png broken.jpg  # bad one\n")
     out = tmp_path / "listed"
-    result = run("correspond", "--pairs", listing, "--weights", weights, "--device", "cpu", "--load-size", 32,
+    result = run_cli("correspond", "--pairs", listing, "--weights", weights, "--device", "cpu", "--load-size", 32,
                  "--out", out, "--thresh", 0)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())["pairs"]
@@ -118,23 +100,23 @@ def test_cli_batch_layouts(weights, pair, tmp_path, photos):
 def test_cli_errors(weights, pair, tmp_path, photos):
     a, _ = pair
     common = ["--weights", weights, "--device", "cpu", "--out", tmp_path / "o"]
-    assert_user_error(run("correspond", a, tmp_path / "nope.jpg", *common), "nope.jpg", "not found")
+    assert_user_error(run_cli("correspond", a, tmp_path / "nope.jpg", *common), "nope.jpg", "not found")
     (tmp_path / "notes.txt").write_text("hello")
-    assert_user_error(run("correspond", tmp_path / "notes.txt", a, *common), "notes.txt", "not an image")
+    assert_user_error(run_cli("correspond", tmp_path / "notes.txt", a, *common), "notes.txt", "not an image")
     Image.fromarray(photos["coffee"][:6, :6]).save(tmp_path / "tiny.png")
-    assert_user_error(run("correspond", a, tmp_path / "tiny.png", "--load-size", 0, *common), "tiny.png",
+    assert_user_error(run_cli("correspond", a, tmp_path / "tiny.png", "--load-size", 0, *common), "tiny.png",
                       "smaller than one")
-    assert_user_error(run("correspond", a, *common), "expected two images")
-    assert_user_error(run("correspond", a, a, "--layer", 9, *common), "--layer 9")
+    assert_user_error(run_cli("correspond", a, *common), "expected two images")
+    assert_user_error(run_cli("correspond", a, a, "--layer", 9, *common), "--layer 9")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run("correspond", empty, *common), "no pairs found")
+    assert_user_error(run_cli("correspond", empty, *common), "no pairs found")
     assert not (tmp_path / "o").exists()  # nothing written on errors
 
 
 def test_cli_no_salient_region_writes_empty_result(weights, pair, tmp_path):
     out = tmp_path / "empty"
-    result = run("correspond", *pair, "--weights", weights, "--device", "cpu", "--thresh", 1.0, "--out", out)
+    result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--thresh", 1.0, "--out", out)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "correspondences.json").read_text())
     assert data["pairs"] == [] and "no salient region" in data["message"]

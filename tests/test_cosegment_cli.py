@@ -7,12 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_vit
-from vitdense import backbone_meta, save_backbone
-from vitdense.cli import main
+from conftest import assert_user_error, run_cli, save_tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--load-size", "48", "--niter", "20", "--nredo", "2"]
@@ -20,10 +17,7 @@ FAST = ["--device", "cpu", "--load-size", "48", "--niter", "20", "--nredo", "2"]
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_backbone(tiny_vit(depth=12), path, backbone_meta("vit_small_patch8_224", dict(
-        embed_dim=96, depth=12, num_heads=3, img_size=64, patch_size=8)))
-    return path
+    return save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", depth=12)
 
 
 @pytest.fixture
@@ -38,24 +32,11 @@ def images(tmp_path, photos):
     return folder
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.strip().splitlines() if l.startswith("vitdense")]
-    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 def test_cosegment_end_to_end_and_deterministic(tmp_path, images, weights):
     outs = []
     for run_id, ram_mb in enumerate([1024, 0]):  # the second run keeps every descriptor on disk
         out = tmp_path / f"out{run_id}"
-        result = run("cosegment", images, "--out", out, "--weights", weights, "--seed", 3, "--ram-mb", ram_mb,
+        result = run_cli("cosegment", images, "--out", out, "--weights", weights, "--seed", 3, "--ram-mb", ram_mb,
                      *FAST)
         assert result.exit_code == 0, result.output
         outs.append(out)
@@ -81,7 +62,7 @@ def test_cosegment_end_to_end_and_deterministic(tmp_path, images, weights):
 
 def test_part_cosegment_end_to_end(tmp_path, images, weights):
     out = tmp_path / "parts"
-    result = run("part-cosegment", images, "--out", out, "--weights", weights, "--parts", 3, "--clusters", 4,
+    result = run_cli("part-cosegment", images, "--out", out, "--weights", weights, "--parts", 3, "--clusters", 4,
                  "--votes-percentage", 1, "--thresh", 0, *FAST)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -94,7 +75,7 @@ def test_part_cosegment_end_to_end(tmp_path, images, weights):
         assert sum(entry["part_fractions"]) == pytest.approx(1.0)
     # three stages with crop augmentations: augmentations are clustered but not written
     out3 = tmp_path / "parts3"
-    result = run("part-cosegment", images, "--out", out3, "--weights", weights, "--parts", "auto",
+    result = run_cli("part-cosegment", images, "--out", out3, "--weights", weights, "--parts", "auto",
                  "--three-stages", "--crop-augmentations", 1, "--votes-percentage", 1, "--thresh", 0, *FAST)
     assert result.exit_code == 0, result.output
     summary = json.loads((out3 / "summary.json").read_text())
@@ -105,13 +86,13 @@ def test_part_cosegment_end_to_end(tmp_path, images, weights):
 def test_unreadable_files_are_skipped_or_fatal_with_strict(tmp_path, images, weights):
     (images / "broken.jpg").write_bytes(b"definitely not a jpeg")
     out = tmp_path / "o"
-    result = run("cosegment", images, "--out", out, "--weights", weights, "--refine", "none", *FAST)
+    result = run_cli("cosegment", images, "--out", out, "--weights", weights, "--refine", "none", *FAST)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 3
     assert summary["skipped"] == [{"file": str(images / "broken.jpg"), "reason": "not an image file"}]
     strict_out = tmp_path / "strict"
-    assert_user_error(run("cosegment", images, "--out", strict_out, "--weights", weights, "--strict", *FAST),
+    assert_user_error(run_cli("cosegment", images, "--out", strict_out, "--weights", weights, "--strict", *FAST),
                       "broken.jpg")
     assert not strict_out.exists()  # nothing written half-way
 
@@ -119,20 +100,20 @@ def test_unreadable_files_are_skipped_or_fatal_with_strict(tmp_path, images, wei
 def test_bad_input_errors(tmp_path, images, weights):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run("cosegment", empty, "--out", tmp_path / "o", "--weights", weights), "no image files")
+    assert_user_error(run_cli("cosegment", empty, "--out", tmp_path / "o", "--weights", weights), "no image files")
     single = tmp_path / "single"
     single.mkdir()
     (images / "chelsea.jpg").rename(single / "chelsea.jpg")
-    assert_user_error(run("cosegment", single, "--out", tmp_path / "o", "--weights", weights), "at least 2")
+    assert_user_error(run_cli("cosegment", single, "--out", tmp_path / "o", "--weights", weights), "at least 2")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"x")
     (bad / "b.png").write_bytes(b"y")
-    assert_user_error(run("cosegment", bad, "--out", tmp_path / "o", "--weights", weights, *FAST),
+    assert_user_error(run_cli("cosegment", bad, "--out", tmp_path / "o", "--weights", weights, *FAST),
                       "at least 2 readable", "a.jpg")
-    assert_user_error(run("part-cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--parts", "x"),
+    assert_user_error(run_cli("part-cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--parts", "x"),
                       "--parts x")
-    assert_user_error(run("cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--elbow", 1.5),
+    assert_user_error(run_cli("cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--elbow", 1.5),
                       "--elbow")
     assert not (tmp_path / "o").exists()
 

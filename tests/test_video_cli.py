@@ -6,14 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_vit
+from conftest import assert_user_error, run_cli, save_tiny_weights
 from test_davis import write_davis
 from test_video import synthetic_video
-from vitdense import backbone_meta, save_backbone
-from vitdense.cli import main
 from vitdense.davis import region_similarity
 
 FAST = ["--device", "cpu", "--load-size", "0"]
@@ -21,28 +18,12 @@ FAST = ["--device", "cpu", "--load-size", "0"]
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_backbone(tiny_vit(), path, backbone_meta("vit_small_patch8_224", dict(
-        embed_dim=96, depth=4, num_heads=3, img_size=64, patch_size=8)))
-    return path
+    return save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", depth=4)
 
 
 @pytest.fixture(scope="module")
 def video():
     return synthetic_video(n=6)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.strip().splitlines() if l.startswith("vitdense")]
-    assert len(lines) == 1 and lines[0].startswith("vitdense: error:"), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def write_frames(folder, frames, names=None):
@@ -67,7 +48,7 @@ def test_propagate_frame_folder(tmp_path, video, weights):
     names = write_frames(tmp_path / "frames", frames)  # f0 ... f5: natural order puts f10 after f9
     write_mask(tmp_path / "first.png", masks[0], PALETTE)
     out = tmp_path / "out"
-    result = run("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out", out,
+    result = run_cli("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out", out,
                  "--weights", weights, *FAST)
     assert result.exit_code == 0, result.output
     for i, name in enumerate(names):
@@ -100,7 +81,7 @@ def test_propagate_video_file(tmp_path, video, weights):
     writer.release()
     write_mask(tmp_path / "first.png", masks[0], PALETTE)
     out = tmp_path / "out"
-    result = run("propagate", path, "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
+    result = run_cli("propagate", path, "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
                  "--no-overlay", "--n-last-frames", 2, "--topk", 3, *FAST)
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in out.glob("*.png"))
@@ -117,30 +98,30 @@ def test_propagate_bad_input(tmp_path, video, weights):
     out = tmp_path / "out"
 
     write_frames(tmp_path / "sizes", [frames[0], frames[1][:90]])
-    r = run("propagate", tmp_path / "sizes", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
+    r = run_cli("propagate", tmp_path / "sizes", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
     assert_user_error(r, "f1.png", "128x90", "one size")
 
-    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "nope.png", "--out", out, "--weights", weights)
+    r = run_cli("propagate", tmp_path / "ok", "--mask", tmp_path / "nope.png", "--out", out, "--weights", weights)
     assert_user_error(r, "nope.png", "first-frame mask not found")
 
     write_mask(tmp_path / "small.png", masks[0][:64], PALETTE)
-    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "small.png", "--out", out, "--weights", weights)
+    r = run_cli("propagate", tmp_path / "ok", "--mask", tmp_path / "small.png", "--out", out, "--weights", weights)
     assert_user_error(r, "small.png", "128x64", "128x96")
 
     Image.fromarray(frames[0]).save(tmp_path / "rgb.png")
-    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "rgb.png", "--out", out, "--weights", weights)
+    r = run_cli("propagate", tmp_path / "ok", "--mask", tmp_path / "rgb.png", "--out", out, "--weights", weights)
     assert_user_error(r, "rgb.png", "indexed (palette)")
 
     write_frames(tmp_path / "corrupt", frames[:2])
     (tmp_path / "corrupt" / "f2.png").write_bytes(b"\x89PNG not really")
-    r = run("propagate", tmp_path / "corrupt", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
+    r = run_cli("propagate", tmp_path / "corrupt", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
     assert_user_error(r, "f2.png")
 
-    r = run("propagate", tmp_path / "ok", "--out", out, "--weights", weights)
+    r = run_cli("propagate", tmp_path / "ok", "--out", out, "--weights", weights)
     assert_user_error(r, "--mask")
-    r = run("propagate", "--out", out, "--weights", weights)
+    r = run_cli("propagate", "--out", out, "--weights", weights)
     assert_user_error(r, "FRAMES", "--davis-root")
-    r = run("propagate", tmp_path / "ok", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
+    r = run_cli("propagate", tmp_path / "ok", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
             "--topk", 0)
     assert_user_error(r, "--topk 0")
     assert not out.exists()  # nothing written by any failed run
@@ -155,7 +136,7 @@ def test_davis_root_end_to_end(tmp_path, weights):
     b_frames[:, 70:90, 90:120] = (240, 240, 40)
     write_davis(tmp_path / "DAVIS", {"disk": (a_frames, a_masks), "two": (b_frames, b_masks)})
     out = tmp_path / "results"
-    r = run("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights, "--evaluate",
+    r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights, "--evaluate",
             *FAST)
     assert r.exit_code == 0, r.output
     assert "Global results for val" in r.output
@@ -177,15 +158,15 @@ def test_davis_root_end_to_end(tmp_path, weights):
     first_csv = (out / "global_results-val.csv").read_text()
 
     (out / "global_results-val.csv").unlink()
-    r = run("eval-davis", "--davis-root", tmp_path / "DAVIS", "--results", out)
+    r = run_cli("eval-davis", "--davis-root", tmp_path / "DAVIS", "--results", out)
     assert r.exit_code == 0, r.output
     assert (out / "global_results-val.csv").read_text() == first_csv
     assert json.loads((out / "davis_results-val.json").read_text())["objects"][0]["name"] == "disk_1"
 
-    r = run("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights,
+    r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights,
             "--sequences", "disk,cat")
     assert_user_error(r, "cat", "val.txt")
     (tmp_path / "DAVIS" / "Annotations" / "480p" / "two" / "00000.png").unlink()
-    r = run("propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "new", "--weights", weights)
+    r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "new", "--weights", weights)
     assert_user_error(r, "two/00000.png", "not found")
     assert not (tmp_path / "new").exists()  # checked before the first sequence ran

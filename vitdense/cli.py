@@ -4,7 +4,6 @@ User errors (:class:`VitdenseError`) print one line ``vitdense: error: ...`` and
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from pathlib import Path
