@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _isolated import run_isolated  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -137,16 +138,8 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool) -> dict:
 
 
 def case(impl: str, n: int, parts: bool, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--case", impl, str(n), str(int(parts)), "--device", args.device,
-           "--workdir", args.workdir] + (["--peer", args.peer] if args.peer else [])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"timeout": True}
-    if proc.returncode != 0:
-        print(f"[{impl} n={n}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, [impl, n, int(parts), "--device", args.device, "--workdir", args.workdir]
+                        + (["--peer", args.peer] if args.peer else []), args.timeout, f"{impl} n={n}")
 
 
 def main() -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _isolated import run_isolated  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 
@@ -67,16 +68,8 @@ def run_case(impl: str, size: int, use_bin: bool, device: str, repeats: int, pee
 
 
 def measure(impl: str, size: int, use_bin: bool, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--case", impl, str(size), str(int(use_bin)), "--device", args.device,
-           "--repeats", str(args.repeats)] + (["--peer", args.peer] if args.peer else [])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(impl=impl, size=size, bin=use_bin, timeout=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, [impl, size, int(use_bin), "--device", args.device, "--repeats", args.repeats]
+                        + (["--peer", args.peer] if args.peer else []), args.timeout, f"{impl} {size} px")
 
 
 def main() -> None:

@@ -28,10 +28,8 @@ import argparse
 import copy
 import json
 import math
-import os
 import queue
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from _isolated import run_isolated  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -394,17 +394,10 @@ def _run_peer(args, vit, frame_files, mask_path, out_dir, device, pal) -> list[n
 # ------------------------------------------------------------------------------------------ driver
 
 def measure(impl: str, mode: str, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--case", impl, mode, "--device", args.device, "--data", args.data,
-           "--work", args.work, "--load-size", str(args.load_size), "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) + (["--peer", args.peer] if args.peer else [])
-    env = dict(os.environ)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(impl=impl, mode=mode, timeout=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_isolated(__file__, [impl, mode, "--device", args.device, "--data", args.data, "--work", args.work,
+                                   "--load-size", args.load_size, "--threads", args.threads]
+                        + (["--tiny"] if args.tiny else []) + (["--peer", args.peer] if args.peer else []),
+                        args.timeout, f"{impl} {mode}")
 
 
 def agreement(work: Path, a: str, b: str) -> tuple[float, float] | None:
