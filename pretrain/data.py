@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD
 from vitdense.errors import DataError
@@ -204,8 +204,8 @@ class ImageFolderDataset(Dataset):
 
     * CPU path (``source_size`` 0): the list of view tensors of :class:`MultiCropAugmentation`;
     * device path (``source_size`` > 0): ``(image, params)``, the image shrunk to at most ``source_size``
-      on its longer side and zero-padded to (3, source_size, source_size) uint8, and the (V, NPARAM)
-      parameter rows of its views (see :mod:`pretrain.gpu_augment`), drawn as the CPU path draws them.
+      on its longer side as (3, h, w) uint8, and the (V, NPARAM) parameter rows of its views (see
+      :mod:`pretrain.gpu_augment`), drawn as the CPU path draws them.
     """
 
     def __init__(self, paths: Sequence[Path], augment: MultiCropAugmentation, repeat: int = 1,
@@ -236,15 +236,12 @@ class ImageFolderDataset(Dataset):
                 return im.convert("RGB")
 
     def source(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """(padded uint8 source, view parameter rows) for the device path; ``image`` is already shrunk to
-        at most ``source_size`` by :meth:`cached_load`."""
+        """((3, h, w) uint8 source, view parameter rows) for the device path; ``image`` is already shrunk to
+        at most ``source_size`` by :meth:`cached_load`. :func:`collate_crops` pads the sources of a batch."""
         from .gpu_augment import params_to_tensor
 
-        side = self.source_size
-        padded = torch.zeros(3, side, side, dtype=torch.uint8)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        padded[:, :image.height, :image.width] = pixels
-        return padded, params_to_tensor(self.augment.sample_params(rng, image.height, image.width))
+        return pixels, params_to_tensor(self.augment.sample_params(rng, image.height, image.width))
 
     def cached_load(self, i: int) -> Image.Image:
         image = self.cache.get(i)
@@ -305,17 +302,36 @@ class StepBatchSampler:
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk[self.rank::self.world_size]]
 
 
+def _batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when made in a loader worker: the batch then reaches the
+    main process without being copied again (as torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors, out=_batch_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype))
+
+
 def collate_crops(items: list[tuple]) -> tuple[list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor], int]:
     """Stack items across images → (views, number of substituted images).
 
-    CPU path: views = list of V tensors (B, 3, S, S). Device path: views = (images (B, 3, P, P) uint8,
-    params (B, V, NPARAM)).
+    CPU path: views = list of V tensors (B, 3, S, S). Device path: views = (images (B, 3, H, W) uint8,
+    params (B, V, NPARAM)), each source at the top left of its slot, zero-padded to the largest height and
+    width in the batch.
     """
     failed = sum(item[1] for item in items)
     first = items[0][0]
     if isinstance(first, tuple):
-        return (torch.stack([item[0][0] for item in items]), torch.stack([item[0][1] for item in items])), failed
-    return [torch.stack([item[0][v] for item in items]) for v in range(len(first))], failed
+        sources = [item[0][0] for item in items]
+        height, width = max(s.shape[1] for s in sources), max(s.shape[2] for s in sources)
+        images = _batch_tensor((len(sources), 3, height, width), torch.uint8).zero_()
+        for slot, src in zip(images, sources):
+            slot[:, :src.shape[1], :src.shape[2]] = src
+        return (images, _stack([item[0][1] for item in items])), failed
+    return [_stack([item[0][v] for item in items]) for v in range(len(first))], failed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
 
 
 def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic random-resized crop (+ horizontal flip) of every image → (B, 3, size, size) in [0, 1].
+    """Bicubic random-resized crop (+ horizontal flip) of every image (uint8, or float in 0..255) →
+    (B, 3, size, size) in [0, 1].
 
     Pixel centres of the output are mapped into the box (top, left, height, width), in pixels of the
     padded source; the bicubic overshoot is clamped.
@@ -140,16 +141,15 @@ class GPUMultiCrop:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def view(self, images: torch.Tensor, p_cpu: torch.Tensor) -> torch.Tensor:
-        """One view (rows ``p_cpu``: (B, NPARAM) on the CPU, all of one output size) of every image.
+    def view(self, images: torch.Tensor, p_cpu: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """One view of every image: rows (B, NPARAM), all of one output size, ``p_cpu`` on the CPU and ``p``
+        the same on the device.
 
-        The branch decisions are read from the CPU copy, so the device never waits for the host.
+        Which branches run is decided from the CPU copy and the per-image masks come from the device copy, so
+        the host never waits for the device and sends nothing per operation.
         """
-        device = images.device
-        p = p_cpu.to(device, non_blocking=True)
-
-        def mask(flags: torch.Tensor) -> torch.Tensor:
-            return _per_image(flags.to(device, non_blocking=True))
+        def on(column: str) -> torch.Tensor:  # (B,) bool on the device
+            return p[:, _COL[column]] > 0.5
 
         x = crop_resize(images, p, int(p_cpu[0, _COL["size"]]))
         jitter_on = p_cpu[:, _COL["jitter"]] > 0.5
@@ -157,23 +157,30 @@ class GPUMultiCrop:
                (adjust_saturation, "saturation"), (adjust_hue, "hue"))
         for slot in range(4):
             order = p_cpu[:, _COL[f"order{slot}"]].long()
+            order_dev = p[:, _COL[f"order{slot}"]].long()
             for k, (op, name) in enumerate(ops):
-                chosen = jitter_on & (order == k)
-                if chosen.any():
-                    x = torch.where(mask(chosen), op(x, p[:, _COL[name]]), x)
+                if (jitter_on & (order == k)).any():
+                    chosen = on("jitter") & (order_dev == k)
+                    x = torch.where(_per_image(chosen), op(x, p[:, _COL[name]]), x)
         gray = p_cpu[:, _COL["grayscale"]] > 0.5
         if gray.any():
-            x = torch.where(mask(gray), _gray(x).expand_as(x), x)
+            x = torch.where(_per_image(on("grayscale")), _gray(x).expand_as(x), x)
         sigma = p_cpu[:, _COL["blur_sigma"]]
         if (sigma > 0).any():
             radius = max(1, math.ceil(3.0 * float(sigma.max())))
-            x = torch.where(mask(sigma > 0), gaussian_blur(x, p[:, _COL["blur_sigma"]], radius), x)
+            blurred = gaussian_blur(x, p[:, _COL["blur_sigma"]], radius)
+            x = torch.where(_per_image(p[:, _COL["blur_sigma"]] > 0), blurred, x)
         solarize = p_cpu[:, _COL["solarize"]] > 0.5
         if solarize.any():
             # PIL's solarize(threshold=128) inverts every byte >= 128
-            x = torch.where(mask(solarize) & (x >= 128 / 255), 1.0 - x, x)
-        return (x - self.mean.to(device)) / self.std.to(device)
+            x = torch.where(_per_image(on("solarize")) & (x >= 128 / 255), 1.0 - x, x)
+        return (x - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
-        """``images`` (B, 3, P, P) uint8 on the device, ``params`` (B, V, NPARAM) on the CPU."""
-        return [self.view(images, params[:, v]) for v in range(params.shape[1])]
+        """``images`` (B, 3, P, P) uint8 on the device, ``params`` (B, V, NPARAM) on the CPU (pinned memory
+        makes the one copy to the device asynchronous)."""
+        p = params.to(images.device, non_blocking=True)
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        source = images.float()  # once for all views (grid_sample reads floats)
+        return [self.view(source, params[:, v], p[:, v]) for v in range(params.shape[1])]

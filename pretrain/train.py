@@ -286,11 +286,37 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     def save(epoch: int) -> None:
         """Checkpoint + teacher export + plot (rank 0 writes; every rank joins the RNG gather)."""
+        report()  # a diverged step must never reach a checkpoint
         rng = gather_rng(procs)
         if procs.main:
             save_checkpoint(ckpt_file, make_checkpoint(cfg, student, teacher, optimizer, loss_fn, step, epoch, rng))
             save_backbone(teacher.backbone.state_dict(), export_file, meta=export_meta(cfg, step))
             plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
+
+    pending: dict[str, Any] | None = None  # the last step's numbers, still on the device
+
+    def report() -> None:
+        """Read the pending step's loss and statistics: stop on divergence, log, show progress."""
+        nonlocal pending, last_loss, skipped
+        if pending is None:
+            return
+        done, epoch, values = pending["step"], pending["epoch"], pending["values"]
+        seconds = pending["seconds"] or time.perf_counter() - pending["t_data"]
+        loss, entropy, kl, n_failed = pending["stats"].tolist()
+        pending_wait = pending["data_wait"]
+        pending = None
+        if not math.isfinite(loss):
+            raise ConfigError(f"loss is {loss} at step {done}: training diverged; lower --lr or "
+                              f"raise --clip-grad/--freeze-last-layer")
+        last_loss = loss
+        skipped += int(n_failed)
+        if procs.main and (done % cfg.log_every == 0 or done == last_step):
+            log.append({"step": done, "epoch": epoch, "loss": loss, "teacher_entropy": entropy, "kl": kl,
+                        "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
+                        "teacher_temp": values.teacher_temp, "images_per_s": cfg.batch_size / max(seconds, 1e-9),
+                        "data_wait_s": pending_wait, "skipped_files": skipped})
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
 
     knn_at = -1
 
@@ -337,9 +363,6 @@ def train(cfg: PretrainConfig) -> TrainResult:
                     teacher_out = teacher_fwd(crops[:2])
                 student_out = student_fwd(crops)
             terms = loss_fn(student_out, teacher_out, values.teacher_temp)
-            if not torch.isfinite(terms.loss):
-                raise ConfigError(f"loss is {terms.loss.item()} at step {step}: training diverged; lower --lr or "
-                                  f"raise --clip-grad/--freeze-last-layer")
 
             optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
@@ -352,27 +375,23 @@ def train(cfg: PretrainConfig) -> TrainResult:
             update_teacher(student, teacher, values.momentum)
             step += 1
 
-            # ----- monitoring (averaged over processes)
+            # ----- monitoring (averaged over processes). Reading a value from the device waits for it, so
+            # this step's numbers are read after the next step is queued: the device never runs dry.
             stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl,
                                  torch.tensor(float(n_failed), device=device)])
             if procs.world_size > 1:
                 dist.all_reduce(stats)
                 stats[:3] /= procs.world_size
-            last_loss = stats[0].item()
-            skipped += int(stats[3].item())
-            now = time.perf_counter()
-            if procs.main and (step % cfg.log_every == 0 or step == last_step):
-                log.append({"step": step, "epoch": epoch, "loss": last_loss, "teacher_entropy": stats[1].item(),
-                            "kl": stats[2].item(), "lr": values.lr, "weight_decay": values.weight_decay,
-                            "momentum": values.momentum, "teacher_temp": values.teacher_temp,
-                            "images_per_s": cfg.batch_size / max(now - t_data, 1e-9),
-                            "data_wait_s": t_step - t_data, "skipped_files": skipped})
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+            report()
+            pending = {"step": step, "epoch": epoch, "stats": stats, "values": values, "t_data": t_data,
+                       "data_wait": t_step - t_data, "seconds": None}
             if cfg.save_every and step % cfg.save_every == 0:
                 save(epoch)
                 saved_at = step
-            t_data = time.perf_counter()
+            now = time.perf_counter()
+            if pending is not None:
+                pending["seconds"] = now - t_data  # the whole iteration, waits included
+            t_data = now
             if step >= last_step:
                 break
         end_of_epoch = step % steps_per_epoch == 0
@@ -382,6 +401,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         done_epochs = step // steps_per_epoch
         if cfg.knn_data and end_of_epoch and (done_epochs % cfg.knn_every == 0 or step >= last_step):
             knn_eval(epoch)
+    report()
     progress.close()
 
     if saved_at != step:

@@ -111,3 +111,25 @@ def test_training_with_the_device_path_on_cpu(photo_dir, tmp_path):  # noqa: F81
     records = [json.loads(line) for line in result.log.read_text().splitlines()]
     assert result.steps == 2 * (24 * 2 // 8) and all(np.isfinite(r["loss"]) for r in records)
     assert result.export.exists()
+
+
+def test_collate_pads_sources_to_the_batch_and_workers_give_the_same_batches(photo_dir):  # noqa: F811
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import StepBatchSampler
+
+    aug = MultiCropAugmentation(32, 16, 2)
+    ds = ImageFolderDataset(find_images(photo_dir)[:8], aug, source_size=64)
+    wide, tall = torch.full((3, 20, 64), 7, dtype=torch.uint8), torch.full((3, 64, 30), 9, dtype=torch.uint8)
+    params = torch.zeros(4, NPARAM)
+    (images, stacked), failed = collate_crops([((wide, params), 0), ((tall, params + 1), 1)])
+    assert images.shape == (2, 3, 64, 64) and stacked.shape == (2, 4, NPARAM) and failed == 1
+    assert (images[0, :, :20] == 7).all() and (images[0, :, 20:] == 0).all()
+    assert (images[1, :, :, :30] == 9).all() and (images[1, :, :, 30:] == 0).all()
+    batches = []
+    for workers in (0, 1):  # a worker builds the batch in shared memory
+        sampler = StepBatchSampler(len(ds), 4, seed=1)
+        batches.append(list(DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate_crops)))
+    for (one, _), (other, _) in zip(*batches):
+        assert torch.equal(one[0], other[0]) and torch.equal(one[1], other[1])
+    assert batches[1][0][0][0].is_shared()

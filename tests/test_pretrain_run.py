@@ -124,6 +124,32 @@ def test_loss_goes_down_in_a_few_dozen_steps(photo_dir, tmp_path):
     assert ckpt["loss"]["center"].abs().sum() > 0
 
 
+def test_diverged_loss_stops_before_any_checkpoint_holds_it(photo_dir, tmp_path, monkeypatch):
+    """The loss is read back one step late (the device keeps working); a NaN must still stop the run with a
+    one-line error and never reach a checkpoint."""
+    from pretrain.loss import DINOLoss
+    from vitdense.errors import ConfigError
+
+    calls = {"n": 0}
+    forward = DINOLoss.forward
+
+    def nan_from_third_step(self, *args, **kwargs):
+        terms = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(DINOLoss, "forward", nan_from_third_step)
+    cfg = PretrainConfig(data_dir=str(photo_dir), out=str(tmp_path / "run"), **TINY, batch_size=8, epochs=3,
+                         save_every=1)
+    with pytest.raises(ConfigError, match="at step 3: training diverged"):
+        train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
 def _run_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pretrain", str(data), "--out", str(out), *TINY_ARGS, "--batch-size", "4",
             "--epochs", "2", "--seed", "3", *extra]
