@@ -10,7 +10,9 @@ For each architecture it measures, on whatever device is present (CUDA if availa
 
 The baseline row of each architecture is end to end with fp32 and the crops made by the CPU loader
 workers; the ratio column is images/s divided by the baseline's. "device crops" rows make the crops on
-the accelerator (pretrain/gpu_augment.py; the workers only decode and shrink). "loader / e2e" > 1 means the loader is not the bottleneck.
+the accelerator (pretrain/gpu_augment.py; the workers only decode and shrink); "resident" rows decode every
+image once and keep the sources on the device (what training does when they fit in --resident-mb), so the
+workers only draw the crop parameters. "loader / e2e" > 1 means the loader is not the bottleneck.
 
     python benchmarks/bench_pretrain.py                  # small CPU settings, or the issue's GPU settings
     python benchmarks/bench_pretrain.py --arch vit_small_patch16_224 --global-size 224 --local-size 96 \\
@@ -34,7 +36,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.data import ImageFolderDataset, MultiCropAugmentation, StepBatchSampler, collate_crops  # noqa: E402
+from pretrain.data import (ImageFolderDataset, MultiCropAugmentation, ResidentSources, StepBatchSampler,  # noqa: E402
+                           collate_crops)
 from pretrain.gpu_augment import GPUMultiCrop  # noqa: E402
 from pretrain.loss import DINOLoss  # noqa: E402
 from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -168,23 +171,39 @@ def time_compute(cfg: PretrainConfig, device: torch.device, bf16: bool, compile_
 
 
 def time_end_to_end(cfg: PretrainConfig, paths: list[Path], device: torch.device, bf16: bool, workers: int,
-                    compile_model: bool, steps: int, warmup: int, device_augment: bool = False) -> float:
-    """Images/s of the real loop; ``device_augment``: crops made on the device (pretrain/gpu_augment.py)."""
+                    compile_model: bool, steps: int, warmup: int, device_augment: bool = False,
+                    resident: bool = False) -> float:
+    """Images/s of the real loop; ``device_augment``: crops made on the device (pretrain/gpu_augment.py);
+    ``resident``: with the sources decoded once and kept on the device (pretrain.data.ResidentSources).
+
+    On CUDA the steps are queued as in training (no wait per step) and timed together; on the CPU each step
+    is timed and the median taken, so other processes' bursts on a shared machine do not decide it."""
     step = Stepper(cfg, device, bf16, compile_model)
     loader = make_loader(cfg, paths, workers, device, cfg.global_size * 3 // 2 if device_augment else 0)
+    sources = ResidentSources(loader.dataset, device, workers) if resident else None
+    if sources is not None:
+        loader = DataLoader(sources, batch_sampler=loader.batch_sampler, num_workers=workers,
+                            collate_fn=collate_crops, pin_memory=device.type == "cuda",
+                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     on_device = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD)
     durations, start = [], time.perf_counter()
     for i, views in enumerate(batches(loader, warmup + steps)):
-        if device_augment:
+        if sources is not None:
+            crops = on_device(sources.gather(views[0]), views[1])
+        elif device_augment:
             images, params = views
             crops = on_device(images.to(device, non_blocking=True), params)
         else:
             crops = [c.to(device, non_blocking=True) for c in views]
         step(crops)
-        sync(device)  # per-step timing; costs little next to a step
-        if i >= warmup:
-            durations.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        if i == warmup - 1 or device.type != "cuda":
+            sync(device)
+            if i >= warmup:
+                durations.append(time.perf_counter() - start)
+            start = time.perf_counter()
+    if device.type == "cuda":
+        sync(device)
+        return cfg.batch_size * steps / (time.perf_counter() - start)
     return images_per_s(cfg.batch_size, durations)
 
 
@@ -237,11 +256,12 @@ def main(argv: list[str] | None = None) -> None:
             # Baseline: the plain set-up (fp32, crops made by the CPU workers).
             base = time_end_to_end(cfg, paths, device, False, args.workers, False, args.steps, args.warmup)
             rows.append((f"end to end, fp32, {args.workers} workers (baseline)", base, None, None))
-            for bf16, dev_aug in ([(True, False), (True, True)] if cuda else [(False, True)]):
+            for bf16, dev_aug, resident in ([(True, False, False), (True, True, False), (True, True, True)]
+                                            if cuda else [(False, True, False), (False, True, True)]):
                 label = (f"end to end, {'bf16' if bf16 else 'fp32'}, {args.workers} workers"
-                         + (", device crops" if dev_aug else ""))
+                         + (", device crops" if dev_aug else "") + (", resident" if resident else ""))
                 rows.append((label, time_end_to_end(cfg, paths, device, bf16, args.workers, False, args.steps,
-                                                    args.warmup, dev_aug), None, None))
+                                                    args.warmup, dev_aug, resident), None, None))
             flops = 0.0
             for bf16 in (False, True):
                 ips, mem, flops = time_compute(cfg, device, bf16, False, args.steps, args.warmup)

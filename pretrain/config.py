@@ -75,6 +75,8 @@ class PretrainConfig:
                             choices=("auto", "on", "off"))
     source_size: int = _opt(0, "Longer side images are shrunk to for --gpu-augment (0 = 1.5 x --global-size).")
     cache_mb: int = _opt(0, "Decoded images each loader worker keeps in memory, in MiB (small data sets).")
+    resident_mb: int = _opt(2048, "With --gpu-augment: when every decoded source image fits in this many MiB, "
+                                  "decode them once and keep them on the device (0 = never).")
 
     # ----- system
     device: str = _opt("auto", "cpu, cuda or auto (under torchrun: cuda:LOCAL_RANK).")
@@ -126,6 +128,7 @@ class PretrainConfig:
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.repeat >= 1, "--repeat must be at least 1"),
             (self.cache_mb >= 0, "--cache-mb must be 0 or more"),
+            (self.resident_mb >= 0, "--resident-mb must be 0 or more"),
             (self.save_every_epochs >= 1, "--save-every-epochs must be at least 1"),
             (self.gpu_augment in ("auto", "on", "off"), f"--gpu-augment {self.gpu_augment}: use auto, on or off"),
             (self.source_size == 0 or self.source_size >= self.global_size,

@@ -272,6 +272,79 @@ class ImageFolderDataset(Dataset):
         raise DataError("no readable image left in the data set")
 
 
+class _DecodeSources(Dataset):
+    """Image i of a folder data set as its shrunk device-path source (3, h, w) uint8, or None if unreadable."""
+
+    def __init__(self, dataset: ImageFolderDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        try:
+            image = self.dataset.cached_load(i)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            LOG.debug("skipping unreadable %s (%s)", self.dataset.paths[i], err)
+            return None
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class ResidentSources(Dataset):
+    """Every source image of a small data set, decoded once and kept on the device (the device-crop path
+    without per-step decoding or host-to-device image copies).
+
+    Holds ``images`` (N, 3, H, W) uint8 on ``device`` (zero-padded, each at the top left) and ``sizes``
+    (N, 2) = (h, w). As a data set it gives, per ``(index, seed)`` key, ``((i, params), 0)``: the source
+    index and the view parameter rows drawn exactly as :meth:`ImageFolderDataset.source` draws them, so both
+    paths make the same crops. ``failed`` lists the files that could not be decoded (left out).
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, device: torch.device, workers: int = 0):
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+
+        assert dataset.source_size > 0, "resident sources are the device-crop path's"
+        self.augment, self.repeat = dataset.augment, dataset.repeat
+        loader = DataLoader(_DecodeSources(dataset), batch_size=16, num_workers=workers, collate_fn=list)
+        sources, self.failed = [], []
+        with tqdm(total=len(dataset.paths), desc="decoding images", unit="img", leave=False) as progress:
+            for batch in loader:
+                for source in batch:
+                    if source is None:
+                        self.failed.append(dataset.paths[len(sources) + len(self.failed)])
+                    else:
+                        sources.append(source)
+                progress.update(len(batch))
+        if not sources:
+            raise DataError("no readable image left in the data set")
+        self.sizes = torch.tensor([tuple(src.shape[1:]) for src in sources])
+        height, width = self.sizes.max(dim=0).values.tolist()
+        self.images = torch.zeros(len(sources), 3, height, width, dtype=torch.uint8, device=device)
+        for slot, src in zip(self.images, sources):
+            slot[:, :src.shape[1], :src.shape[2]] = src.to(device)
+
+    @staticmethod
+    def nbytes(num_images: int, source_size: int) -> int:
+        """Device memory the sources of ``num_images`` images take at most."""
+        return num_images * 3 * source_size * source_size
+
+    def __len__(self) -> int:
+        return len(self.images) * self.repeat
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, torch.Tensor], int]:
+        from .gpu_augment import params_to_tensor
+
+        index, seed = key
+        i = index % len(self.images)
+        height, width = self.sizes[i].tolist()
+        return (i, params_to_tensor(self.augment.sample_params(random.Random(seed), height, width))), 0
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The (B, 3, H, W) uint8 sources of a batch's indices, on the device."""
+        return self.images[indices.to(self.images.device, non_blocking=True)]
+
+
 class StepBatchSampler:
     """Per-process batches of ``(index, seed)`` keys, one per global step, resumable mid-epoch.
 
@@ -320,10 +393,12 @@ def collate_crops(items: list[tuple]) -> tuple[list[torch.Tensor] | tuple[torch.
 
     CPU path: views = list of V tensors (B, 3, S, S). Device path: views = (images (B, 3, H, W) uint8,
     params (B, V, NPARAM)), each source at the top left of its slot, zero-padded to the largest height and
-    width in the batch.
+    width in the batch. Resident sources: views = (source indices (B,), params (B, V, NPARAM)).
     """
     failed = sum(item[1] for item in items)
     first = items[0][0]
+    if isinstance(first, tuple) and isinstance(first[0], int):  # ResidentSources: (source index, params)
+        return (torch.tensor([item[0][0] for item in items]), _stack([item[0][1] for item in items])), failed
     if isinstance(first, tuple):
         sources = [item[0][0] for item in items]
         height, width = max(s.shape[1] for s in sources), max(s.shape[2] for s in sources)

@@ -31,8 +31,8 @@ from vitdense.io import save_json
 
 from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import MODEL_FIELDS, PretrainConfig
-from .data import (ImageFolderDataset, MultiCropAugmentation, StepBatchSampler, collate_crops, find_images,
-                   readable_images)
+from .data import (ImageFolderDataset, MultiCropAugmentation, ResidentSources, StepBatchSampler, collate_crops,
+                   find_images, readable_images)
 from .gpu_augment import GPUMultiCrop
 from .heads import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
@@ -227,6 +227,17 @@ def train(cfg: PretrainConfig) -> TrainResult:
     dataset = ImageFolderDataset(paths, augment, repeat=cfg.repeat, source_size=source_size,
                                  cache_mb=cfg.cache_mb)
     device_augment = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD) if on_device else None
+    resident = None
+    if on_device and ResidentSources.nbytes(len(paths), source_size) <= cfg.resident_mb * 2**20:
+        resident = ResidentSources(dataset, device, cfg.workers)
+        if resident.failed:
+            LOG.warning("skipping %d image file(s) that cannot be decoded, e.g. %s", len(resident.failed),
+                        resident.failed[0])
+            unreadable = unreadable + resident.failed
+        dataset = resident
+        if len(dataset) < cfg.batch_size:
+            raise DataError(f"{cfg.data_dir}: {len(resident.images)} decodable images x --repeat {cfg.repeat}, "
+                            f"fewer than --batch-size {cfg.batch_size}")
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, procs.rank, procs.world_size, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_crops,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
@@ -346,7 +357,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
         sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
         t_data = time.perf_counter()
         for views, n_failed in loader:
-            if device_augment is not None:
+            if resident is not None:
+                indices, params = views
+                crops = device_augment(resident.gather(indices), params)
+            elif device_augment is not None:
                 images, params = views
                 crops = device_augment(images.to(device, non_blocking=True), params)
             else:

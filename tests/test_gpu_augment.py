@@ -133,3 +133,35 @@ def test_collate_pads_sources_to_the_batch_and_workers_give_the_same_batches(pho
     for (one, _), (other, _) in zip(*batches):
         assert torch.equal(one[0], other[0]) and torch.equal(one[1], other[1])
     assert batches[1][0][0][0].is_shared()
+
+
+def test_resident_sources_train_exactly_as_streamed_sources(photo_dir, tmp_path):  # noqa: F811
+    """Sources decoded once and kept on the device give the very same crops, so the same run."""
+    losses = {}
+    for resident_mb in (0, 64):
+        cfg = PretrainConfig(data_dir=str(photo_dir), out=str(tmp_path / f"run{resident_mb}"), **TINY, batch_size=8,
+                             epochs=1, repeat=2, gpu_augment="on", source_size=64, resident_mb=resident_mb)
+        result = train(cfg)
+        losses[resident_mb] = [json.loads(line)["loss"] for line in result.log.read_text().splitlines()]
+    assert len(losses[0]) == 6 and losses[0] == losses[64]
+
+
+def test_resident_sources_leave_out_undecodable_files(photo_dir, tmp_path):  # noqa: F811
+    from pretrain.data import ResidentSources
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    jpegs = [p for p in find_images(photo_dir) if p.suffix == ".jpg"][:3]
+    for path in jpegs:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(jpegs[0].read_bytes()[:400])  # a valid header, then nothing
+    ds = ImageFolderDataset(find_images(folder), MultiCropAugmentation(32, 16, 2), source_size=64)
+    resident = ResidentSources(ds, torch.device("cpu"))
+    assert resident.failed == [folder / "broken.jpg"] and len(resident) == 3
+    kept = [p for p in ds.paths if p.name != "broken.jpg"]
+    for i, path in enumerate(kept):
+        expected = torch.from_numpy(np.array(ds.cached_load(ds.paths.index(path)))).permute(2, 0, 1)
+        h, w = resident.sizes[i].tolist()
+        assert torch.equal(resident.gather(torch.tensor([i]))[0, :, :h, :w], expected)
+        (index, params), failed = resident[(i + len(resident), 5)]  # the second pass (--repeat)
+        assert index == i and failed == 0 and torch.equal(params, ds[(ds.paths.index(path), 5)][0][1])
