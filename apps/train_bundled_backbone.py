@@ -33,12 +33,14 @@ def recipe(args: argparse.Namespace, out: Path, repeat: int, epochs: int, max_st
     cmd = [sys.executable, "-m", "pretrain", str(args.data), "--out", str(out), "--arch", args.arch,
            "--batch-size", str(args.batch_size), "--epochs", str(epochs), "--repeat", str(repeat),
            "--local-crops", str(args.local_crops), "--out-dim", str(args.out_dim),
-           "--workers", str(args.workers), "--save-every-epochs", "10", "--seed", "0", "--cache-mb", "256",
+           "--workers", str(args.workers), "--seed", "0", "--cache-mb", "256",
+           # a probe (max_steps) saves only at its end
+           "--save-every-epochs", "1000" if max_steps else "10",
            # a short schedule: a faster teacher and a smaller head than the 100-epoch ImageNet recipe
            "--momentum-teacher", str(args.momentum_teacher), "--teacher-temp", "0.04",
            "--warmup-teacher-temp-epochs", "0"]
     if max_steps:
-        cmd += ["--max-steps", str(max_steps), "--save-every-epochs", "1000"]
+        cmd += ["--max-steps", str(max_steps)]
     return cmd + args.extra
 
 
