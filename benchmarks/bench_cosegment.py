@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +90,16 @@ def run_ours(folder: Path, out: Path, device: str, parts: bool) -> dict:
     return dict(total=total, compute=total - t["write"], stages=stages, k=summary["k"])
 
 
-def run_peer(folder: Path, peer: str, device: str, parts: bool) -> dict:
-    """Inside the subprocess: dino-vit-features' find_(part_)cosegmentation with stage timers around it."""
+class PeerTimeLimit(Exception):
+    """The peer's run reached --timeout: its time so far is a lower bound."""
+
+
+def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float) -> dict:
+    """Inside the subprocess: dino-vit-features' find_(part_)cosegmentation with stage timers around it.
+
+    After ``limit`` seconds of the peer's own run (imports and model building not counted) it is stopped and
+    reported with ``timeout: True``: its seconds and peak memory so far are lower bounds.
+    """
     sys.path.insert(0, str(ROOT))
     from benchmarks._peer import DinoStyleViT, import_peer
     from vitdense.extractor import interpolate_pos_embed
@@ -122,24 +132,49 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool) -> dict:
         setattr(extractor_mod.ViTExtractor, name, timed(getattr(extractor_mod.ViTExtractor, name), "extract"))
     if not parts:
         module.cv2.grabCut = timed(module.cv2.grabCut, "refine")
+    trained_k: list[int] = []  # the peer returns no k: record each k-means it builds (the last is the one used)
+    kmeans_class = module.faiss.Kmeans
+
+    def recording_kmeans(*a, **kw):
+        trained_k.append(int(kw.get("k", a[1] if len(a) > 1 else 0)))
+        return kmeans_class(*a, **kw)
+
+    module.faiss = types.SimpleNamespace(**{**vars(module.faiss), "Kmeans": recording_kmeans})
     paths = sorted(folder.glob("*.jpg"))
+
+    def stop(signum: int, frame: object) -> None:
+        raise PeerTimeLimit
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    timed_out = False
     start = time.perf_counter()
-    with torch.no_grad():  # as the peer's __main__ does
-        if parts:
-            module.find_part_cosegmentation(paths, load_size=224, stride=4)
-        else:
-            module.find_cosegmentation(paths, load_size=224, stride=4)
+    try:
+        with torch.no_grad():  # as the peer's __main__ does
+            if parts:
+                module.find_part_cosegmentation(paths, load_size=224, stride=4)
+            else:
+                module.find_cosegmentation(paths, load_size=224, stride=4)
+    except PeerTimeLimit:
+        timed_out = True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     total = time.perf_counter() - start
     stages = {"extract": spent["extract"], "cluster": total - spent["extract"] - spent["refine"],
               "refine": spent["refine"], "write": 0.0}
     if parts:  # clustering and CRF interleave in the peer's code
         stages["refine"], stages["cluster"] = stages["cluster"], 0.0
-    return dict(total=total, compute=total, stages=stages, k=None)
+    # object stage: the k of the last k-means of the first elbow search (parts: before the part k-means)
+    k = None if timed_out or not trained_k else trained_k[-1] if not parts else (trained_k[:-1] or trained_k)[-1]
+    return dict(total=total, compute=total, stages=stages, k=k, timeout=timed_out)
 
 
 def case(impl: str, n: int, parts: bool, args: argparse.Namespace) -> dict | None:
-    return run_isolated(__file__, [impl, n, int(parts), "--device", args.device, "--workdir", args.workdir]
-                        + (["--peer", args.peer] if args.peer else []), args.timeout, f"{impl} n={n}")
+    # The peer stops itself after --timeout seconds and reports its partial run; the hard limit here only
+    # catches a case stuck in one long native call (then nothing is known but that it timed out).
+    return run_isolated(__file__, [impl, n, int(parts), "--device", args.device, "--workdir", args.workdir,
+                                   "--timeout", args.timeout] + (["--peer", args.peer] if args.peer else []),
+                        args.timeout + 600, f"{impl} n={n}")
 
 
 def main() -> None:
@@ -149,7 +184,9 @@ def main() -> None:
                         help="dino-vit-features checkout (default: /tmp/peer when present; 'none' to skip)")
     parser.add_argument("--parts", action="store_true", help="also benchmark part co-segmentation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per case before giving up")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds the peer may run per case; past it the peer is stopped and its time so far "
+                             "reported as a lower bound (ratios marked >=)")
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,7 +198,7 @@ def main() -> None:
         if impl == "ours":
             result = run_ours(folder, Path(args.workdir) / f"out_{n}_{int(parts)}", args.device, parts)
         else:
-            result = run_peer(folder, args.peer, args.device, parts)
+            result = run_peer(folder, args.peer, args.device, parts, args.timeout)
         result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if args.device.startswith("cuda"):
             result["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -183,27 +220,30 @@ def main() -> None:
                 rows = {}
                 for impl in ["ours"] + (["peer"] if args.peer else []):
                     res = case(impl, n, parts, args)
-                    if res is None or res.get("timeout"):
-                        print(f"{task:<6} {n:>3} {impl:<5} {'timed out' if res else 'failed'}")
+                    if res is None or "stages" not in res:
+                        print(f"{task:<6} {n:>3} {impl:<5} {'killed at the hard limit' if res else 'failed'}")
                         continue
                     rows[impl] = res
-                    s = res["stages"]
-                    print(f"{task:<6} {n:>3} {impl:<5} {s['extract']:>9.1f} {s['cluster']:>9.2f} "
-                          f"{s['refine']:>9.2f} {res['compute']:>9.1f} {s['write']:>8.2f} "
-                          f"{res['peak_mb']:>8.0f} {res['k'] if res['k'] is not None else '-':>3}", flush=True)
+                    s, cut = res["stages"], ">" if res.get("timeout") else " "
+                    print(f"{task:<6} {n:>3} {impl:<5} {cut}{s['extract']:>8.1f} {cut}{s['cluster']:>8.2f} "
+                          f"{cut}{s['refine']:>8.2f} {cut}{res['compute']:>8.1f} {s['write']:>8.2f} "
+                          f"{cut}{res['peak_mb']:>7.0f} {res['k'] if res['k'] is not None else '-':>3}"
+                          + ("  (stopped at --timeout: lower bounds)" if res.get("timeout") else ""), flush=True)
                 if len(rows) == 2:
                     ours, peer = rows["ours"], rows["peer"]
                     ratios.append((task, n, peer["stages"]["extract"] / ours["stages"]["extract"],
                                    peer["compute"] / ours["compute"], peer["compute"] / ours["total"],
-                                   ours["peak_mb"] / peer["peak_mb"]))
+                                   ours["peak_mb"] / peer["peak_mb"], bool(peer.get("timeout"))))
         if ratios:
             print(f"\n{'task':<6} {'N':>3} {'extract speed-up':>17} {'compute speed-up':>17} "
                   f"{'end-to-end speed-up':>20} {'peak RAM ratio':>15}")
-            for task, n, ext, comp, e2e, mem in ratios:
-                print(f"{task:<6} {n:>3} {ext:>16.2f}x {comp:>16.2f}x {e2e:>19.2f}x {mem:>14.2f}x")
+            for task, n, ext, comp, e2e, mem, cut in ratios:
+                ge, le = (">=", "<=") if cut else ("  ", "  ")
+                print(f"{task:<6} {n:>3} {ge}{ext:>14.2f}x {ge}{comp:>14.2f}x {ge}{e2e:>17.2f}x {le}{mem:>12.2f}x")
             print("\nspeed-up = peer seconds / our seconds (higher is better); compute = extract + cluster + "
                   "refine; end-to-end counts our PNG/JSON writing too (the peer's function writes nothing); "
-                  "peak RAM ratio = our peak RSS / peer peak RSS (lower is better).")
+                  "peak RAM ratio = our peak RSS / peer peak RSS (lower is better); >= / <=: the peer was "
+                  "stopped at --timeout, so its numbers are lower bounds.")
 
 
 if __name__ == "__main__":

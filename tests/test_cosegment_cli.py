@@ -67,12 +67,18 @@ def test_part_cosegment_end_to_end(tmp_path, images, weights):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_parts"] == 3 and summary["k"] == 4
+    palettes = []
     for entry in summary["images"]:
         with Image.open(out / entry["mask"]) as im:
             assert im.mode == "P"
             labels = np.asarray(im)
+            palettes.append(im.getpalette()[:3 * 4])
         assert labels.max() <= 3 and labels.shape == tuple(entry["size"])
         assert sum(entry["part_fractions"]) == pytest.approx(1.0)
+    # the same part has the same colour in every image; background black, parts distinct
+    assert all(p == palettes[0] for p in palettes)
+    colours = [tuple(palettes[0][3 * i:3 * i + 3]) for i in range(4)]
+    assert colours[0] == (0, 0, 0) and len(set(colours)) == 4
     # three stages with crop augmentations: augmentations are clustered but not written
     out3 = tmp_path / "parts3"
     result = run_cli("part-cosegment", images, "--out", out3, "--weights", weights, "--parts", "auto",
@@ -81,6 +87,39 @@ def test_part_cosegment_end_to_end(tmp_path, images, weights):
     summary = json.loads((out3 / "summary.json").read_text())
     assert summary["n_augmentations"] == 6 and summary["stage2_k"] >= 1
     assert len(list(out3.glob("*_mask.png"))) == 3
+
+
+def test_remove_outliers_leaves_out_the_image_farthest_from_the_mean_cls(tmp_path, images, weights):
+    from vitdense.cli import build_extractor
+
+    # independent: each image's CLS key descriptor (layer 11) and its cosine similarity to the mean one
+    extractor = build_extractor(model=None, weights=str(weights), device="cpu", dtype="float32", stride=4)
+    paths = sorted(images.glob("*.jpg"))
+    cls = []
+    for path in paths:
+        feats = extractor.extract(extractor.preprocess(path, 48)[0], [11], "key", include_cls=True)
+        cls.append(feats.descriptors[11][0, 0].double().numpy())
+    cls = np.stack(cls)
+    mean = cls.mean(axis=0)
+    sims = cls @ mean / np.linalg.norm(cls, axis=1) / np.linalg.norm(mean)
+    order = np.argsort(sims)
+    assert sims[order[1]] - sims[order[0]] > 1e-4  # a threshold between them is not a float tie
+    thresh = float(sims[order[0]] + sims[order[1]]) / 2
+    out = tmp_path / "o"
+    result = run_cli("cosegment", images, "--out", out, "--weights", weights, "--remove-outliers",
+                     "--outliers-thresh", thresh, "--refine", "none", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    outlier = paths[order[0]]
+    assert summary["outliers"] == [str(outlier)]
+    assert sorted(summary["inliers"]) == sorted(str(p) for p in paths if p != outlier)
+    assert not np.asarray(Image.open(out / f"{outlier.stem}_mask.png")).any()
+    assert sum(summary["cluster_tokens"]) == sum(  # tokens of the inliers only
+        int(np.prod(e["grid"])) for e in summary["images"] if e["file"] != str(outlier))
+    # a threshold no image reaches leaves fewer than 2 inliers: a user error, nothing written
+    assert_user_error(run_cli("cosegment", images, "--out", tmp_path / "none", "--weights", weights,
+                              "--remove-outliers", "--outliers-thresh", 1.5, *FAST), "--remove-outliers")
+    assert not (tmp_path / "none").exists()
 
 
 def test_unreadable_files_are_skipped_or_fatal_with_strict(tmp_path, images, weights):

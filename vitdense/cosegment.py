@@ -355,16 +355,6 @@ def cosegment(descriptors: Sequence[np.ndarray], saliency: Sequence[np.ndarray],
                        [tuple(map(int, g)) for g in grids])
 
 
-def object_energies(desc: np.ndarray, result: CosegResult) -> np.ndarray:
-    """Energies (T, 2) [background, foreground]: squared distance to the nearest non-salient / salient centroid."""
-    x = unit(desc)
-    out = np.full((len(x), 2), MAX_SQDIST, np.float32)
-    for col, cents in enumerate((result.bg_centroids, result.fg_centroids)):
-        if len(cents):
-            out[:, col] = sq_distances(x, cents).min(axis=1)
-    return out
-
-
 def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Token-grid mask (h, w) → soft foreground fraction (H, W) float32 in [0, 1] (bilinear)."""
     import torch

@@ -308,10 +308,13 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
 
 def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
     n = data.n_images
+    sizes = np.zeros(result.clustering.k, np.int64)  # tokens per cluster over the original inlier images
+    for labels in result.labels[:n]:
+        sizes += np.bincount(labels[labels >= 0].reshape(-1), minlength=result.clustering.k)
     return {
         "n_images": n, "n_augmentations": len(data.augmented) - n,
         "k": result.clustering.k, "elbow_objectives": result.clustering.objectives,
-        "kmeans_sample": result.clustering.sample,
+        "kmeans_sample": result.clustering.sample, "cluster_tokens": sizes,
         "votes": result.votes, "salient_clusters": np.flatnonzero(result.salient),
         "inliers": [str(p) for p, ok in zip(data.paths, result.inliers[:n]) if ok],
         "outliers": [str(p) for p, ok in zip(data.paths, result.inliers[:n]) if not ok],
