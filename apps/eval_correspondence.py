@@ -1,8 +1,9 @@
 """PCK of best-buddy correspondences against three kinds of ground truth.
 
 PCK@α: a match (a → b) is correct when b lies within α × L of the true position of a in image B, L the
-longer side of image B (of the target bounding box for SPair-71k), α = 0.05, 0.10, 0.15. The maths are the
-pure functions of ``vitdense.correspond`` (pck, disparity_targets, homography_targets, transfer_keypoints).
+longer side of image B, α = 0.05, 0.10, 0.15 ("pck@α"; for SPair-71k also "bbox_pck@α" with L the longer
+side of the target bounding box, that data set's usual protocol). The maths are the pure functions of
+``vitdense.correspond`` (pck, disparity_targets, homography_targets, transfer_keypoints).
 
 (a) ``motorcycle``: scikit-image's Middlebury 2014 motorcycle pair (``skimage.data.stereo_motorcycle()``,
     500×741, left-view disparity from ``motorcycle_disp.npz``, inf = unknown): every salient best buddy of
@@ -11,11 +12,10 @@ pure functions of ``vitdense.correspond`` (pck, disparity_targets, homography_ta
 (b) ``homography A B H.txt``: a 3×3 matrix (text, row-major) mapping A's pixels (x, y, 1) to B's;
     ``homography --synthetic`` warps scikit-image's astronaut by a fixed homography instead.
 (c) ``spair ROOT`` / ``pfpascal ROOT``: keypoint transfer on SPair-71k (``PairAnnotation/<split>/*.json``,
-    ``JPEGImages/<category>/<name>``; L = longer side of the target bounding box) or PF-PASCAL (weakalign's
+    ``JPEGImages/<category>/<name>``, with target bounding boxes) or PF-PASCAL (weakalign's
     ``test_pairs_pf_pascal.csv`` with columns source_image, target_image, class, XA, YA, XB, YB,
-    ';'-separated coordinates; L = longer side of the target image). Each source keypoint goes to the
-    nearest target token of its token (the standard protocol); we also report how many of those are
-    best buddies.
+    ';'-separated coordinates). Each source keypoint goes to the nearest target token of its token (the
+    standard protocol); we also report how many of those are best buddies.
 
     python apps/eval_correspondence.py motorcycle --weights W.safetensors [--random-init]
     python apps/eval_correspondence.py homography --synthetic
@@ -115,28 +115,41 @@ def score_keypoints(pred_b: np.ndarray, kps_b: np.ndarray, length: float,
 def evaluate_keypoints(extractor: ViTExtractor, pairs: Sequence[KeypointPair], load_size: int | None = 224,
                        layer: int | None = None, facet: str = "key", bin: bool = True,
                        alphas: Sequence[float] = PCK_ALPHAS) -> dict[str, float]:
-    """Keypoint-transfer PCK over all keypoints of all pairs ("pck@α"), mean of per-pair PCK
-    ("pair_mean_pck@α"), and the fraction of transfers that are best buddies ("mutual")."""
+    """Keypoint-transfer PCK over all keypoints of all pairs with L = the target image's longer side
+    ("pck@α"), the mean of per-pair PCK ("pair_mean_pck@α"), the same with L = the longer side of the
+    target bounding box where the data set has one (SPair-71k's usual protocol: "bbox_pck@α",
+    "bbox_pair_mean_pck@α"), and the fraction of transfers that are best buddies ("mutual")."""
     layer = default_layer(extractor.depth) if layer is None else layer
-    correct = {a: 0 for a in alphas}
-    per_pair, total, mutual = [], 0, 0
+    correct: dict[str, dict[float, int]] = {"": {a: 0 for a in alphas}, "bbox_": {a: 0 for a in alphas}}
+    per_pair: dict[str, list[list[float]]] = {"": [], "bbox_": []}
+    total, total_bbox, mutual = 0, 0, 0
     for pair in tqdm(pairs, desc="keypoints", unit="pair", disable=len(pairs) < 2):
+        if len(pair.kps_b) == 0:
+            continue
         desc_a, _, geom_a = describe_image(extractor, pair.image_a, load_size, layer, facet, bin)
         desc_b, _, geom_b = describe_image(extractor, pair.image_b, load_size, layer, facet, bin)
         tokens_b, is_mutual = transfer_keypoints(desc_a, desc_b, geom_a.tokens(pair.kps_a))
         pred = geom_b.pixels(tokens_b)
-        length = keypoint_threshold(geom_b.size, pair.bbox_b)
-        counts = score_keypoints(pred, pair.kps_b, length, alphas)
-        for a in alphas:
-            correct[a] += counts[a]
-        per_pair.append([counts[a] / len(pair.kps_b) for a in alphas])
+        lengths = {"": keypoint_threshold(geom_b.size)}
+        if pair.bbox_b is not None:
+            lengths["bbox_"] = keypoint_threshold(bbox=pair.bbox_b)
+            total_bbox += len(pair.kps_b)
+        for prefix, length in lengths.items():
+            counts = score_keypoints(pred, pair.kps_b, length, alphas)
+            for a in alphas:
+                correct[prefix][a] += counts[a]
+            per_pair[prefix].append([counts[a] / len(pair.kps_b) for a in alphas])
         total += len(pair.kps_b)
         mutual += int(is_mutual.sum())
     if total == 0:
         raise DataError("no keypoints to evaluate")
-    out = {f"pck@{a:.2f}": correct[a] / total for a in alphas}
-    out.update({f"pair_mean_pck@{a:.2f}": float(v) for a, v in zip(alphas, np.mean(per_pair, axis=0))})
-    out.update({"keypoints": total, "pairs": len(pairs), "mutual": mutual / total})
+    out: dict[str, float] = {}
+    for prefix, count in (("", total), ("bbox_", total_bbox)):
+        if count:
+            out.update({f"{prefix}pck@{a:.2f}": correct[prefix][a] / count for a in alphas})
+            out.update({f"{prefix}pair_mean_pck@{a:.2f}": float(v)
+                        for a, v in zip(alphas, np.mean(per_pair[prefix], axis=0))})
+    out.update({"keypoints": total, "pairs": len(per_pair[""]), "mutual": mutual / total})
     return out
 
 

@@ -126,6 +126,7 @@ def main() -> None:
     if args.peer:
         header += f" {'peer s':>9} {'peer MB':>8} {'speed-up':>9} {'mem ratio':>10} {'agree':>6}"
     print(header)
+    verdicts = []
     for size in args.sizes:
         ours = measure("ours", size, args)
         if ours is None or ours.get("timeout"):
@@ -141,15 +142,27 @@ def main() -> None:
             elif theirs.get("timeout"):
                 bound = f">{args.timeout / ours['seconds']:.1f}x"
                 row += f" {'>' + str(args.timeout):>9} {'':>8} {bound:>9}"
+                if size == 224:
+                    verdicts.append(f"target >= 3x faster than the peer at 224 px: {bound} (peer timed out), "
+                                    f"{'met' if args.timeout >= 3 * ours['seconds'] else 'not shown'}")
             else:
                 agree = len(set(map(tuple, ours["points"])) & set(map(tuple, theirs["points"]))) / \
                     max(1, len(ours["points"]))
                 row += (f" {theirs['seconds']:>9.2f} {theirs['peak_mb']:>8.0f} "
                         f"{theirs['seconds'] / ours['seconds']:>8.2f}x {ours['peak_mb'] / theirs['peak_mb']:>9.2f}x "
                         f"{agree:>6.0%}")
+                if size == 224:
+                    speed_up = theirs["seconds"] / ours["seconds"]
+                    verdicts.append(f"target >= 3x faster than the peer at 224 px: {speed_up:.2f}x, "
+                                    f"{'met' if speed_up >= 3 else 'MISSED'}")
         elif args.peer:
             row += f" {'not run':>9}"
         print(row, flush=True)
+        if size == 448:
+            verdicts.append(f"target 448-px pair within 6 GB peak RAM: {ours['peak_mb'] / 1024:.2f} GB, "
+                            f"{'met' if ours['peak_mb'] <= 6 * 1024 else 'MISSED'}")
+    for line in verdicts:
+        print(line)
     print("\nspeed-up = peer seconds / our seconds (higher is better); mem ratio = our peak RSS / peer peak RSS "
           "(lower is better); agree = share of our selected pairs the peer selected too")
 

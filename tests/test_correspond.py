@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_extractor
 from vitdense.correspond import (Geometry, best_buddies, default_layer, disparity_targets,
-                                 draw_correspondences, find_correspondences, homography_targets,
+                                 draw_correspondences, empty_reason, find_correspondences, homography_targets,
                                  keypoint_threshold, kmeans, match_descriptors, nearest_neighbours, pck,
                                  pixel_to_token, salient_buddies, select_pairs, token_to_pixel,
                                  transfer_keypoints)
@@ -74,6 +74,63 @@ def test_select_pairs_takes_best_score_per_cluster():
     assert set(chosen.tolist()) == expected and len(chosen) == 3
     assert select_pairs(feats[:2], score[:2], 5).tolist() == [0, 1]  # fewer pairs than asked: all of them
     assert len(select_pairs(np.zeros((0, 3)), np.zeros(0), 3)) == 0
+
+
+def test_pipeline_picks_the_most_salient_buddy_of_each_cluster():
+    """Three well-separated groups of descriptors: k-means on the buddies' joint descriptors must find the
+    groups, and the chosen pair of each group is its salient buddy of highest mean saliency."""
+    rng = np.random.default_rng(4)
+    group = np.repeat([0, 1, 2], 10)
+    a = (rng.normal(size=(3, 8)) * 10)[group] + 0.05 * rng.normal(size=(30, 8))
+    perm = rng.permutation(30)
+    b = a[perm] + 0.001 * rng.normal(size=(30, 8))  # B token j is a copy of A token perm[j]
+    sal_a, sal_b = rng.uniform(0.1, 1.0, 30), rng.uniform(0.1, 1.0, 30)
+    sal_a[np.argmax(sal_a)] = 0.01  # the most salient A token of some group becomes background
+    geom = Geometry((5, 6), (4, 4), 8, (24, 28), (24, 28))
+    pairs, buddies, mutual = match_descriptors(torch.tensor(a, dtype=torch.float32),
+                                               torch.tensor(b, dtype=torch.float32), torch.tensor(sal_a),
+                                               torch.tensor(sal_b), geom, geom, num_pairs=3, thresh=0.05)
+    inverse = np.argsort(perm)  # A token i ↔ B token inverse[i]
+    assert mutual == 30 and len(buddies) == 29
+    np.testing.assert_array_equal(buddies.tokens_b, inverse[buddies.tokens_a])
+    joint = (sal_a + sal_b[inverse]) / 2
+    expected = set()
+    for g in range(3):
+        members = [i for i in range(30) if group[i] == g and sal_a[i] > 0.05]
+        expected.add(max(members, key=lambda i: joint[i]))
+    assert set(pairs.tokens_a.tolist()) == expected
+    np.testing.assert_allclose(pairs.saliency_a + pairs.saliency_b, 2 * joint[pairs.tokens_a])
+
+
+def test_defaults_follow_dino_vit_features():
+    """Key facet, layer 9 of 12, log-binning, stride 4, saliency threshold 0.05, 10 pairs, 224 px."""
+    import inspect
+
+    from vitdense.commands.correspond import correspond
+
+    params = inspect.signature(find_correspondences).parameters
+    assert {k: params[k].default for k in ("num_pairs", "load_size", "layer", "facet", "bin", "thresh")} == \
+        dict(num_pairs=10, load_size=224, layer=None, facet="key", bin=True, thresh=0.05)
+    assert default_layer(12) == 9
+    cli = {p.name: p.default for p in correspond.params}
+    assert {k: cli[k] for k in ("num_pairs", "load_size", "layer", "facet", "use_bin", "thresh", "stride")} == \
+        dict(num_pairs=10, load_size=224, layer=None, facet="key", use_bin=True, thresh=0.05, stride=4)
+
+
+def test_empty_reason_names_what_is_missing():
+    sal = torch.tensor([0.0, 0.5, 1.0])
+    low = torch.tensor([0.0, 0.01, 0.02])
+    assert empty_reason(sal, sal, 0.05, 3, 2) is None
+    assert "no salient region in image A" in empty_reason(low, sal, 0.05, 3, 0)
+    assert "no salient region in image B" in empty_reason(sal, low, 0.05, 3, 0)
+    # both images have salient tokens, but no buddy joins two of them
+    a = torch.eye(4)
+    sal_a, sal_b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    geom = Geometry((2, 2), (4, 4), 8, (12, 12), (12, 12))
+    pairs, buddies, mutual = match_descriptors(a, a.clone(), sal_a, sal_b, geom, geom)
+    assert len(pairs) == len(buddies) == 0 and mutual == 4 and buddies.points_a.shape == (0, 2)
+    message = empty_reason(sal_a, sal_b, 0.05, mutual, len(buddies))
+    assert message.startswith("no best buddy with both points salient (4 mutual")
 
 
 def test_kmeans_finds_separated_blobs_and_lloyd_fixed_point():
@@ -191,6 +248,15 @@ def test_draw_correspondences_shape_and_colours(photos):
     assert pic.dtype == np.uint8 and pic.shape == (200, round(451 * 200 / 300) + 8 + 300, 3)
     y, x = (pts[1] * 200 / 300).round().astype(int)
     assert tuple(pic[y, x]) == (255, 255, 0)  # second pair: yellow dot at its scaled position
+    # ... joined by a yellow line to its partner in B (scaled by 1/2, shifted by A's width + the gap)
+    yb, xb = pts[1] * 200 / 400 + [0, 301 + 8]
+    ym, xm = round((y + yb) / 2), round((x + xb) / 2)
+    assert (pic[ym - 1:ym + 2, xm - 1:xm + 2] == (255, 255, 0)).all(-1).any()
+    # ... and numbered: the label right of the dot is what differs from a picture without labels
+    bare = draw_correspondences(a, b, pts, pts, height=200, labels=False)
+    changed = (pic != bare).any(-1)
+    assert changed[y - 10:y + 6, x + 7:x + 20].sum() > 5  # the "2" next to the second dot
+    assert not changed[y - 10:y + 6, x - 20:x - 6].any()  # nothing on the dot's other side
 
 
 # ------------------------------------------------------------------------------------------- PCK maths

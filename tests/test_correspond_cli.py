@@ -96,6 +96,12 @@ def test_cli_batch_layouts(weights, pair, tmp_path, photos):
     assert "broken.jpg" in summary[1]["error"]
     assert (out / "0000_a_b" / "correspondences.json").is_file() and not (out / "0001_b_broken").exists()
 
+    listing.write_text("b.png broken.jpg\n")  # no pair works: a user error, and nothing written
+    out = tmp_path / "none"
+    assert_user_error(run_cli("correspond", "--pairs", listing, "--weights", weights, "--device", "cpu",
+                              "--out", out), "broken.jpg", "no pair of 1 could be processed")
+    assert not out.exists()
+
 
 def test_cli_errors(weights, pair, tmp_path, photos):
     a, _ = pair
@@ -157,7 +163,7 @@ def test_eval_homography_pck_by_hand(app):
 
 def test_eval_keypoints_spair_and_pfpascal_layouts(app, photos, tmp_path):
     a, b = shifted(photos)
-    # SPair-71k layout; keypoints at token centres of A, moved 16 px in B; the last one annotated 3 px off
+    # SPair-71k layout; keypoints at token centres of A, moved 16 px in B; the last two annotated 3 and 6 px off
     root = tmp_path / "SPair-71k"
     (root / "JPEGImages" / "cat").mkdir(parents=True)
     (root / "PairAnnotation" / "test").mkdir(parents=True)
@@ -165,23 +171,28 @@ def test_eval_keypoints_spair_and_pfpascal_layouts(app, photos, tmp_path):
     Image.fromarray(b).save(root / "JPEGImages" / "cat" / "b.jpg", quality=100)
     xy_a = np.array([[3.5 + 4 * c, 3.5 + 4 * r] for r, c in ((2, 3), (5, 6), (8, 10), (10, 12))])
     xy_b = xy_a + [16, 0]
-    xy_b[-1, 1] += 3
+    xy_b[2, 1] += 3
+    xy_b[3, 1] += 6
     ann = dict(category="cat", src_imname="a.jpg", trg_imname="b.jpg", src_kps=xy_a.tolist(),
-               trg_kps=xy_b.tolist(), trg_bndbox=[0, 0, 40, 20])  # L = 40: 0.05 → 2 px, 0.10 → 4 px
+               trg_kps=xy_b.tolist(), trg_bndbox=[0, 0, 40, 20])
     (root / "PairAnnotation" / "test" / "000001-a-b:cat.json").write_text(json.dumps(ann))
     pairs = app.load_spair(root)
     np.testing.assert_allclose(pairs[0].kps_a, xy_a[:, ::-1])
     got = app.evaluate_keypoints(tiny_extractor(), pairs, load_size=None)
-    assert got["pck@0.05"] == 0.75 and got["pck@0.10"] == 1.0 and got["keypoints"] == 4
-    assert got["mutual"] == 1.0
+    # image's longer side L = 96: α · L = 4.8, 9.6, 14.4 px → errors 0, 0, 3, 6 give 3/4, 4/4, 4/4
+    assert (got["pck@0.05"], got["pck@0.10"], got["pck@0.15"]) == (0.75, 1.0, 1.0)
+    # bounding box's longer side L = 40: 2, 4, 6 px → 2/4, 3/4, 4/4
+    assert (got["bbox_pck@0.05"], got["bbox_pck@0.10"], got["bbox_pck@0.15"]) == (0.5, 0.75, 1.0)
+    assert got["keypoints"] == 4 and got["mutual"] == 1.0 and got["bbox_pair_mean_pck@0.10"] == 0.75
 
-    # PF-PASCAL layout: 1-based coordinates, -1 = missing; L = longer image side (96) → 4.8 px at 0.05
+    # PF-PASCAL layout: 1-based coordinates, -1 = missing; L = longer image side (96) → 4.8, 9.6, 14.4 px
     pf = tmp_path / "PF-dataset-PASCAL"
     (pf / "JPEGImages").mkdir(parents=True)
     Image.fromarray(a).save(pf / "JPEGImages" / "x.png")
     Image.fromarray(b).save(pf / "JPEGImages" / "y.png")
-    xb = xy_b.copy()
-    xb[-1, 1] += 4  # 7 px off: wrong at 0.05 (4.8 px), right at 0.10 (9.6 px)
+    xb = xy_a + [16, 0]
+    xb[2, 1] += 7  # wrong at 0.05, right at 0.10
+    xb[3, 0] -= 12  # wrong at 0.05 and 0.10, right at 0.15
 
     def col(values):
         return ";".join(f"{v:g}" for v in values)
@@ -194,7 +205,8 @@ def test_eval_keypoints_spair_and_pfpascal_layouts(app, photos, tmp_path):
     pairs = app.load_pfpascal(pf)
     assert len(pairs[0].kps_a) == 4 and pairs[0].bbox_b is None
     got = app.evaluate_keypoints(tiny_extractor(), pairs, load_size=None)
-    assert got["pck@0.05"] == 0.75 and got["pck@0.10"] == 1.0
+    assert (got["pck@0.05"], got["pck@0.10"], got["pck@0.15"]) == (0.5, 0.75, 1.0)
+    assert "bbox_pck@0.05" not in got
 
 
 def test_eval_script_end_to_end(app, weights, pair, tmp_path):

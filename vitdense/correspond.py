@@ -17,8 +17,8 @@ Pure functions on arrays (:func:`nearest_neighbours`, :func:`best_buddies`, :fun
 :func:`select_pairs`, :func:`token_to_pixel`, :func:`pixel_to_token`, :func:`match_descriptors`) do the
 work; :func:`find_correspondences` runs an extractor on two images and calls them. The mutual-NN search
 never holds the full Ta × Tb similarity matrix when it exceeds a memory budget: it walks over row blocks
-of A and keeps the running column maxima, so one pass gives both directions (a 448-px pair at stride 4,
-~18k tokens each, needs ~256 MB for the blocks instead of 1.3 GB for the matrix).
+of A and keeps the running column maxima, so one pass gives both directions (at stride 4 a 448×448 pair has
+12,321 tokens each, a 448×672 pair 18,537: one block of at most 256 MB instead of a 0.6 / 1.4 GB matrix).
 
 The last section holds the evaluation maths (PCK against a disparity map, a homography, or keypoints)
 used by ``apps/eval_correspondence.py``.
@@ -347,6 +347,19 @@ def match_descriptors(desc_a: torch.Tensor, desc_b: torch.Tensor, saliency_a: to
     return buddies.subset(chosen), buddies, num_mutual
 
 
+def empty_reason(saliency_a: torch.Tensor, saliency_b: torch.Tensor, thresh: float, num_mutual: int,
+                 num_buddies: int) -> str | None:
+    """Why a result holds no pair, for the user (None when it holds some): no token of A or B above the
+    saliency threshold (saliency_a (Ta,), saliency_b (Tb,)), or no best buddy with both points salient."""
+    if num_buddies > 0:
+        return None
+    for which, sal in (("A", saliency_a), ("B", saliency_b)):
+        if not bool((sal > thresh).any()):
+            return f"no salient region in image {which} (saliency > {thresh}); lower --thresh"
+    return (f"no best buddy with both points salient ({num_mutual} mutual nearest neighbours before the "
+            f"saliency filter, threshold {thresh}); lower --thresh")
+
+
 def default_layer(depth: int) -> int:
     """Layer 9 of a 12-block ViT (Amir et al.'s choice for correspondences); 3/4 of the depth otherwise."""
     return min(depth - 1, round(depth * 3 / 4))
@@ -409,13 +422,7 @@ def find_correspondences(extractor, image_a: ImageLike, image_b: ImageLike, num_
         pairs, buddies, num_mutual = match_descriptors(desc_a, desc_b, sal_a, sal_b, geoms[0], geoms[1],
                                                        num_pairs, thresh, backend, chunk_size, seed=seed,
                                                        inplace=True)
-    message = None
-    if (sal_a > thresh).sum() == 0 or (sal_b > thresh).sum() == 0:
-        which = "A" if (sal_a > thresh).sum() == 0 else "B"
-        message = f"no salient region in image {which} (saliency > {thresh}); lower --thresh"
-    elif len(buddies) == 0:
-        message = (f"no best buddy with both points salient ({num_mutual} mutual nearest neighbours before the "
-                   f"saliency filter, threshold {thresh})")
+    message = empty_reason(sal_a, sal_b, thresh, num_mutual, len(buddies))
     if message:
         LOG.warning(message)
     return CorrespondenceResult(pairs, buddies, geoms[0].size, geoms[1].size, geoms[0].load_size,
@@ -465,7 +472,10 @@ def draw_correspondences(image_a: Image.Image | np.ndarray, image_b: Image.Image
     labels = n <= 50 if labels is None else labels
     lines = n <= 50 if lines is None else lines
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    try:  # a scalable font where Pillow has one (>= 10.1 with FreeType), else the small bitmap font
+        font = ImageFont.load_default(size=max(12, round(height / 32)))
+    except (TypeError, ImportError, OSError):
+        font = ImageFont.load_default()
     radius = 6 if n <= 50 else 2
     offset_b = ims[0].width + gap
     pa = np.asarray(points_a, dtype=np.float64).reshape(-1, 2) * scales[0]
@@ -479,8 +489,9 @@ def draw_correspondences(image_a: Image.Image | np.ndarray, image_b: Image.Image
         for x, y in ((xa, ya), (xb, yb)):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=col, outline="white")
             if labels:
+                dark = 0.299 * col[0] + 0.587 * col[1] + 0.114 * col[2] < 110  # outline that stands out
                 draw.text((x + radius + 1, y - radius - 2), str(i + 1), fill=col, font=font,
-                          stroke_width=1, stroke_fill="black")
+                          stroke_width=1, stroke_fill="white" if dark else "black")
     return np.asarray(canvas)
 
 

@@ -75,7 +75,7 @@ def _record(result, path_a: Path, path_b: Path, keep_all: bool) -> dict[str, Any
 @click.option("--num-pairs", type=int, default=10, show_default=True, help="Well-spread pairs to keep.")
 @click.option("--all", "keep_all", is_flag=True, help="Keep (write and draw) every salient best buddy.")
 @click.option("--thresh", type=float, default=0.05, show_default=True,
-              help="Saliency threshold: both points of a pair must be above it.")
+              help="Saliency threshold: both points of a pair must be above it (negative: keep every best buddy).")
 @click.option("--layer", type=int, default=None,
               help="Transformer layer; default 9 of a 12-block model (3/4 of the depth otherwise).")
 @click.option("--bin/--no-bin", "use_bin", default=True, show_default=True, help="Log-binned descriptors.")
@@ -151,10 +151,10 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         if result.message:
             click.echo(f"{name}: {result.message}", err=True)
     if batch:
+        if written == 0:  # nothing to show: fail without leaving a summary of failures behind
+            raise DataError(f"{summary[0]['error']} (no pair of {len(pairs)} could be processed)")
         save_json(out / "summary.json", {"settings": {"num_pairs": num_pairs, "all": keep_all, "thresh": thresh},
                                          "pairs": summary})
-        if written == 0:
-            raise DataError(f"no pair could be processed (see {out / 'summary.json'})")
         click.echo(f"wrote {written} of {len(pairs)} pair(s) to {out}")
     else:
         click.echo(f"wrote {out / 'correspondences.png'} and correspondences.json: {len(shown)} pair(s) "
