@@ -46,6 +46,7 @@ from .io import load_image
 LOG = logging.getLogger(__name__)
 
 DESCRIPTORS = ("cls", "gem", "both")
+DTYPES = ("float32", "bfloat16", "float16")
 # Scales of DINO's multi-scale retrieval descriptor (utils.multi_scale in facebookresearch/dino).
 MULTISCALES = (1.0, 1 / math.sqrt(2), 0.5)
 INDEX_VERSION = 1
@@ -66,6 +67,8 @@ class DescriptorConfig:
     load_size: shorter image side in pixels (None: keep the size); with ``square`` both sides.
     square: resize to load_size × load_size (DINO's copy detection) instead of keeping the aspect ratio.
     stride: patch-embedding stride (None: the patch size, i.e. the network as trained).
+    dtype: precision of the forward pass ("float32", "bfloat16", "float16"): reduced precision moves the
+        descriptors by ~1e-3, enough to reorder near ties, so queries must use the index's.
     """
 
     descriptor: str = "cls"
@@ -75,6 +78,7 @@ class DescriptorConfig:
     load_size: int | None = 224
     square: bool = False
     stride: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.descriptor not in DESCRIPTORS:
@@ -83,6 +87,12 @@ class DescriptorConfig:
             raise ConfigError(f"--gem-p {self.gem_p}: the GeM exponent must be positive")
         if self.load_size is not None and self.load_size <= 0:
             raise ConfigError(f"--load-size {self.load_size}: must be positive")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+
+    def dim(self, embed_dim: int) -> int:
+        """Channels D' of the descriptor of a backbone with ``embed_dim`` channels per token."""
+        return 2 * embed_dim if self.descriptor == "both" else embed_dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +218,9 @@ def embed_images(extractor: ViTExtractor, items: Sequence[str | os.PathLike | Im
     if config.stride is not None and extractor.stride != (config.stride, config.stride):
         raise ConfigError(f"descriptor config asks for stride {config.stride}, the extractor has "
                           f"{extractor.stride[0]}")
+    if getattr(torch, config.dtype) != extractor.dtype:
+        raise ConfigError(f"descriptor config asks for --dtype {config.dtype}, the extractor runs in "
+                          f"{str(extractor.dtype).removeprefix('torch.')}")
     dataset = ImageListDataset(items, config, extractor.mean, extractor.std)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_list,
                         persistent_workers=False)
@@ -286,6 +299,22 @@ class FaissConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivfpq"):
             raise ConfigError(f"faiss index kind '{self.kind}': use flat or ivfpq")
+
+    def check(self, dim: int) -> None:
+        """ConfigError for settings that cannot work with descriptors of ``dim`` channels (checked before
+        any image is embedded, so a long run does not fail at its end)."""
+        if self.kind == "flat":
+            return
+        for name, value in (("--nlist", self.nlist), ("--pq-m", self.m), ("--nprobe", self.nprobe)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} {value}: must be at least 1")
+        if not 1 <= self.nbits <= 16:
+            raise ConfigError(f"PQ code bits {self.nbits}: must be in 1..16")
+        if self.rerank < 0:
+            raise ConfigError(f"--rerank {self.rerank}: must be 0 (off) or more")
+        m = self.m or max(1, dim // 4)
+        if dim % m:
+            raise ConfigError(f"--pq-m {m}: must divide the descriptor dimension {dim}")
 
     def resolved(self, n: int, dim: int) -> "FaissConfig":
         """Concrete nlist/m for n vectors of dim channels."""
@@ -500,14 +529,15 @@ class ImageIndex:
         """Write vectors, (when ``build_index``) the faiss index, then index.json, each atomically."""
         import faiss
 
-        self.root.mkdir(parents=True, exist_ok=True)
         gen = self.generation + 1
         vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
-        atomic_write(self.root / f"vectors-{gen}.npy", lambda tmp: _save_npy(tmp, vectors))
-        if build_index:
+        if build_index:  # built before anything is written: a failure leaves the folder as it was
             if len(vectors) == 0:
                 raise DataError(f"{self.root}: no image could be embedded, nothing to index")
             self.index = build_faiss(vectors, self.faiss_config, trained=self.index)
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.root / f"vectors-{gen}.npy", lambda tmp: _save_npy(tmp, vectors))
+        if build_index:
             atomic_write(self.root / f"faiss-{gen}.index", lambda tmp: faiss.write_index(self.index, tmp))
         self.complete = build_index
         meta = {"version": INDEX_VERSION, "generation": gen, "complete": self.complete,
@@ -549,13 +579,16 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
 
     An existing index must have been built with the same backbone and descriptor settings (ConfigError
     otherwise). Only new and changed files are embedded; vectors of unchanged files are reused; files no
-    longer present are dropped. Every ``checkpoint_every`` embedded images the progress is saved (without
-    a faiss index), so an interrupted run resumes where it stopped. Unreadable files are skipped and listed
-    in ``index.skipped``.
+    longer present are dropped. The progress is saved (vectors and entries, without a faiss index) after
+    every ``checkpoint_every`` newly embedded images, or after a quarter of the index's rows when that
+    is more (each checkpoint rewrites all vectors, so fixed intervals would cost O(N²) writes on large
+    collections; this way the total is O(N) and an interruption loses at most a quarter of the work), so an
+    interrupted run resumes where it stopped. Unreadable files are skipped and listed in ``index.skipped``.
     """
     root = Path(root)
     if not paths:
         raise DataError("no images to index")
+    faiss_config.check(descriptor.dim(extractor.embed_dim))
     identity = backbone_identity(extractor, weights, model_arg)
     if (root / "index.json").exists():
         current = ImageIndex.load(root, mmap=False, load_faiss=True)
@@ -580,7 +613,7 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
         vectors.append(vec)
         done.extend(plan.embed[i] for i in idx)
         pending["count"] += len(idx)
-        if pending["count"] >= checkpoint_every:
+        if pending["count"] >= max(checkpoint_every, (len(entries) + len(done)) // 4):
             pending["count"] = 0
             current.entries, current.vectors = entries + done, np.concatenate(vectors)
             current.save(build_index=False)

@@ -50,7 +50,7 @@ def _descriptor_config(opts: dict[str, Any], extractor) -> Any:
 
     return DescriptorConfig(descriptor=opts["descriptor"], layer=opts["layer"], gem_p=opts["gem_p"],
                             multiscale=opts["multiscale"], load_size=opts["load_size"] or None,
-                            square=opts["square"], stride=extractor.stride[0])
+                            square=opts["square"], stride=extractor.stride[0], dtype=opts["dtype"])
 
 
 def _check_loader(batch_size: int, workers: int) -> None:
@@ -133,11 +133,11 @@ def index(img_dir: str, out_dir: str, recursive: bool, compressed: bool, nlist: 
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Weights file (default: the one the index was built with).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Precision of the forward pass (default: the index's; another one is an error).")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model: str | None,
-           weights: str | None, device: str, dtype: str, workers: int) -> None:
+           weights: str | None, device: str, dtype: str | None, workers: int) -> None:
     """Find the K images of an index most similar to each QUERY image (files or folders).
 
     Queries are embedded with the index's descriptor settings; a backbone other than the index's is an
@@ -149,17 +149,21 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
 
     if k < 1:
         raise ConfigError(f"-k {k}: must be at least 1")
+    _check_loader(8, workers)
     idx = ImageIndex.load(index_dir)
     if idx.index is None:
         raise DataError(f"{index_dir}: the index is incomplete (an indexing run was interrupted); re-run "
                         f"`vitdense index` to finish it")
+    if dtype is not None and dtype != idx.descriptor.dtype:
+        raise ConfigError(f"{index_dir}: the index was embedded with --dtype {idx.descriptor.dtype}, queries "
+                          f"must be too (got --dtype {dtype})")
     paths = expand_inputs(queries)
     if model is None and weights is None:  # rebuild the index's backbone
         model, weights = idx.backbone.get("model_arg"), idx.backbone.get("weights")
         if weights is not None and not Path(weights).is_file():
             raise DataError(f"{index_dir}: the index was built with --weights {weights}, which no longer exists; "
                             f"pass --weights with the same file")
-    extractor = _extractor(dict(model=model, weights=weights, device=device, dtype=dtype,
+    extractor = _extractor(dict(model=model, weights=weights, device=device, dtype=idx.descriptor.dtype,
                                 stride=idx.descriptor.stride))
     idx.check_backbone(backbone_identity(extractor, weights, model))
     result = _embed(extractor, paths, idx.descriptor, 8, workers, "queries")
@@ -193,25 +197,39 @@ def retrieval_eval() -> None:
 
 
 @retrieval_eval.command("revisited")
-@click.argument("images_dir", type=click.Path(file_okay=False))
-@click.option("--gnd", "gnd_file", type=click.Path(dir_okay=False), required=True,
-              help="Ground truth (gnd_roxford5k.pkl / gnd_rparis6k.pkl of revisitop, or the same as JSON).")
+@click.argument("dataset_dir", type=click.Path(file_okay=False))
+@click.option("--gnd", "gnd_file", type=click.Path(dir_okay=False), default=None,
+              help="Ground truth (gnd_roxford5k.pkl / gnd_rparis6k.pkl of revisitop, or the same as JSON); "
+                   "default: the one gnd_*.pkl in DATASET_DIR.")
 @click.option("--ext", default=".jpg", show_default=True, help="File suffix of the images.")
 @click.option("--crop-queries/--no-crop-queries", default=True, show_default=True,
               help="Crop queries to their bounding box (revisitop protocol; DINO's script does not).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="revisited_out", show_default=True)
 @descriptor_options
 @extractor_options(stride=None, layer=None, facet=None, load_size=224)
-def eval_revisited(images_dir: str, gnd_file: str, ext: str, crop_queries: bool, out_dir: str,
+def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_queries: bool, out_dir: str,
                    **opts: Any) -> None:
-    """mAP (Easy / Medium / Hard) on Revisited Oxford or Paris: IMAGES_DIR holds the jpg files."""
+    """mAP (Easy / Medium / Hard) on Revisited Oxford or Paris.
+
+    DATASET_DIR is revisitop's data-set folder (e.g. roxford5k/, holding gnd_roxford5k.pkl and jpg/) or the
+    folder of the images themselves (then give --gnd).
+    """
     from ..io import load_image, save_json, save_png, write_outputs
     from ..retrieval_eval import load_revisited_gnd, ranks_from_similarity, revisited_map
     from ..viz import contact_sheet
 
     _check_loader(opts["batch_size"], opts["workers"])
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data-set folder not found")
+    if gnd_file is None:
+        found = sorted(root.glob("gnd_*.pkl"))
+        if len(found) != 1:
+            raise DataError(f"{root}: {'no' if not found else 'more than one'} gnd_*.pkl ground-truth file "
+                            f"here; pass --gnd")
+        gnd_file = str(found[0])
     cfg = load_revisited_gnd(gnd_file)
-    folder = Path(images_dir)
+    folder = root / "jpg" if (root / "jpg").is_dir() else root  # revisitop keeps the images in jpg/
     db_paths = [folder / f"{name}{ext}" for name in cfg["imlist"]]
     q_paths = [folder / f"{name}{ext}" for name in cfg["qimlist"]]
     missing = [p for p in db_paths + q_paths if not p.is_file()]
@@ -227,8 +245,11 @@ def eval_revisited(images_dir: str, gnd_file: str, ext: str, crop_queries: bool,
             queries.append(im.crop(tuple(int(round(v)) for v in g["bbx"])) if "bbx" in g else im)
     db = _embed(extractor, db_paths, config, opts["batch_size"], opts["workers"], "database")
     qs = _embed(extractor, queries, config, opts["batch_size"], opts["workers"], "queries")
-    if len(db.indices) != len(db_paths) or len(qs.indices) != len(q_paths):
-        raise DataError(f"{images_dir}: some images could not be read; the protocol needs all of them")
+    for res, items in ((db, db_paths), (qs, q_paths)):
+        if res.skipped:
+            i, reason = res.skipped[0]
+            raise DataError(f"{items[i]}: {reason} ({len(res.skipped)} unreadable); the protocol needs every "
+                            f"image")
     ranks = ranks_from_similarity(qs.vectors @ db.vectors.T)  # (N, Q)
     results = revisited_map(ranks, cfg["gnd"])
     report: dict[str, Any] = {"gnd": str(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries}
