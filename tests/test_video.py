@@ -11,23 +11,24 @@ from PIL import Image
 
 from conftest import tiny_extractor
 from vitdense.davis import region_similarity
-from vitdense.video import (LabelPropagator, PropagationConfig, frame_features, neighborhood_mask, one_hot,
-                            plan_bands, preprocess_frame, segment_video, soft_to_labels, video_load_size)
+from vitdense.errors import ImageError
+from vitdense.video import (LabelPropagator, PropagationConfig, VideoFrames, frame_features, neighborhood_mask,
+                            one_hot, plan_tiles, preprocess_frame, read_mask, segment_video, soft_to_labels,
+                            video_load_size)
 
 
 # ------------------------------------------------------------------------------ independent references
 
 def loop_neighborhood(h: int, w: int, r: int) -> torch.Tensor:
-    """The (T, T) mask with four nested loops, as written in DINO's restrict_neighborhood."""
-    mask = torch.zeros(h, w, h, w)
-    for i in range(h):
-        for j in range(w):
-            for p in range(2 * r + 1):
-                for q in range(2 * r + 1):
-                    a, b = i - r + p, j - r + q
-                    if 0 <= a < h and 0 <= b < w:
-                        mask[i, j, a, b] = 1
-    return mask.reshape(h * w, h * w)
+    """The (T, T) neighbourhood mask by brute force: every (target cell, source cell) pair of the row-major
+    grid, allowed when the two cells are at most r rows and at most r columns apart."""
+    cells = [(y, x) for y in range(h) for x in range(w)]
+    mask = np.zeros((h * w, h * w), np.float32)
+    for t, (ty, tx) in enumerate(cells):
+        for s, (sy, sx) in enumerate(cells):
+            if abs(ty - sy) <= r and abs(tx - sx) <= r:
+                mask[t, s] = 1.0
+    return torch.from_numpy(mask)
 
 
 def dense_step(target, ctx_feats, ctx_labels, grid, radius, topk, temperature):
@@ -67,29 +68,30 @@ def test_neighborhood_mask_equals_loop(h, w, r):
     assert torch.equal(neighborhood_mask((h, w), r).float(), loop_neighborhood(h, w, r))
 
 
-def test_bands_cover_the_mask_and_respect_memory_budget():
-    h, w, r, n = 11, 6, 2, 4
-    full = loop_neighborhood(h, w, r)
-    budget = 3 * w * (3 + 2 * r) * w * n
-    bands = plan_bands((h, w), r, n, budget)
-    assert [b.t0 for b in bands] == list(range(0, h, 3)) and bands[-1].t1 == h
-    for b in bands:
-        assert b.mask.shape[0] * b.mask.shape[1] * n <= budget
-        assert torch.equal(b.mask.float(), full[b.t0 * w: b.t1 * w, b.s0 * w: b.s1 * w])
-        # nothing outside the band is a neighbour
-        assert full[b.t0 * w: b.t1 * w].sum() == b.mask.sum()
-
-
-def test_propagator_caches_band_plan_per_grid():
-    prop = LabelPropagator(PropagationConfig(radius=2))
-    a = prop.bands((4, 5), torch.device("cpu"))
-    assert prop.bands((4, 5), torch.device("cpu")) is a
-    assert prop.bands((5, 4), torch.device("cpu")) is not a
+@pytest.mark.parametrize("h,w,r,n,budget,side", [(11, 6, 2, 4, 10 ** 6, None), (11, 13, 3, 2, 10 ** 6, 4),
+                                                  (9, 10, 2, 3, 300, None), (7, 5, 0, 2, 2 * 35 * 35, None)])
+def test_tiles_cover_the_grid_and_the_mask(h, w, r, n, budget, side):
+    """Every target cell is in exactly one tile; a tile's mask is the loop mask restricted to its targets and
+    its source window, and no neighbour lies outside the window; tiles fit the budget when they can."""
+    full = loop_neighborhood(h, w, max(r, max(h, w)) if r <= 0 else r)
+    tiles = plan_tiles((h, w), r, n, budget, side=side)
+    seen = np.zeros((h, w), int)
+    for t in tiles:
+        seen[t.t0: t.t1, t.c0: t.c1] += 1
+        targets = [y * w + x for y in range(t.t0, t.t1) for x in range(t.c0, t.c1)]
+        sources = [y * w + x for y in range(t.s0, t.s1) for x in range(t.u0, t.u1)]
+        assert len(targets) * len(sources) * n <= budget or (t.t1 - t.t0, t.c1 - t.c0) == (1, 1) and r > 0
+        mask = t.mask.float() if t.mask is not None else torch.ones(len(targets), len(sources))
+        assert torch.equal(mask, full[targets][:, sources])
+        assert full[targets].sum() == mask.sum()
+    assert (seen == 1).all()
+    if side is not None:
+        assert max(t.t1 - t.t0 for t in tiles) == side
 
 
 # ------------------------------------------------------------------------------ propagation
 
-@pytest.mark.parametrize("radius,chunk", [(2, 2 ** 30), (2, 500), (0, 700), (1, 2 ** 30)])
+@pytest.mark.parametrize("radius,chunk", [(2, 2 ** 30), (2, 500), (0, 700), (1, 2 ** 30), (3, 2 ** 30)])
 def test_propagation_equals_dense_reference(radius, chunk):
     torch.manual_seed(radius + chunk % 7)
     grid, dim, n_labels = (7, 9), 16, 3
@@ -102,6 +104,21 @@ def test_propagation_equals_dense_reference(radius, chunk):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     # the context never grows beyond first frame + n_last_frames
     assert prop._keys.shape == (63, 4, dim)
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 5, 9])
+def test_one_step_equals_dense_reference_for_any_tile_side(side):
+    from vitdense.video import propagate_labels
+
+    torch.manual_seed(side)
+    grid, n = (7, 9), 3
+    ctx = [torch.randn(63, 12) for _ in range(n)]
+    labs = [torch.rand(4, 63) for _ in range(n)]
+    target = torch.randn(63, 12)
+    keys = torch.stack([F.normalize(f, dim=1) for f in ctx], dim=1)  # (T, n, D)
+    ours = propagate_labels(F.normalize(target, dim=1), keys, torch.stack([lab.T for lab in labs], dim=1), grid,
+                            plan_tiles(grid, 2, n, 2 ** 30, side=side), topk=5)
+    torch.testing.assert_close(ours.T, dense_step(target, ctx, labs, grid, 2, 5, 0.1), atol=2e-5, rtol=1e-4)
 
 
 def test_propagation_ties_keep_every_source_at_the_kth_value():
@@ -254,9 +271,70 @@ def test_batched_extraction_gives_the_same_masks():
 
 
 def test_segment_video_rejects_a_frame_of_another_size():
-    from vitdense.errors import ImageError
-
     frames, masks = synthetic_video(n=3)
     frames = list(frames) + [np.zeros((90, 128, 3), np.uint8)]
     with pytest.raises(ImageError, match="frame 3: 128x90"):
         list(segment_video(tiny_extractor(stride=8), frames, masks[0], load_size=None))
+
+
+def test_segment_video_with_many_objects_and_gaps_in_the_ids():
+    """Ids 3, 4 and 9 (none of 1, 2, 5..8): each object keeps its id, no other id appears."""
+    frames, masks = synthetic_video(n=4)
+    frames, first = frames.copy(), masks[0] * 9
+    for obj, (y, x) in ((3, (8, 90)), (4, (70, 8))):  # two static coloured squares
+        frames[:, y: y + 16, x: x + 24] = (40 * obj, 230, 255 - 40 * obj)
+        first[y: y + 16, x: x + 24] = obj
+    out = list(segment_video(tiny_extractor(stride=8), frames, first, load_size=None))
+    for o, m in zip(out[1:], masks[1:]):
+        assert set(np.unique(o.labels)) <= {0, 3, 4, 9}
+        assert region_similarity(m == 1, o.labels == 9) > 0.7
+        for obj in (3, 4):
+            assert region_similarity(first == obj, o.labels == obj) > 0.6
+
+
+# ------------------------------------------------------------------------------ reading frames and masks
+
+def test_video_frames_folder_in_natural_order(tmp_path):
+    order = ["f1", "f2", "f9", "f10", "f11"]  # plain string sorting would put f10 and f11 before f2
+    for i, name in enumerate(order):
+        Image.fromarray(np.full((6, 8, 3), 20 * i, np.uint8)).save(tmp_path / f"{name}.png")
+    frames = VideoFrames(tmp_path)
+    assert frames.names == order and len(frames) == 5 and frames.size == (6, 8)
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 20, 40, 60, 80]
+
+
+def test_video_frames_from_a_video_file(tmp_path):
+    import cv2
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 24))
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    for c in colours:
+        writer.write(cv2.cvtColor(np.full((24, 32, 3), c, np.uint8), cv2.COLOR_RGB2BGR))
+    writer.release()
+    frames = VideoFrames(path)
+    got = list(frames)
+    assert frames.size == (24, 32) and frames.names == ["00000", "00001", "00002"]
+    for frame, c in zip(got, colours):  # RGB order, up to MJPG compression
+        assert frame.shape == (24, 32, 3) and np.abs(frame.mean((0, 1)) - c).max() < 12
+
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all")
+    with pytest.raises(ImageError, match="junk.mp4: cannot be read as a video"):
+        VideoFrames(tmp_path / "junk.mp4")
+    with pytest.raises(ImageError, match="nothere: not found"):
+        VideoFrames(tmp_path / "nothere")
+
+
+def test_read_mask_keeps_ids_and_palette(tmp_path):
+    ids = np.arange(24, dtype=np.uint8).reshape(4, 6) * 10  # 24 objects, ids up to 230
+    pal = np.random.default_rng(0).integers(0, 256, 768).tolist()
+    im = Image.fromarray(ids, mode="L").convert("P")
+    im.putpalette(pal)
+    im.save(tmp_path / "m.png")
+    arr, got = read_mask(tmp_path / "m.png")
+    np.testing.assert_array_equal(arr, ids)
+    assert got == pal
+    Image.fromarray(ids).save(tmp_path / "gray.png")  # grayscale ids: no palette
+    arr, got = read_mask(tmp_path / "gray.png")
+    np.testing.assert_array_equal(arr, ids)
+    assert got is None

@@ -82,8 +82,12 @@ def test_propagate_video_file(tmp_path, video, weights):
     write_mask(tmp_path / "first.png", masks[0], PALETTE)
     out = tmp_path / "out"
     result = run_cli("propagate", path, "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
-                 "--no-overlay", "--n-last-frames", 2, "--topk", 3, *FAST)
+                 "--no-overlay", "--n-last-frames", 2, "--topk", 3, "--neighborhood", 4, "--temperature", 0.05,
+                 "--facet", "key", "--layer", -2, *FAST)
     assert result.exit_code == 0, result.output
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert (settings["n_last_frames"], settings["topk"], settings["neighborhood"], settings["temperature"],
+            settings["facet"], settings["layer"]) == (2, 3, 4, 0.05, "key", -2)
     written = sorted(p.name for p in out.glob("*.png"))
     assert written == [f"{i:05d}.png" for i in range(6)]
     assert not (out / "overlay.gif").exists()
@@ -116,6 +120,11 @@ def test_propagate_bad_input(tmp_path, video, weights):
     (tmp_path / "corrupt" / "f2.png").write_bytes(b"\x89PNG not really")
     r = run_cli("propagate", tmp_path / "corrupt", "--mask", tmp_path / "first.png", "--out", out, "--weights", weights)
     assert_user_error(r, "f2.png")
+
+    (tmp_path / "clip.mp4").write_bytes(b"these bytes are no video")
+    r = run_cli("propagate", tmp_path / "clip.mp4", "--mask", tmp_path / "first.png", "--out", out,
+                "--weights", weights)
+    assert_user_error(r, "clip.mp4", "cannot be read as a video")
 
     r = run_cli("propagate", tmp_path / "ok", "--out", out, "--weights", weights)
     assert_user_error(r, "--mask")
@@ -166,7 +175,40 @@ def test_davis_root_end_to_end(tmp_path, weights):
     r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights,
             "--sequences", "disk,cat")
     assert_user_error(r, "cat", "val.txt")
-    (tmp_path / "DAVIS" / "Annotations" / "480p" / "two" / "00000.png").unlink()
+    first_two = tmp_path / "DAVIS" / "Annotations" / "480p" / "two" / "00000.png"
+    write_mask(first_two, b_masks[0][:80], PALETTE)  # the second sequence's mask has the wrong size
+    r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "new", "--weights", weights)
+    assert_user_error(r, "two/00000.png", "128x80", "128x96")
+    assert not (tmp_path / "new").exists()  # found before the first sequence was segmented
+    first_two.unlink()
     r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "new", "--weights", weights)
     assert_user_error(r, "two/00000.png", "not found")
     assert not (tmp_path / "new").exists()  # checked before the first sequence ran
+
+
+def test_propagate_many_objects_natural_order(tmp_path, weights):
+    """Frames 1.png ... 11.png (natural order), a palette mask with ids 2, 5 and 9: every output PNG is named
+    after its frame, carries the palette and only those ids, and each object is followed."""
+    frames, masks = synthetic_video(n=11, step=2)
+    frames, first = frames.copy(), masks[0] * 5
+    for obj, (y, x) in ((2, (8, 90)), (9, (70, 8))):
+        frames[:, y: y + 16, x: x + 24] = (25 * obj, 230, 255 - 25 * obj)
+        first[y: y + 16, x: x + 24] = obj
+    names = write_frames(tmp_path / "frames", frames, [str(i) for i in range(1, 12)])
+    write_mask(tmp_path / "first.png", first, PALETTE)
+    out = tmp_path / "out"
+    r = run_cli("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out", out,
+                "--weights", weights, "--no-overlay", *FAST)
+    assert r.exit_code == 0, r.output
+    entry = json.loads((out / "summary.json").read_text())["videos"]["frames"]
+    assert entry["frame_names"] == names and entry["objects"] == [2, 5, 9]
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(names)
+    for i, name in enumerate(names):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.mode == "P" and im.getpalette()[:768] == PALETTE
+            labels = np.array(im)
+        assert set(np.unique(labels)) <= {0, 2, 5, 9}
+        assert entry["object_pixels_per_frame"][i] == [int((labels == k).sum()) for k in (2, 5, 9)]
+        assert region_similarity(masks[i] == 1, labels == 5) > 0.7
+        for obj in (2, 9):
+            assert region_similarity(first == obj, labels == obj) > 0.6

@@ -10,15 +10,16 @@ The soft labels are upsampled bilinearly, min-max normalised per label and arg-m
 Shapes used below:
     N  frames        n  context frames (1 + up to n_last_frames)     C  labels (background = 0 included)
     H0, W0  original frame size    H, W  resized frame size    h, w  token grid    T = h * w    D  channels
-    k  topk          c  target tokens of one chunk                   L  source tokens of one band
+    k  topk          c  target tokens of one tile                    L  source tokens of its window
 
 What differs from the reference, keeping its results:
 
 * the neighbourhood mask is built vectorised and cached per (grid, device) by :class:`LabelPropagator`,
   not with four nested Python loops;
-* the affinity is never materialised as (n, T, T): target rows are processed in chunks, each against
-  the band of source rows within ``radius`` of it (about half the multiply-adds at 480p, a bounded
-  amount of memory whatever the video length or resolution);
+* the affinity is never materialised as (n, T, T): target tokens are processed in square tiles of grid
+  cells, each against the window of source cells within ``radius`` of it (at 480p, stride 8, radius 12:
+  8 x 8 targets against 32 x 32 sources per context frame, 1/6 of the reference's multiply-adds, masking
+  and top-k work), so memory is bounded whatever the video length or resolution;
 * only the k best sources are gathered; rows whose k-th value is tied with the (k+1)-th fall back to the
   reference's "keep every source >= the k-th value" rule, so ties are treated identically;
 * weights are ``exp((cos - max) / temperature)`` normalised, equal to the reference's ``exp(cos / 0.1)``
@@ -48,8 +49,9 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 class PropagationConfig:
     """Hyper-parameters of label propagation, with the defaults of DINO's DAVIS-2017 evaluation.
 
-    chunk_elems bounds the affinity entries (float32) held at once; None = 2**22 (16 MiB, cache-friendly)
-    on the CPU, 2**26 (256 MiB, fewer kernel launches) on a GPU.
+    chunk_elems bounds the affinity entries (float32) held at once; None = 2**22 (16 MiB) on the CPU, where
+    tiles are small (side ~ 2/3 of the radius: least work), and 2**26 (256 MiB) on a GPU, where tiles are as
+    large as that allows (fewer kernel launches).
     """
 
     n_last_frames: int = 7  # previous frames kept as context besides the first frame
@@ -70,84 +72,102 @@ class PropagationConfig:
 # --------------------------------------------------------------------------------- neighbourhood mask
 
 def neighborhood_mask(grid: tuple[int, int], radius: int, target_rows: tuple[int, int] | None = None,
-                      source_rows: tuple[int, int] | None = None, device: str | torch.device = "cpu"
+                      source_rows: tuple[int, int] | None = None, target_cols: tuple[int, int] | None = None,
+                      source_cols: tuple[int, int] | None = None, device: str | torch.device = "cpu"
                       ) -> torch.Tensor:
     """Which source tokens each target token may take labels from: |Δrow| <= radius and |Δcol| <= radius.
 
-    grid: (h, w). target_rows / source_rows: half-open ranges of grid rows (default: all rows). Returns a
-    bool tensor (c, L) with c = (target row count) * w, L = (source row count) * w, tokens in row-major
-    order. With the defaults it is the full (T, T) mask of the reference's ``restrict_neighborhood``.
+    grid: (h, w). target_rows / source_rows / target_cols / source_cols: half-open ranges of grid rows and
+    columns (default: all). Returns a bool tensor (c, L), c = target rows * target cols, L = source rows *
+    source cols, cells in row-major order within each block. With the defaults it is the full (T, T) mask
+    of the reference's ``restrict_neighborhood``.
     """
     hgt, wid = grid
-    t0, t1 = target_rows or (0, hgt)
-    s0, s1 = source_rows or (0, hgt)
-    cols = torch.arange(wid, device=device)
-    near_rows = (torch.arange(t0, t1, device=device)[:, None] - torch.arange(s0, s1, device=device)[None]
-                 ).abs() <= radius  # (rows_t, rows_s)
-    near_cols = (cols[:, None] - cols[None]).abs() <= radius  # (w, w)
-    mask = near_rows[:, None, :, None] & near_cols[None, :, None, :]  # (rows_t, w, rows_s, w)
-    return mask.reshape((t1 - t0) * wid, (s1 - s0) * wid)
+
+    def near(a: tuple[int, int], b: tuple[int, int]) -> torch.Tensor:
+        return (torch.arange(*a, device=device)[:, None] - torch.arange(*b, device=device)[None]).abs() <= radius
+
+    rows = near(target_rows or (0, hgt), source_rows or (0, hgt))  # (rows_t, rows_s)
+    cols = near(target_cols or (0, wid), source_cols or (0, wid))  # (cols_t, cols_s)
+    mask = rows[:, None, :, None] & cols[None, :, None, :]  # (rows_t, cols_t, rows_s, cols_s)
+    return mask.reshape(rows.shape[0] * cols.shape[0], rows.shape[1] * cols.shape[1])
 
 
 @dataclass(frozen=True)
-class Band:
-    """One chunk of target rows [t0, t1) and the source rows [s0, s1) its neighbourhood can reach.
+class Tile:
+    """Target cells rows [t0, t1) x cols [c0, c1) and the window of source cells rows [s0, s1) x cols
+    [u0, u1) that their neighbourhoods can reach.
 
     mask: (c, L) bool neighbourhood mask, or None when every source is allowed (radius <= 0).
     """
 
     t0: int
     t1: int
+    c0: int
+    c1: int
     s0: int
     s1: int
+    u0: int
+    u1: int
     mask: torch.Tensor | None
 
 
-def plan_bands(grid: tuple[int, int], radius: int, n_context: int, chunk_elems: int,
-               device: str | torch.device = "cpu") -> list[Band]:
-    """Split the target rows into chunks whose affinity (c, L * n_context) has at most ``chunk_elems`` entries
-    (at least one row per chunk), each with its band of source rows and neighbourhood mask."""
+def plan_tiles(grid: tuple[int, int], radius: int, n_context: int, chunk_elems: int, side: int | None = None,
+               device: str | torch.device = "cpu") -> list[Tile]:
+    """Cover the target grid with tiles whose affinity (c, L * n_context) has at most ``chunk_elems`` entries
+    where possible, each with its source window and neighbourhood mask.
+
+    side: tile side in cells; None = ceil(2 * radius / 3) (least multiply-adds + masking + top-k work per
+    target on the CPU); shrunk until a tile fits ``chunk_elems`` (down to single cells). radius <= 0: every
+    source is a neighbour, the tiles are full-width row bands against the whole grid.
+    """
     hgt, wid = grid
-    reach = radius if radius > 0 else hgt
-    rows = 1
-    for cand in range(hgt, 0, -1):
-        if cand * wid * min(hgt, cand + 2 * reach) * wid * n_context <= chunk_elems:
-            rows = cand
-            break
-    bands = []
-    for t0 in range(0, hgt, rows):
-        t1 = min(hgt, t0 + rows)
-        s0, s1 = max(0, t0 - reach), min(hgt, t1 + reach)
-        mask = neighborhood_mask(grid, radius, (t0, t1), (s0, s1), device) if radius > 0 else None
-        bands.append(Band(t0, t1, s0, s1, mask))
-    return bands
+    if radius <= 0:
+        rows = max(1, min(hgt, chunk_elems // (wid * hgt * wid * n_context)))
+        return [Tile(t0, min(hgt, t0 + rows), 0, wid, 0, hgt, 0, wid, None) for t0 in range(0, hgt, rows)]
+
+    def elems(a: int) -> int:
+        return min(a, hgt) * min(a, wid) * min(hgt, a + 2 * radius) * min(wid, a + 2 * radius) * n_context
+
+    side = max(1, min(max(hgt, wid), side or math.ceil(2 * radius / 3)))
+    while side > 1 and elems(side) > chunk_elems:
+        side -= 1
+    tiles = []
+    for t0 in range(0, hgt, side):
+        for c0 in range(0, wid, side):
+            t1, c1 = min(hgt, t0 + side), min(wid, c0 + side)
+            s0, s1, u0, u1 = max(0, t0 - radius), min(hgt, t1 + radius), max(0, c0 - radius), min(wid, c1 + radius)
+            mask = neighborhood_mask(grid, radius, (t0, t1), (s0, s1), (c0, c1), (u0, u1), device)
+            tiles.append(Tile(t0, t1, c0, c1, s0, s1, u0, u1, mask))
+    return tiles
 
 
 # --------------------------------------------------------------------------------- one propagation step
 
 def propagate_labels(target: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
-                     bands: Sequence[Band], topk: int = 5, temperature: float = 0.1) -> torch.Tensor:
+                     tiles: Sequence[Tile], topk: int = 5, temperature: float = 0.1) -> torch.Tensor:
     """Soft labels of a target frame from its context frames.
 
     target: (T, D) L2-normalised features of the target frame. keys: (T, n, D) L2-normalised features of
     the n context frames, token-major (the order of the n frames does not matter). labels: (T, n, C) soft
-    labels of the context frames. bands: from :func:`plan_bands` for this grid. Returns (T, C): for each
+    labels of the context frames. tiles: from :func:`plan_tiles` for this grid. Returns (T, C): for each
     target token the normalised ``exp(cos / temperature)``-weighted sum of the labels of its top-k sources
-    (all context frames together, within the neighbourhood). Memory: one (c, L * n) affinity chunk at a time.
+    (all context frames together, within the neighbourhood). Memory: one (c, L * n) affinity tile at a time.
     """
     tokens, n_ctx, dim = keys.shape
-    wid = grid[1]
+    hgt, wid = grid
     assert target.shape == (tokens, dim) and labels.shape[:2] == (tokens, n_ctx), (target.shape, keys.shape,
                                                                                    labels.shape)
     n_labels = labels.shape[2]
-    out = torch.empty(tokens, n_labels, dtype=labels.dtype, device=labels.device)
-    for band in bands:
-        query = target[band.t0 * wid: band.t1 * wid]  # (c, D)
-        src = keys[band.s0 * wid: band.s1 * wid].reshape(-1, dim)  # (L * n, D), copy only when n is partial
-        src_labels = labels[band.s0 * wid: band.s1 * wid].reshape(-1, n_labels)  # (L * n, C)
+    out = torch.empty(hgt, wid, n_labels, dtype=labels.dtype, device=labels.device)
+    target, keys, labels = target.view(hgt, wid, dim), keys.view(hgt, wid, n_ctx, dim), labels.view(hgt, wid, n_ctx, -1)
+    for tile in tiles:
+        query = target[tile.t0: tile.t1, tile.c0: tile.c1].reshape(-1, dim)  # (c, D)
+        src = keys[tile.s0: tile.s1, tile.u0: tile.u1].reshape(-1, dim)  # (L * n, D)
+        src_labels = labels[tile.s0: tile.s1, tile.u0: tile.u1].reshape(-1, n_labels)  # (L * n, C)
         cos = query @ src.T  # (c, L * n)
-        if band.mask is not None:
-            cos.view(cos.shape[0], -1, n_ctx).masked_fill_(~band.mask[:, :, None], -math.inf)
+        if tile.mask is not None:
+            cos.view(cos.shape[0], -1, n_ctx).masked_fill_(~tile.mask[:, :, None], -math.inf)
         k = min(topk, cos.shape[1])
         # one extra value tells whether the k-th is tied with the next (duplicated frames)
         vals, idx = cos.topk(min(k + 1, cos.shape[1]), dim=1)  # (c, k + 1), best first
@@ -161,8 +181,8 @@ def propagate_labels(target: torch.Tensor, keys: torch.Tensor, labels: torch.Ten
             dense = torch.where(sub >= vals[tied, k - 1: k], torch.exp((sub - vals[tied, :1]) / temperature),
                                 torch.zeros((), dtype=sub.dtype, device=sub.device))
             chunk[tied] = (dense / dense.sum(1, keepdim=True)) @ src_labels
-        out[band.t0 * wid: band.t1 * wid] = chunk
-    return out
+        out[tile.t0: tile.t1, tile.c0: tile.c1] = chunk.view(tile.t1 - tile.t0, tile.c1 - tile.c0, n_labels)
+    return out.view(tokens, n_labels)
 
 
 class LabelPropagator:
@@ -170,27 +190,29 @@ class LabelPropagator:
 
     ``start(features, labels, grid)`` takes the first frame's (T, D) features and (C, T) labels (one-hot);
     each ``step(features)`` returns the (C, T) soft labels of the next frame and adds it to the context.
-    The context is the first frame plus the last ``n_last_frames`` frames, held in a ring buffer; band
+    The context is the first frame plus the last ``n_last_frames`` frames, held in a ring buffer; tile
     plans (neighbourhood masks) are cached per (grid, device) across videos.
     """
 
     def __init__(self, config: PropagationConfig | None = None):
         self.config = config or PropagationConfig()
-        self._bands: dict[tuple, list[Band]] = {}
+        self._tiles: dict[tuple, list[Tile]] = {}
         self._keys: torch.Tensor | None = None  # (T, 1 + n_last, D)
         self._labels: torch.Tensor | None = None  # (T, 1 + n_last, C)
         self._grid: tuple[int, int] = (0, 0)
         self._filled = 0  # context slots in use
         self._next = 1  # ring slot the next frame goes to
 
-    def bands(self, grid: tuple[int, int], device: torch.device) -> list[Band]:
-        """Band plan for a grid, built once per (grid, device)."""
+    def tiles(self, grid: tuple[int, int], device: torch.device) -> list[Tile]:
+        """Tile plan for a grid, built once per (grid, device)."""
         key = (grid, str(device))
-        if key not in self._bands:
+        if key not in self._tiles:
             cfg = self.config
-            elems = cfg.chunk_elems or (2 ** 26 if torch.device(device).type == "cuda" else 2 ** 22)
-            self._bands[key] = plan_bands(grid, cfg.radius, 1 + cfg.n_last_frames, elems, device)
-        return self._bands[key]
+            gpu = torch.device(device).type == "cuda"
+            elems = cfg.chunk_elems or (2 ** 26 if gpu else 2 ** 22)
+            self._tiles[key] = plan_tiles(grid, cfg.radius, 1 + cfg.n_last_frames, elems,
+                                          side=max(grid) if gpu else None, device=device)
+        return self._tiles[key]
 
     def start(self, features: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int]) -> None:
         """Reset the context to the first frame: features (T, D), labels (C, T)."""
@@ -214,7 +236,7 @@ class LabelPropagator:
         n = self._filled
         keys = self._keys if n == self._keys.shape[1] else self._keys[:, :n]
         labels = self._labels if n == self._labels.shape[1] else self._labels[:, :n]
-        soft = propagate_labels(target, keys, labels, self._grid, self.bands(self._grid, target.device),
+        soft = propagate_labels(target, keys, labels, self._grid, self.tiles(self._grid, target.device),
                                 cfg.topk, cfg.temperature)
         if cfg.n_last_frames > 0:  # the oldest previous frame leaves, this one enters
             self._keys[:, self._next] = target

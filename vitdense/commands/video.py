@@ -8,12 +8,14 @@ given mask), then ``overlay.gif``, ``contact_sheet.png`` and ``summary.json``.
 ``eval-davis`` (``--evaluate`` runs it right after).
 
 Each PNG is written atomically as soon as its frame is segmented (memory stays flat for long videos);
-everything that can be checked before the first frame (sizes of all frames, the mask) is checked first.
+everything that can be checked before the first frame (every video's frame list and frame sizes from the
+image headers, its first-frame mask and the mask's size) is checked first, for all DAVIS sequences too.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,36 +63,59 @@ def _save_gif(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> None:
                                                duration=int(1000 / fps), loop=0))
 
 
-def segment_one(extractor: Any, frames_path: Path, mask_path: Path, out_dir: Path, gif_path: Path | None,
-                sheet_path: Path | None, propagator: Any, opts: dict[str, Any], label: str = "") -> dict[str, Any]:
-    """Segment one video and write its PNGs (and overlays); returns its entry of summary.json."""
+@dataclass
+class Job:
+    """One video to segment: its frames, first-frame mask (H0, W0) and palette, and where outputs go."""
+
+    frames_path: Path
+    mask_path: Path
+    out_dir: Path
+    gif_path: Path | None
+    sheet_path: Path | None
+    label: str
+    frames: Any = None  # VideoFrames, set by open_job
+    mask: np.ndarray | None = None
+    palette: list[int] | None = None
+
+
+def open_job(job: Job) -> Job:
+    """Read the mask and the frame list (image headers only) and check that their sizes agree."""
+    from ..video import VideoFrames, read_mask
+
+    job.frames = VideoFrames(job.frames_path)
+    job.mask, job.palette = read_mask(job.mask_path)
+    if job.mask.shape != job.frames.size:
+        raise ImageError(f"{job.mask_path}: mask is {job.mask.shape[1]}x{job.mask.shape[0]} px but the frames of "
+                         f"{job.frames_path} are {job.frames.size[1]}x{job.frames.size[0]}")
+    return job
+
+
+def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """Segment one opened video and write its PNGs (and overlays); returns its entry of summary.json."""
     from tqdm import tqdm
 
     from ..io import save_png
-    from ..video import VideoFrames, read_mask, segment_video
+    from ..video import segment_video
     from ..viz import contact_sheet
 
-    frames = VideoFrames(frames_path)
-    mask, palette = read_mask(mask_path)
-    if mask.shape != frames.size:
-        raise ImageError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px but the frames of "
-                         f"{frames_path} are {frames.size[1]}x{frames.size[0]}")
+    frames, mask, palette, gif_path = job.frames, job.mask, job.palette, job.gif_path
     pal = palette or _colors(None).flatten().tolist()
     colors = _colors(palette)
     keep_every = max(1, math.ceil(len(frames) / MAX_GIF_FRAMES))
     thumbs: list[np.ndarray] = []
     names: list[str] = []
     areas: list[list[int]] = []
+    objects = [int(i) for i in np.unique(mask) if i > 0]  # ids need not be contiguous
     n_labels = int(mask.max()) + 1
     start = time.perf_counter()
     stream = segment_video(extractor, frames, mask, layer=opts["layer"], facet=opts["facet"],
                            load_size=load_size_arg(opts["load_size"]), batch_size=opts["batch_size"],
                            propagator=propagator)
-    for seg in tqdm(stream, total=len(frames), desc=label or "propagate", unit="frame"):
+    for seg in tqdm(stream, total=len(frames), desc=job.label or "propagate", unit="frame"):
         name = frames.names[seg.index]
-        save_png(out_dir / f"{name}.png", seg.labels, palette=pal)
+        save_png(job.out_dir / f"{name}.png", seg.labels, palette=pal)
         names.append(name)
-        areas.append(np.bincount(seg.labels.ravel(), minlength=n_labels)[1:n_labels].tolist())
+        areas.append(np.bincount(seg.labels.ravel(), minlength=n_labels)[objects].tolist())
         if gif_path is not None and seg.index % keep_every == 0:
             thumbs.append(_thumbnail(seg.frame, seg.labels, colors))
     seconds = time.perf_counter() - start
@@ -99,11 +124,11 @@ def segment_one(extractor: Any, frames_path: Path, mask_path: Path, out_dir: Pat
         pick = np.unique(np.linspace(0, len(thumbs) - 1, min(SHEET_FRAMES, len(thumbs))).round().astype(int))
         sheet = contact_sheet([thumbs[i] for i in pick], titles=[names[i * keep_every] for i in pick],
                               cell=max(thumbs[0].shape[:2]), cols=min(4, len(pick)))
-        save_png(sheet_path, sheet)
-    return {"frames": str(frames_path), "mask": str(mask_path), "n_frames": len(names),
-            "objects": list(range(1, n_labels)), "seconds": round(seconds, 3),
+        save_png(job.sheet_path, sheet)
+    return {"frames": str(job.frames_path), "mask": str(job.mask_path), "n_frames": len(names),
+            "frame_names": names, "objects": objects, "seconds": round(seconds, 3),
             "frames_per_second": round((len(names) - 1) / seconds, 3) if seconds > 0 and len(names) > 1 else None,
-            "outputs": str(out_dir), "object_pixels_per_frame": areas}
+            "outputs": str(job.out_dir), "object_pixels_per_frame": areas}
 
 
 def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, Any]:
@@ -127,7 +152,8 @@ def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, An
               help="Previous frames kept as context besides the first frame.")
 @click.option("--topk", type=int, default=5, show_default=True, help="Source patches voting for each target patch.")
 @click.option("--neighborhood", type=int, default=12, show_default=True,
-              help="Neighbourhood half-size in patches (0 = no spatial restriction).")
+              help="Neighbourhood half-size in token-grid cells, i.e. patches when --stride is the patch size "
+                   "(0 = no spatial restriction).")
 @click.option("--temperature", type=float, default=0.1, show_default=True, help="Affinity exp(cos / temperature).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="Frames per feature-extraction forward pass (propagation stays sequential).")
@@ -159,29 +185,30 @@ def propagate_command(frames: str | None, mask_path: str | None, davis_root: str
             raise ConfigError(f"{frames}: --mask FIRST_FRAME.png is required (the first frame's annotation)")
         if evaluate:
             raise ConfigError("--evaluate needs --davis-root (the ground truth comes from its Annotations/)")
-        jobs = [(Path(frames), Path(mask_path), out, out / "overlay.gif", out / "contact_sheet.png", "")]
+        jobs = [Job(Path(frames), Path(mask_path), out, out / "overlay.gif", out / "contact_sheet.png", "")]
     else:
         if mask_path is not None:
             raise ConfigError("--mask is not used with --davis-root (masks come from Annotations/)")
         jobs = _davis_jobs(Path(davis_root), subset, sequences, resolution, out)
-    if not write_overlay:
-        jobs = [(f, m, o, None, None, lab) for f, m, o, _, _, lab in jobs]
+    for job in jobs:  # every video's frames and mask checked before the first one is segmented
+        open_job(job)
+        if not write_overlay:
+            job.gif_path = job.sheet_path = None
     extractor = build_extractor(**opts)
     extractor.layer_index(opts["layer"])  # fail before any work
     propagator = LabelPropagator(config)
     videos = {}
-    for frames_path, mask, seq_out, gif, sheet, label in jobs:
-        videos[label or frames_path.name] = segment_one(extractor, frames_path, mask, seq_out, gif, sheet,
-                                                        propagator, opts, label)
+    for job in jobs:
+        videos[job.label or job.frames_path.name] = segment_one(extractor, job, propagator, opts)
     save_json(out / "summary.json", {"settings": _settings(extractor, opts, config), "videos": videos})
     total = sum(v["n_frames"] for v in videos.values())
     click.echo(f"segmented {len(videos)} video(s), {total} frame(s) → {out}")
     if davis_root is not None and evaluate:
-        _evaluate(Path(davis_root), out, subset, [j[5] for j in jobs], resolution)
+        _evaluate(Path(davis_root), out, subset, [job.label for job in jobs], resolution)
 
 
-def _davis_jobs(root: Path, subset: str, sequences: str | None, resolution: str, out: Path) -> list[tuple]:
-    """(frames folder, first mask, output folder, gif, sheet, name) per sequence, all checked up front."""
+def _davis_jobs(root: Path, subset: str, sequences: str | None, resolution: str, out: Path) -> list[Job]:
+    """A job per sequence of the list (or of --sequences), in list order."""
     from ..davis import sequence_names
     from ..io import list_images
 
@@ -199,8 +226,8 @@ def _davis_jobs(root: Path, subset: str, sequences: str | None, resolution: str,
         mask = root / "Annotations" / resolution / seq / f"{first.stem}.png"
         if not mask.is_file():
             raise ImageError(f"{mask}: first-frame annotation of sequence {seq} not found")
-        jobs.append((frames_dir, mask, out / seq, out / "overlays" / f"{seq}.gif",
-                     out / "overlays" / f"{seq}_sheet.png", seq))
+        jobs.append(Job(frames_dir, mask, out / seq, out / "overlays" / f"{seq}.gif",
+                        out / "overlays" / f"{seq}_sheet.png", seq))
     return jobs
 
 
