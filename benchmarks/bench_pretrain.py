@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
           f"out_dim {args.out_dim}; {args.steps} timed steps after {args.warmup} warm-up")
     if not cuda:
         print("GPU: not measured (no device)")
-    header = f"{'arch':<24} {'batch':>5} {'measurement':<46} {'img/s':>9} {'ratio':>7} {'GFLOP/img':>9} " \
+    header = f"{'arch':<24} {'batch':>5} {'measurement':<56} {'img/s':>9} {'ratio':>7} {'GFLOP/img':>9} " \
              f"{'MFU':>6} {'peak GiB':>8}"
     print(header)
     print("-" * len(header))
@@ -280,9 +280,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     mfu = "n/a" if fl else ""
                 mem_s = f"{mem:8.2f}" if mem is not None else f"{'':>8}"
-                print(f"{arch:<24} {batch:>5} {label:<46} {ips:9.1f} {ips / base:6.2f}x {gflop} {mfu:>6} {mem_s}")
+                print(f"{arch:<24} {batch:>5} {label:<56} {ips:9.1f} {ips / base:6.2f}x {gflop} {mfu:>6} {mem_s}")
             e2e_best = max(ips for label, ips, _, _ in rows if label.startswith("end to end"))
-            print(f"{arch:<24} {batch:>5} {'loader / best end to end':<46} {loader_n / e2e_best:9.2f} "
+            print(f"{arch:<24} {batch:>5} {'loader / best end to end':<56} {loader_n / e2e_best:9.2f} "
                   f"{'(>1: loader is not the bottleneck)'}")
 
 
