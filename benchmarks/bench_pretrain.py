@@ -41,7 +41,7 @@ from pretrain.data import (ImageFolderDataset, MultiCropAugmentation, ResidentSo
 from pretrain.gpu_augment import GPUMultiCrop  # noqa: E402
 from pretrain.loss import DINOLoss  # noqa: E402
 from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pretrain.train import build_model, clip_gradients, param_groups, update_teacher  # noqa: E402
+from pretrain.train import batch_crops, build_model, clip_gradients, param_groups, update_teacher  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices print "n/a".
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -188,14 +188,7 @@ def time_end_to_end(cfg: PretrainConfig, paths: list[Path], device: torch.device
     on_device = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD)
     durations, start = [], time.perf_counter()
     for i, views in enumerate(batches(loader, warmup + steps)):
-        if sources is not None:
-            crops = on_device(sources.gather(views[0]), views[1])
-        elif device_augment:
-            images, params = views
-            crops = on_device(images.to(device, non_blocking=True), params)
-        else:
-            crops = [c.to(device, non_blocking=True) for c in views]
-        step(crops)
+        step(batch_crops(views, device, on_device if device_augment else None, sources))
         if i == warmup - 1 or device.type != "cuda":
             sync(device)
             if i >= warmup:

@@ -149,7 +149,7 @@ class MultiCropAugmentation:
             view = view.filter(ImageFilter.GaussianBlur(radius=p.blur_radius))
         if p.solarize:
             view = ImageOps.solarize(view, threshold=128)
-        arr = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        arr = chw_uint8(view).float().div_(255)
         return (arr - self.mean) / self.std
 
     def __call__(self, image: Image.Image, rng: random.Random) -> list[torch.Tensor]:
@@ -159,6 +159,15 @@ class MultiCropAugmentation:
 # --------------------------------------------------------------------------------------------------
 # Data set
 # --------------------------------------------------------------------------------------------------
+
+# What PIL raises for a file that is not a readable image (or is truncated).
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def chw_uint8(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3, h, w) uint8 tensor of its own memory."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
 
 def find_images(folder: str | os.PathLike) -> list[Path]:
     """Image files anywhere under ``folder`` (by suffix), naturally sorted; DataError when none."""
@@ -181,7 +190,7 @@ def readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
                 warnings.simplefilter("ignore")
                 with Image.open(path) as im:
                     ok = im.width > 0 and im.height > 0
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        except UNREADABLE:
             ok = False
         (good if ok else bad).append(path)
     return good, bad
@@ -240,8 +249,7 @@ class ImageFolderDataset(Dataset):
         at most ``source_size`` by :meth:`cached_load`. :func:`collate_crops` pads the sources of a batch."""
         from .gpu_augment import params_to_tensor
 
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels, params_to_tensor(self.augment.sample_params(rng, image.height, image.width))
+        return chw_uint8(image), params_to_tensor(self.augment.sample_params(rng, image.height, image.width))
 
     def cached_load(self, i: int) -> Image.Image:
         image = self.cache.get(i)
@@ -263,7 +271,7 @@ class ImageFolderDataset(Dataset):
             i = (index + attempt) % len(self.paths)
             try:
                 image = self.cached_load(i)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            except UNREADABLE as err:
                 LOG.debug("skipping unreadable %s (%s)", self.paths[i], err)
                 continue
             rng = random.Random(seed)
@@ -284,10 +292,10 @@ class _DecodeSources(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor | None:
         try:
             image = self.dataset.cached_load(i)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        except UNREADABLE as err:
             LOG.debug("skipping unreadable %s (%s)", self.dataset.paths[i], err)
             return None
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return chw_uint8(image)
 
 
 class ResidentSources(Dataset):

@@ -122,6 +122,19 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
+def batch_crops(views: Any, device: torch.device, device_augment: GPUMultiCrop | None = None,
+                resident: ResidentSources | None = None) -> list[torch.Tensor]:
+    """The V crop tensors of a loader batch on ``device``, whichever path made the batch (see
+    :func:`pretrain.data.collate_crops`): CPU-made views, sources to crop on the device, or resident indices."""
+    if resident is not None:
+        indices, params = views
+        return device_augment(resident.gather(indices), params)
+    if device_augment is not None:
+        images, params = views
+        return device_augment(images.to(device, non_blocking=True), params)
+    return [c.to(device, non_blocking=True) for c in views]
+
+
 def export_meta(cfg: PretrainConfig, step: int) -> dict[str, Any]:
     """Backbone metadata: ``ViTExtractor(weights=...)`` rebuilds the architecture from it alone."""
     arch, kwargs = cfg.timm_arch()
@@ -357,14 +370,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
         t_data = time.perf_counter()
         for views, n_failed in loader:
-            if resident is not None:
-                indices, params = views
-                crops = device_augment(resident.gather(indices), params)
-            elif device_augment is not None:
-                images, params = views
-                crops = device_augment(images.to(device, non_blocking=True), params)
-            else:
-                crops = [c.to(device, non_blocking=True) for c in views]
+            crops = batch_crops(views, device, device_augment, resident)
             t_step = time.perf_counter()
             values = schedules.at(step)
             for i, group in enumerate(optimizer.param_groups):
