@@ -2,8 +2,9 @@
 
 ViT-S/8 (random weights, the same for both), stride 4, key facet, layer 11, with and without log-bin, at
 224 px and 448 px (shorter side; 448 px gives ~12k tokens). Every case runs in a fresh subprocess so its
-peak resident memory (ru_maxrss) is its own. Images/s counts preprocess + descriptor extraction of a
-real photo (skimage's chelsea).
+peak resident memory (ru_maxrss) is its own; the two implementations' processes stay alive side by side
+and take turns, one image each, so a shared machine's changing speed hits both alike. Images/s counts
+preprocess + descriptor extraction of a real photo (skimage's chelsea).
 
     python benchmarks/bench_extract.py                      # vitdense only
     python benchmarks/bench_extract.py --peer /path/to/dino-vit-features
@@ -12,21 +13,21 @@ real photo (skimage's chelsea).
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from _isolated import run_isolated  # noqa: E402  (benchmarks/ is the script's folder)
+from _isolated import TurnTaker, serve  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 
 
-def run_case(impl: str, size: int, use_bin: bool, device: str, repeats: int, peer: str | None) -> dict:
-    """Inside the subprocess: build the extractor, warm up, time ``repeats`` images; print JSON."""
+def build_case(impl: str, size: int, use_bin: bool, device: str, peer: str | None
+               ) -> tuple[Callable[[], None], dict]:
+    """Inside the case's process: the extractor and the work timed per image; ``info`` gets the token count."""
     sys.path.insert(0, str(HERE.parent))
     from PIL import Image
     from skimage import data
@@ -47,29 +48,48 @@ def run_case(impl: str, size: int, use_bin: bool, device: str, repeats: int, pee
         from vitdense import ViTExtractor
 
         extractor = ViTExtractor("dino_vits8", stride=4, model=vit, device=device)
+    info: dict = {}
 
-    def one() -> int:
+    def one() -> None:
         batch, _ = extractor.preprocess(str(image), size)
         with torch.no_grad():
             desc = extractor.extract_descriptors(batch.to(device), layer=11, facet="key", bin=use_bin)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return desc.shape[2]
+        info["tokens"] = desc.shape[2]
 
-    tokens = one()  # warm-up (also builds caches, as a user's first image would)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        one()
-    seconds = (time.perf_counter() - start) / repeats
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    return dict(impl=impl, size=size, bin=use_bin, tokens=tokens, img_per_s=1 / seconds, peak_mb=peak_mb,
-                gpu_mb=gpu_mb)
+    return one, info
 
 
-def measure(impl: str, size: int, use_bin: bool, args: argparse.Namespace) -> dict | None:
-    return run_isolated(__file__, [impl, size, int(use_bin), "--device", args.device, "--repeats", args.repeats]
-                        + (["--peer", args.peer] if args.peer else []), args.timeout, f"{impl} {size} px")
+def measure(size: int, use_bin: bool, args: argparse.Namespace) -> dict[str, dict]:
+    """Time ours and the peer turn by turn (order alternating per round) → impl → {seconds: [...], ...}."""
+    impls = ["ours"] + (["peer"] if args.peer else [])
+    takers = {impl: TurnTaker(__file__, [impl, size, int(use_bin), "--device", args.device]
+                              + (["--peer", args.peer] if args.peer else []), f"{impl} {size} px")
+              for impl in impls}
+    results: dict[str, dict] = {impl: {"seconds": []} for impl in impls}
+    try:
+        for impl in impls:
+            reply = takers[impl].ask("ready", args.timeout)
+            results[impl].update(reply or {"failed": True})
+        for round_ in range(args.repeats):
+            for impl in impls if round_ % 2 == 0 else impls[::-1]:
+                res = results[impl]
+                if res.get("timeout") or res.get("failed"):
+                    continue
+                reply = takers[impl].ask("go", args.timeout)
+                if reply is None or reply.get("timeout"):
+                    res.update(reply or {"failed": True})
+                else:
+                    res["seconds"].append(reply["seconds"])
+        for impl in impls:
+            res = results[impl]
+            if not (res.get("timeout") or res.get("failed")):
+                res.update(takers[impl].ask("stop", args.timeout) or {"failed": True})
+    finally:
+        for taker in takers.values():
+            taker.close()
+    return results
 
 
 def main() -> None:
@@ -77,41 +97,56 @@ def main() -> None:
     parser.add_argument("--peer", help="path to a dino-vit-features checkout (never committed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per case before giving up")
-    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5, help="timed images per implementation and case")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per image before giving up")
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.case:
-        impl, size, use_bin = args.case
-        print(json.dumps(run_case(impl, int(size), bool(int(use_bin)), args.device, args.repeats, args.peer)))
+    if args.serve:
+        impl, size, use_bin = args.serve
+        info: dict = {}
+
+        def setup() -> Callable[[], None]:
+            one, case_info = build_case(impl, int(size), bool(int(use_bin)), args.device, args.peer)
+            info.update(case_info=case_info)
+            return one
+
+        def extra() -> dict:
+            gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
+            return dict(info["case_info"], gpu_mb=gpu_mb)
+
+        serve(setup, extra)
         return
 
-    print(f"device {args.device}, ViT-S/8 stride 4, key facet layer 11, {args.repeats} timed images per case\n")
-    header = f"{'size':>5} {'bin':>4} {'tokens':>7} {'img/s':>8} {'peak MB':>8}"
+    print(f"device {args.device}, ViT-S/8 stride 4, key facet layer 11, {args.repeats} timed images per "
+          f"implementation and case, taken turn by turn\n")
+    header = f"{'size':>5} {'bin':>5} {'tokens':>7} {'img/s':>8} {'peak MB':>8}"
     if args.peer:
-        header += f" {'peer img/s':>11} {'peer MB':>8} {'speed-up':>9} {'mem ratio':>10}"
+        header += f" {'peer img/s':>11} {'peer MB':>8} {'speed-up (min-max)':>19} {'mem ratio':>10}"
     print(header)
     for size in args.sizes:
         for use_bin in (False, True):
-            ours = measure("ours", size, use_bin, args)
-            if ours is None or ours.get("timeout"):
-                print(f"{size:>5} {str(use_bin):>4} failed or timed out")
+            res = measure(size, use_bin, args)
+            ours = res["ours"]
+            if not ours["seconds"] or "peak_mb" not in ours:
+                print(f"{size:>5} {str(use_bin):>5} failed or timed out", flush=True)
                 continue
-            row = (f"{size:>5} {str(use_bin):>4} {ours['tokens']:>7} {ours['img_per_s']:>8.3f} "
-                   f"{ours['peak_mb']:>8.0f}")
+            row = (f"{size:>5} {str(use_bin):>5} {ours['tokens']:>7} "
+                   f"{1 / statistics.median(ours['seconds']):>8.3f} {ours['peak_mb']:>8.0f}")
             if args.peer:
-                theirs = measure("peer", size, use_bin, args)
-                if theirs is None:
+                theirs = res["peer"]
+                if theirs.get("timeout"):
+                    row += f" {'> ' + str(args.timeout) + ' s':>11}"
+                elif not theirs["seconds"] or "peak_mb" not in theirs:
                     row += f" {'failed':>11}"
-                elif theirs.get("timeout"):
-                    row += f" {'> ' + str(args.timeout) + 's':>11}"
                 else:
-                    row += (f" {theirs['img_per_s']:>11.3f} {theirs['peak_mb']:>8.0f} "
-                            f"{ours['img_per_s'] / theirs['img_per_s']:>8.2f}x "
-                            f"{ours['peak_mb'] / theirs['peak_mb']:>9.2f}x")
+                    # per-round ratios: each pair of images was timed back to back
+                    ratios = [p / o for o, p in zip(ours["seconds"], theirs["seconds"])]
+                    spread = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                    row += (f" {1 / statistics.median(theirs['seconds']):>11.3f} {theirs['peak_mb']:>8.0f} "
+                            f"{spread:>19} {ours['peak_mb'] / theirs['peak_mb']:>9.2f}x")
             print(row, flush=True)
-    print("\nspeed-up = our images/s / peer images/s (higher is better); "
-          "mem ratio = our peak RSS / peer peak RSS (lower is better)")
+    print("\nimg/s = 1 / median seconds per image; speed-up = median over rounds of peer seconds / our "
+          "seconds (higher is better); mem ratio = our peak RSS / peer peak RSS (lower is better)")
 
 
 if __name__ == "__main__":

@@ -103,28 +103,33 @@ def log_bin(x: torch.Tensor, grid: tuple[int, int], hierarchy: int = 2) -> torch
     bsz, tokens, dim = x.shape
     hgt, wid = grid
     assert tokens == hgt * wid, (tokens, grid)
-    maps = x.transpose(1, 2).reshape(bsz, dim, hgt, wid)
-    bins = []
+    # Work channels-last (B, h, w, D), the layout of x itself, and write each bin straight into its slot
+    # of the (B, h, w, bins, D) result: no transposing copy of the (bins × larger) output.
+    maps = x.contiguous().reshape(bsz, hgt, wid, dim)
+    out = x.new_empty(bsz, hgt, wid, 1 + 8 * hierarchy, dim)
+    slot = 0
     for k in range(hierarchy):
         step = 3 ** k
-        pooled = maps if k == 0 else F.avg_pool2d(maps, step, stride=1, padding=step // 2,
-                                                  count_include_pad=False)
+        pooled = maps
+        if k > 0:  # avg_pool2d keeps the channels-last memory layout of its input
+            pooled = F.avg_pool2d(maps.permute(0, 3, 1, 2), step, stride=1, padding=step // 2,
+                                  count_include_pad=False).permute(0, 2, 3, 1)
         padded = _clamp_pad(pooled, step)  # == replicate padding: out-of-grid cells take the nearest
         for dy in (-step, 0, step):
             for dx in (-step, 0, step):
                 if k > 0 and dy == 0 and dx == 0:
                     continue
-                bins.append(padded[:, :, step + dy: step + dy + hgt, step + dx: step + dx + wid])
-    out = torch.cat(bins, dim=1)  # (B, bins*D, h, w), bin-major
-    return out.flatten(2).transpose(1, 2)
+                out[:, :, :, slot] = padded[:, step + dy: step + dy + hgt, step + dx: step + dx + wid]
+                slot += 1
+    return out.reshape(bsz, tokens, -1)
 
 
 def _clamp_pad(maps: torch.Tensor, pad: int) -> torch.Tensor:
-    """Pad (B, C, h, w) by ``pad`` cells on each side, each new cell copying the nearest cell of the grid."""
-    hgt, wid = maps.shape[-2:]
+    """Pad (B, h, w, C) by ``pad`` cells on each side, each new cell copying the nearest cell of the grid."""
+    hgt, wid = maps.shape[1:3]
     iy = torch.arange(-pad, hgt + pad, device=maps.device).clamp(0, hgt - 1)
     ix = torch.arange(-pad, wid + pad, device=maps.device).clamp(0, wid - 1)
-    return maps[:, :, iy][:, :, :, ix]
+    return maps[:, iy][:, :, ix]
 
 
 @dataclass
@@ -368,6 +373,8 @@ class ViTExtractor:
         """Descriptors (B, 1, T, D). A list of layers is computed in one pass and concatenated along D."""
         feats = self.extract(batch, layer, facet, bin=bin, include_cls=include_cls)
         layers = [layer] if isinstance(layer, int) else list(layer)
+        if len(layers) == 1:  # no concatenation: a copy of a (T × 17·D) log-binned result is not free
+            return feats.descriptors[layers[0]][:, None]
         return torch.cat([feats.descriptors[l] for l in layers], dim=-1)[:, None]
 
     def extract_saliency_maps(self, batch: torch.Tensor) -> torch.Tensor:
