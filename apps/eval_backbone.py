@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 from pretrain.knn import knn_accuracy
-from vitdense import ViTExtractor
-from vitdense.backbones import default_model_name, get_spec, read_weights
-from vitdense.retrieval import DescriptorConfig, global_descriptors
+from vitdense import DescriptorConfig, ViTExtractor, default_model_name, get_spec, global_descriptors, read_weights
 
 
 def digits_knn(extractor: ViTExtractor, size: int = 64, k: int = 20, temperature: float = 0.07) -> float:
@@ -59,8 +57,7 @@ def build(weights: str | None, model: str | None, random_init: bool, stride: int
     """The backbone to evaluate, or (``random_init``) a random one of the same architecture and seed 0."""
     if not random_init:
         return ViTExtractor(model if weights is None else None, stride=stride, weights=weights, device="cpu")
-    from vitdense import create_vit
-    from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from vitdense import IMAGENET_MEAN, IMAGENET_STD, create_vit
 
     if weights is not None:
         _, meta = read_weights(weights)

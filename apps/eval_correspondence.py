@@ -3,7 +3,7 @@
 PCK@α: a match (a → b) is correct when b lies within α × L of the true position of a in image B, L the
 longer side of image B, α = 0.05, 0.10, 0.15 ("pck@α"; for SPair-71k also "bbox_pck@α" with L the longer
 side of the target bounding box, that data set's usual protocol). The maths are the pure functions of
-``vitdense.correspond`` (pck, disparity_targets, homography_targets, transfer_keypoints).
+vitdense's public API (pck, disparity_targets, homography_targets, transfer_keypoints).
 
 (a) ``motorcycle``: scikit-image's Middlebury 2014 motorcycle pair (``skimage.data.stereo_motorcycle()``,
     500×741, left-view disparity from ``motorcycle_disp.npz``, inf = unknown): every salient best buddy of
@@ -38,12 +38,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from vitdense import ViTExtractor
-from vitdense.correspond import (PCK_ALPHAS, CorrespondenceResult, Correspondences, default_layer,
-                                 describe_image, disparity_targets, draw_correspondences, find_correspondences,
-                                 homography_targets, keypoint_threshold, pck, transfer_keypoints)
-from vitdense.errors import DataError, VitdenseError
-from vitdense.io import load_image, save_json, save_png
+from vitdense import (PCK_ALPHAS, CorrespondenceResult, Correspondences, DataError, ViTExtractor, VitdenseError,
+                      default_layer, describe_image, disparity_targets, draw_correspondences, find_correspondences,
+                      homography_targets, keypoint_threshold, load_image, pck, save_json, save_png,
+                      transfer_keypoints)
 
 
 # ---------------------------------------------------------------------------------- scoring (pure)

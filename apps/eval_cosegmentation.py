@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitdense.errors import DataError, VitdenseError
-from vitdense.io import IMAGE_SUFFIXES, list_images, natural_key
-from vitdense.metrics import jaccard, part_scores, precision
+from vitdense import (IMAGE_SUFFIXES, DataError, VitdenseError, jaccard, list_images, natural_key, part_scores,
+                      precision)
 
 
 def find_gt(gt_dir: Path, stem: str) -> Path | None:

@@ -100,7 +100,7 @@ def main() -> None:
 
     import torch
 
-    from vitdense.backbones import read_weights, save_backbone
+    from vitdense import read_weights, save_backbone
 
     state, meta = read_weights(args.out / "run" / "teacher_backbone.pth")
     name = args.name
