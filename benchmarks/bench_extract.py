@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--peer", help="path to a dino-vit-features checkout (never committed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--bin", choices=("both", "on", "off"), default="both", help="log-binned cases to run")
     parser.add_argument("--repeats", type=int, default=5, help="timed images per implementation and case")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per image before giving up")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
@@ -124,7 +125,7 @@ def main() -> None:
         header += f" {'peer img/s':>11} {'peer MB':>8} {'speed-up (min-max)':>19} {'mem ratio':>10}"
     print(header)
     for size in args.sizes:
-        for use_bin in (False, True):
+        for use_bin in {"both": (False, True), "on": (True,), "off": (False,)}[args.bin]:
             res = measure(size, use_bin, args)
             ours = res["ours"]
             if not ours["seconds"] or "peak_mb" not in ours:
