@@ -136,8 +136,8 @@ def _clamp_pad(maps: torch.Tensor, pad: int) -> torch.Tensor:
 class Features:
     """Result of :meth:`ViTExtractor.extract`.
 
-    descriptors: layer → (B, T, D) (or (B, 1 + T, D) with ``include_cls``); saliency: (B, T) in [0, 1];
-    cls: layer → (B, D') CLS token of the token facet when requested.
+    descriptors: layer → (B, T, D) (or (B, 1 + T, D) with ``include_cls``); saliency: (B, T) in [0, 1] or
+    None; num_patches: the token grid (h, w); load_size: the input's (H, W) in pixels.
     """
 
     descriptors: dict[int, torch.Tensor]
