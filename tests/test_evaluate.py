@@ -1,0 +1,280 @@
+"""The report card (`vitdense evaluate`): metrics against independent computations, a backbone that sees
+the objects against the floor, the whole command on a tiny data set, reproducibility and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import assert_user_error, run_cli, save_tiny_weights, tiny_vit
+
+from vitdense import ViTExtractor
+from vitdense.evaluate import (Candidate, EvalSettings, evaluate_backbones, keep_mass, mask_scores, pair_targets,
+                               random_like)
+from vitdense.extractor import Features
+
+SIZE = 96
+RED, YELLOW, BLUE = (230, 20, 20), (235, 225, 20), (20, 40, 230)
+PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (768 - 9)
+
+
+def _background(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """Greenish-blue gradient with noise: nothing red or yellow in it."""
+    y, x = np.mgrid[:size, :size]
+    base = np.stack([np.full_like(x, 40), 60 + x, 80 + y], -1).astype(np.float64)
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def _disk(size: int, cy: float, cx: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return (y - cy) ** 2 + (x - cx) ** 2 < r * r
+
+
+def write_tiny_eval_set(root: Path, seed: int = 0) -> Path:
+    """A data folder in the report card's layout (manifest format 1): red objects on greenish scenes,
+    two k-NN classes, a disparity pair and a homography pair, one two-object video."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    man: dict = {"format": "vitdense-eval", "version": 1, "seed": seed, "coseg": [], "knn": {}, "pairs": [],
+                 "video": [], "sources": []}
+    for g in range(2):
+        group = {"group": f"g{g}", "images": [], "masks": [], "stamps": []}
+        for i in range(3):
+            im = _background(rng)
+            r = rng.integers(16, 24)
+            cy, cx = rng.integers(r + 2, SIZE - r - 2, 2)
+            mask = _disk(SIZE, cy, cx, r)
+            im[mask] = RED
+            folder = root / "coseg" / group["group"]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(folder / f"{i:02d}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{i:02d}_mask.png")
+            group["images"].append(f"coseg/{group['group']}/{i:02d}.png")
+            group["masks"].append(f"coseg/{group['group']}/{i:02d}_mask.png")
+        man["coseg"].append(group)
+    spec: dict = {"classes": ["blue", "red"], "bank": [], "query": []}
+    for split, n in (("bank", 4), ("query", 3)):
+        for c, colour in enumerate((BLUE, RED)):
+            for i in range(n):
+                im = np.full((64, 64, 3), 128, np.uint8)
+                im[12 + i:44 + i, 16:48] = colour
+                folder = root / "knn" / "toy" / split / spec["classes"][c]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(im).save(folder / f"{i}.png")
+                spec[split].append([f"knn/toy/{split}/{spec['classes'][c]}/{i}.png", c])
+    man["knn"]["toy"] = spec
+    a = _background(rng)
+    a[20:40, 30:60] = RED
+    folder = root / "pairs" / "disp"
+    folder.mkdir(parents=True)
+    disparity = np.full((SIZE, SIZE), 4.0, np.float32)
+    disparity[:6] = np.inf
+    Image.fromarray(a).save(folder / "a.png")
+    Image.fromarray(np.roll(a, -4, axis=1)).save(folder / "b.png")
+    np.save(folder / "disparity.npy", disparity)
+    man["pairs"].append({"name": "disp", "kind": "disparity", "a": "pairs/disp/a.png", "b": "pairs/disp/b.png",
+                         "disparity": "pairs/disp/disparity.npy"})
+    hom = np.array([[np.cos(0.2), -np.sin(0.2), 12.0], [np.sin(0.2), np.cos(0.2), -6.0], [0, 0, 1]])
+    folder = root / "pairs" / "h00"
+    folder.mkdir(parents=True)
+    Image.fromarray(a).save(folder / "a.png")
+    Image.fromarray(cv2.warpPerspective(a, hom, (SIZE, SIZE))).save(folder / "b.png")
+    man["pairs"].append({"name": "h00", "kind": "homography", "a": "pairs/h00/a.png", "b": "pairs/h00/b.png",
+                         "H": hom.tolist()})
+    seq: dict = {"name": "v00", "frames": [], "masks": []}
+    folder = root / "video" / "v00"
+    folder.mkdir(parents=True)
+    scene = _background(rng)
+    for t in range(6):
+        im, labels = scene.copy(), np.zeros((SIZE, SIZE), np.uint8)
+        first = _disk(SIZE, 40, 24 + 5 * t, 14)
+        second = _disk(SIZE, 66, 72 - 4 * t, 9)
+        im[first], labels[first] = RED, 1
+        im[second], labels[second] = YELLOW, 2
+        Image.fromarray(im).save(folder / f"{t:05d}.png")
+        pal = Image.fromarray(labels, "P")
+        pal.putpalette(PALETTE)
+        pal.save(folder / f"{t:05d}_mask.png")
+        seq["frames"].append(f"video/v00/{t:05d}.png")
+        seq["masks"].append(f"video/v00/{t:05d}_mask.png")
+    man["video"].append(seq)
+    (root / "manifest.json").write_text(json.dumps(man, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_eval_set(tmp_path_factory.mktemp("evaldata") / "eval")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors", depth=12)
+
+
+TINY = EvalSettings(load_size=64, knn_load_size=64)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_keep_mass_matches_dino_attention_threshold():
+    """Independent: DINO's visualize_attention keeps, after an ascending sort, the tokens whose cumulative
+    normalised mass exceeds 1 - keep."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        values = rng.random(200) ** 3
+        keep = float(rng.uniform(0.2, 0.9))
+        order = np.argsort(values)
+        cum = np.cumsum(values[order] / values.sum())
+        expected = np.zeros(200, bool)
+        expected[order[cum > 1 - keep]] = True
+        assert np.array_equal(keep_mass(values, keep), expected)
+    assert keep_mass(np.zeros(5), 0.6).sum() == 0
+
+
+def test_mask_scores_on_known_masks():
+    pred = np.zeros((10, 10), bool)
+    gt = np.zeros((10, 10), bool)
+    pred[:, :5] = True  # 50 px
+    gt[:, 3:8] = True  # 50 px, 20 shared
+    scores = mask_scores(pred, gt)
+    assert scores == pytest.approx({"jaccard": 20 / 80, "precision": 20 / 50, "recall": 20 / 50})
+    assert mask_scores(np.zeros_like(gt), gt)["precision"] == 0.0
+
+
+def test_pair_targets_disparity_and_homography(tmp_path):
+    np.save(tmp_path / "d.npy", np.array([[2.0, np.inf], [3.0, 1.0]], np.float32))
+    pts = np.array([[0, 0], [0, 1], [1, 1], [1, 0]], float)  # (y, x)
+    targets, valid = pair_targets({"kind": "disparity", "disparity": "d.npy"}, tmp_path, pts, (2, 4))
+    assert valid.tolist() == [False, False, True, False]  # x - d < 0 is outside B; inf is unknown
+    assert targets[2].tolist() == [1, 0]
+    shift = {"kind": "homography", "H": [[1, 0, 5], [0, 1, -1], [0, 0, 1]]}  # x + 5, y - 1
+    targets, valid = pair_targets(shift, tmp_path, np.array([[3.0, 2.0], [0.0, 2.0]]), (10, 10))
+    assert targets[0].tolist() == [2.0, 7.0] and valid.tolist() == [True, False]
+
+
+def test_random_like_reinitialises_every_parameter_and_is_seeded():
+    model = tiny_vit(depth=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(5.0)  # "trained" weights far from any initialisation
+    a, b = random_like(model, seed=1), random_like(model, seed=1)
+    for (name, p), q, r in zip(model.named_parameters(), a.parameters(), b.parameters()):
+        assert p.shape == q.shape
+        assert not torch.allclose(p, q), name
+        assert torch.equal(q, r), name
+    assert not torch.equal(next(random_like(model, seed=2).parameters()), next(a.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- a backbone that sees the objects
+
+class ColourExtractor(ViTExtractor):
+    """A 'backbone' whose descriptors are the mean colour of each patch and whose saliency is how red and
+    yellow the patch is: on the tiny data set it sees every object, so the report must grade it well."""
+
+    def extract(self, batch, layers=11, facet="key", bin=False, include_cls=False, saliency=False):
+        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        pix = batch * torch.tensor(self.std).view(1, 3, 1, 1) + torch.tensor(self.mean).view(1, 3, 1, 1)
+        pooled = F.avg_pool2d(pix, self.p, self.stride[0])  # (B, 3, h, w)
+        grid = tuple(pooled.shape[-2:])
+        colour = pooled.flatten(2).transpose(1, 2)  # (B, T, 3)
+        desc = colour.repeat(1, 1, self.embed_dim // 3)
+        if include_cls:
+            desc = torch.cat([desc.mean(dim=1, keepdim=True), desc], dim=1)
+        warm = (colour[..., 0] - colour[..., 2]).clamp_min(0)  # red and yellow: high R, low B
+        sal = warm / warm.amax(dim=1, keepdim=True).clamp_min(1e-6)
+        self.load_size, self.num_patches = tuple(batch.shape[-2:]), grid
+        return Features({l: desc for l in layer_list}, sal if saliency else None, grid, self.load_size)
+
+
+def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
+    ext = ColourExtractor("colour", stride=4, model=tiny_vit(depth=12), device="cpu")
+    report = evaluate_backbones([Candidate("colour", ext, "test")], data, TINY, progress=False)
+    assert list(report.results) == ["colour", "random init"]
+    good, floor = report.results["colour"], report.results["random init"]
+    assert good["coseg"].scores["jaccard"] > 0.8
+    assert good["coseg"].scores["jaccard"] > floor["coseg"].scores["jaccard"] + 0.2
+    # a uniformly salient object: keeping 60 % of the mass keeps ~60 % of it and nothing else
+    assert good["saliency"].scores["precision"] > 0.95
+    assert good["saliency"].scores["recall"] == pytest.approx(0.6, abs=0.12)
+    assert good["knn"].scores["cls_top1"] == 100.0
+    # 96-px frames on a 12x12 token grid: coarse boundaries (random features track flat colours too)
+    assert good["video"].scores["jf"] > 0.6
+    assert set(good["correspond"].scores) == {"pck@0.01", "pck@0.02", "pck@0.05", "epe_px", "buddies"}
+    # the detail rows are the per-image scores the means come from
+    rows = good["coseg"].detail
+    assert len(rows) == 6
+    assert good["coseg"].scores["jaccard"] == pytest.approx(
+        np.mean([np.mean([r["jaccard"] for r in rows if r["group"] == g]) for g in ("g0", "g1")]))
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+FAST = ["--load-size", "64", "--device", "cpu"]
+
+
+def test_evaluate_command_writes_the_report_and_is_reproducible(tmp_path, data, weights):
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"report{run}"
+        result = run_cli("evaluate", "--weights", weights, "--compare", weights, "--data", data, "--out", out,
+                         *FAST)
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    report = json.loads((outs[0] / "report.json").read_text())
+    assert [b["label"] for b in report["backbones"]] == ["tiny", "tiny (2)", "random init"]
+    for label in ("tiny", "tiny (2)", "random init"):
+        assert set(report["scores"][label]) == {"coseg", "saliency", "knn", "correspond", "video"}
+    # the same weights twice give the same numbers, and a second run reproduces the first
+    assert report["scores"]["tiny"] == report["scores"]["tiny (2)"]
+    assert json.loads((outs[1] / "report.json").read_text())["scores"] == report["scores"]
+    table = (outs[0] / "report.md").read_text()
+    assert "| coseg | jaccard |" in table and "random init" in table
+    for task in ("coseg", "saliency", "knn", "correspond", "video"):
+        chart = np.asarray(Image.open(outs[0] / "charts" / f"{task}.png"))
+        assert chart.std() > 10  # a drawn chart, not a blank picture
+    for name in ("tiny_coseg", "tiny_saliency", "tiny_correspond", "tiny_video", "random_init_coseg"):
+        picture = np.asarray(Image.open(outs[0] / "examples" / f"{name}.png"))
+        assert picture.std() > 10, name
+    assert not list(tmp_path.glob(".report*"))  # no temporary folder left behind
+
+
+def test_quick_and_task_subset(tmp_path, data, weights):
+    out = tmp_path / "quick"
+    result = run_cli("evaluate", "--weights", weights, "--data", data, "--out", out, "--quick", "--tasks",
+                     "coseg,knn", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]["tiny"]) == {"coseg", "knn"}
+    assert [r["group"] for r in report["detail"]["tiny"]["coseg"]] == ["g0"] * 3 + ["g1"] * 3
+    knn = report["detail"]["tiny"]["knn"][0]
+    assert (knn["bank"], knn["query"]) == (8, 6)  # quick keeps up to 8 bank and 4 query images per class
+
+
+def test_bad_input(tmp_path, data, weights):
+    out = tmp_path / "out"
+    assert_user_error(run_cli("evaluate", "--model", "no_such_model", "--data", data, "--out", out, *FAST),
+                      "no_such_model")
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    assert_user_error(run_cli("evaluate", "--weights", bad, "--data", data, "--out", out, *FAST), str(bad))
+    assert_user_error(run_cli("evaluate", "--weights", weights, "--data", data, "--out", out, "--tasks", "nope",
+                              *FAST), "--tasks")
+    assert_user_error(run_cli("evaluate", "--weights", weights, "--data", data, *FAST), "--out")
+    # an incomplete data folder, and one from another version
+    broken = tmp_path / "broken"
+    write_tiny_eval_set(broken)
+    (broken / "coseg" / "g1" / "02_mask.png").unlink()
+    assert_user_error(run_cli("evaluate", "--weights", weights, "--data", broken, "--out", out, *FAST),
+                      "02_mask.png")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["version"] = 99
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert_user_error(run_cli("evaluate", "--weights", weights, "--data", broken, "--out", out, *FAST), "99")
+    assert not out.exists()  # nothing half-written

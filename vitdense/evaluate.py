@@ -1,0 +1,657 @@
+"""Report card: grade backbones on the dense tasks vitdense exists for, against ground truth.
+
+The data is a folder built by :mod:`vitdense.evalset` from photos and cut-outs that install from packages
+(``manifest.json``, format version 1). Every backbone is graded on the same data with the command line's
+defaults; a randomly initialised copy of the first backbone's architecture is always added as the floor.
+
+Tasks and what they report (all per backbone):
+
+- ``coseg``: :func:`vitdense.cosegment.cosegment` + CRF refinement (``vitdense cosegment``'s defaults) on
+  groups of composites; Jaccard, foreground precision (how much of the mask is object) and recall (how
+  much of the object is masked), mean over the images of a group, then over groups.
+- ``saliency``: the CLS-attention saliency of the same forward pass, thresholded to keep 60 % of its mass
+  (the DINO paper's attention masks, Caron et al. 2021, sec. 4.2.2 / fig. 3), Jaccard against the same
+  masks.
+- ``knn``: weighted k-NN (k = 20, T = 0.07, DINO's eval_knn) top-1 accuracy on the CLS token and on the
+  mean of the patch tokens (last layer, final LayerNorm, stride = patch size), per labelled set.
+- ``correspond``: best buddies (``vitdense correspond``'s defaults) on image pairs with known geometry
+  (a rectified stereo pair with disparity, homographies); PCK@0.01/0.02/0.05 of the image's longer side,
+  end-point error in pixels, number of buddies.
+- ``video``: label propagation (``vitdense propagate``'s defaults at the frames' own size) on synthetic
+  sequences; the DAVIS J&F of :mod:`vitdense.davis`.
+
+Shapes: T tokens of a (h, w) grid, D channels; masks (H, W) bool at the image's resolution.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigError
+
+LOG = logging.getLogger("vitdense.evaluate")
+
+TASKS = ("coseg", "saliency", "knn", "correspond", "video")
+FLOOR_LABEL = "random init"
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the report card runs. The defaults are the command line's (``vitdense cosegment``,
+    ``correspond``, ``propagate``); ``quick`` grades a fixed subset (first groups, pairs, one short video,
+    a few k-NN images per class)."""
+
+    tasks: tuple[str, ...] = TASKS
+    quick: bool = False
+    seed: int = 0
+    load_size: int = 224  # shorter side for co-segmentation, saliency and correspondences
+    stride: int = 4
+    layer: int = 11  # co-segmentation / saliency descriptors
+    facet: str = "key"
+    coseg_bin: bool = False
+    refine: str = "crf"
+    saliency_keep: float = 0.6  # fraction of the attention mass kept (DINO paper)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_load_size: int = 224
+    correspond_bin: bool = True
+    correspond_thresh: float = 0.05
+    pck_alphas: tuple[float, ...] = (0.01, 0.02, 0.05)
+    video_load_size: int | None = None  # None: the frames' own size
+    # --quick subset
+    quick_groups: int = 2
+    quick_pairs: int = 2
+    quick_videos: int = 1
+    quick_frames: int = 12
+    quick_knn_bank: int = 8  # per class
+    quick_knn_query: int = 4  # per class
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ConfigError(f"--tasks {','.join(self.tasks)}: choose from {', '.join(TASKS)}")
+        if not 0 < self.saliency_keep <= 1:
+            raise ConfigError(f"saliency_keep {self.saliency_keep}: must be in (0, 1]")
+
+
+@dataclass
+class Candidate:
+    """One backbone to grade: a label for the report, the extractor, and where its weights came from."""
+
+    label: str
+    extractor: Any  # ViTExtractor
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def random_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` with every parameter re-initialised as a freshly built one (seeded): each
+    module's ``reset_parameters`` (PyTorch's defaults) and then timm's ``init_weights`` where it exists
+    (truncated-normal position embedding, CLS/register tokens and linear layers)."""
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model).float()
+    with torch.no_grad():
+        for module in fresh.modules():
+            if module is not fresh and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if hasattr(fresh, "init_weights"):
+            fresh.init_weights()
+    return fresh.eval()
+
+
+def floor_candidate(first: Candidate, seed: int = 0) -> Candidate:
+    """The random-initialisation floor: the first backbone's architecture, preprocessing and stride, new
+    weights, saliency over all heads."""
+    from .extractor import ViTExtractor
+
+    src = first.extractor
+    ext = ViTExtractor(FLOOR_LABEL, stride=src.stride[0], model=random_like(src.model, seed), device=src.device,
+                       dtype=src.dtype)
+    ext.mean, ext.std = src.mean, src.std
+    return Candidate(FLOOR_LABEL, ext, f"random initialisation of {first.label}'s architecture (seed {seed})")
+
+
+def at_stride(extractor: Any, stride: int | None) -> Any:
+    """A view of ``extractor`` (same model) at another patch-embedding stride (None: the patch size)."""
+    stride = extractor.p if stride is None else stride
+    if extractor.stride == (stride, stride):
+        return extractor
+    view = copy.copy(extractor)
+    view.stride = (stride, stride)
+    view._pos_cache = {}
+    return view
+
+
+def keep_mass(values: np.ndarray, keep: float) -> np.ndarray:
+    """Boolean mask of the largest values whose sum is the first to reach ``keep`` of the total (as DINO's
+    attention masks: the smallest set of tokens holding that fraction of the mass). values: (T,) >= 0."""
+    v = np.clip(np.asarray(values, dtype=np.float64).reshape(-1), 0, None)
+    total = v.sum()
+    if total <= 0:
+        return np.zeros(v.shape, bool)
+    order = np.argsort(-v, kind="stable")
+    before = np.cumsum(v[order]) - v[order]  # mass of the strictly larger tokens
+    out = np.zeros(v.shape, bool)
+    out[order[before < keep * total]] = True
+    return out
+
+
+def mask_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Jaccard, foreground precision |P∩G|/|P| and recall |P∩G|/|G| of two (H, W) masks (precision of an
+    empty prediction = 0, recall of an empty ground truth = 1)."""
+    from .metrics import jaccard
+
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    inter = float(np.logical_and(pred, gt).sum())
+    return {"jaccard": jaccard(pred, gt),
+            "precision": inter / pred.sum() if pred.any() else 0.0,
+            "recall": inter / gt.sum() if gt.any() else 1.0}
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from .viz import upsample
+
+    mask = np.asarray(mask)
+    if mask.shape == tuple(size):
+        return mask.astype(bool)
+    return upsample(mask.astype(np.uint8), size, nearest=True) > 0
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) >= 128
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels on the border of a (H, W) mask (inside, 4-neighbourhood, 2 px)."""
+    from scipy.ndimage import binary_erosion
+
+    mask = np.asarray(mask, bool)
+    return mask & ~binary_erosion(mask, iterations=2)
+
+
+def _draw(image: np.ndarray, pred: np.ndarray | None, gt: np.ndarray | None) -> np.ndarray:
+    """The image with a predicted mask tinted red (and outlined) and the ground truth outlined in green."""
+    out = np.asarray(image).astype(np.float32).copy()
+    if pred is not None and pred.any():
+        out[pred] = 0.5 * out[pred] + 0.5 * np.array([255, 40, 40], np.float32)
+        out[_outline(pred)] = (255, 40, 40)
+    if gt is not None:
+        out[_outline(gt)] = (40, 255, 40)
+    return out.round().astype(np.uint8)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "backbone"
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+
+@dataclass
+class TaskResult:
+    """Scores of one task for one backbone (name → value), detail rows, and example pictures."""
+
+    scores: dict[str, float]
+    detail: list[dict[str, Any]] = field(default_factory=list)
+    pictures: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (RGB uint8, title)
+    seconds: float = 0.0
+
+
+def _coseg_groups(manifest: dict, settings: EvalSettings) -> list[dict]:
+    groups = manifest.get("coseg", [])
+    return groups[:settings.quick_groups] if settings.quick else groups
+
+
+def run_coseg_and_saliency(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
+                           progress: bool = True) -> dict[str, TaskResult]:
+    """Co-segmentation and saliency masks of every group; one forward pass per image serves both."""
+    from tqdm import tqdm
+
+    from .cosegment import cosegment, refine_objects
+
+    groups = _coseg_groups(manifest, settings)
+    want_coseg, want_sal = "coseg" in settings.tasks, "saliency" in settings.tasks
+    coseg_rows, sal_rows, coseg_pics, sal_pics = [], [], [], []
+    t_extract = t_coseg = 0.0
+    total = sum(len(g["images"]) for g in groups)
+    bar = tqdm(total=total, desc="co-segmentation", unit="img", disable=not progress)
+    for gi, group in enumerate(groups):
+        start = time.perf_counter()
+        descs, sals, grids, resized, gts, images = [], [], [], [], [], []
+        for rel, mask_rel in zip(group["images"], group["masks"]):
+            batch, pil = ext.preprocess(root / rel, settings.load_size)
+            feats = ext.extract(batch, [settings.layer], settings.facet, bin=settings.coseg_bin, saliency=True)
+            descs.append(feats.descriptors[settings.layer][0].cpu().numpy())
+            sals.append(feats.saliency[0].cpu().numpy().astype(np.float32))
+            grids.append(tuple(feats.num_patches))
+            resized.append(np.asarray(pil))
+            gts.append(_read_mask(root / mask_rel))
+            images.append(_rgb(root / rel))
+            bar.update(1)
+        t_extract += time.perf_counter() - start
+        name = group["group"]
+        if want_sal:
+            for i, (sal, grid, gt) in enumerate(zip(sals, grids, gts)):
+                pred = _resize_mask(keep_mass(sal, settings.saliency_keep).reshape(grid), gt.shape)
+                sal_rows.append({"group": name, "image": group["images"][i], **mask_scores(pred, gt)})
+                if gi == 0:
+                    sal_pics.append((_draw(images[i], pred, gt), Path(group["images"][i]).stem))
+        if want_coseg:
+            start = time.perf_counter()
+            result = cosegment(descs, sals, grids, seed=settings.seed)
+            masks = refine_objects(resized, result, settings.refine)
+            t_coseg += time.perf_counter() - start
+            for i, (mask, gt) in enumerate(zip(masks, gts)):
+                pred = _resize_mask(mask, gt.shape)
+                coseg_rows.append({"group": name, "image": group["images"][i], "k": result.clustering.k,
+                                   **mask_scores(pred, gt)})
+                if gi == 0:
+                    coseg_pics.append((_draw(images[i], pred, gt), Path(group["images"][i]).stem))
+    bar.close()
+    out = {}
+    if want_coseg:
+        out["coseg"] = TaskResult(_group_means(coseg_rows, ("jaccard", "precision", "recall")), coseg_rows,
+                                  coseg_pics, t_extract + t_coseg)
+        out["coseg"].scores["empty_masks"] = float(np.mean([r["precision"] == 0 for r in coseg_rows])) \
+            if coseg_rows else float("nan")
+    if want_sal:
+        # the forward passes are counted once, under coseg when both run
+        out["saliency"] = TaskResult(_group_means(sal_rows, ("jaccard", "precision", "recall")), sal_rows,
+                                     sal_pics, 0.0 if want_coseg else t_extract)
+    return out
+
+
+def _group_means(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
+    """Mean over images within each group, then over groups."""
+    if not rows:
+        return {k: float("nan") for k in keys}
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    return {k: float(np.mean([np.mean([r[k] for r in g]) for g in groups.values()])) for k in keys}
+
+
+def _knn_subset(items: list, quick: bool, per_class: int, seed: int) -> list:
+    if not quick:
+        return items
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list] = {}
+    for item in items:
+        by_class.setdefault(int(item[1]), []).append(item)
+    keep = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        idx = sorted(rng.permutation(len(members))[:per_class])
+        keep.extend(members[i] for i in idx)
+    return keep
+
+
+def embed_global(ext: Any, paths: Sequence[Path], load_size: int, batch_size: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLS (N, D), mean patch token (N, D)) of the last layer after the final LayerNorm, at the patch
+    size as stride. Images of one size share a forward pass."""
+    net = at_stride(ext, None)
+    norm = getattr(net.model, "norm", None)
+    layer = net.depth - 1
+    cls_out, mean_out = [], []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        tokens = net.extract(torch.cat(pending), [layer], "token", include_cls=True).descriptors[layer]
+        with torch.inference_mode():
+            if norm is not None:
+                tokens = norm(tokens)
+        cls_out.append(tokens[:, 0].float().cpu())
+        mean_out.append(tokens[:, 1:].float().mean(dim=1).cpu())
+        pending.clear()
+
+    for path in paths:
+        batch, _ = net.preprocess(path, load_size)
+        if pending and (pending[0].shape != batch.shape or len(pending) >= batch_size):
+            flush()
+        pending.append(batch)
+    flush()
+    return torch.cat(cls_out), torch.cat(mean_out)
+
+
+def run_knn(ext: Any, root: Path, manifest: dict, settings: EvalSettings, progress: bool = True) -> TaskResult:
+    """Weighted k-NN top-1 (%) per labelled set, on the CLS token and on the mean patch token."""
+    from tqdm import tqdm
+
+    from .metrics import knn_accuracy
+
+    start = time.perf_counter()
+    scores: dict[str, float] = {}
+    detail = []
+    sets = manifest.get("knn", {})
+    for name in tqdm(sorted(sets), desc="k-NN", unit="set", disable=not progress):
+        spec = sets[name]
+        bank = _knn_subset(spec["bank"], settings.quick, settings.quick_knn_bank, settings.seed)
+        query = _knn_subset(spec["query"], settings.quick, settings.quick_knn_query, settings.seed)
+        if not bank or not query:
+            continue
+        n_classes = len(spec["classes"])
+        bank_cls, bank_mean = embed_global(ext, [root / p for p, _ in bank], settings.knn_load_size)
+        query_cls, query_mean = embed_global(ext, [root / p for p, _ in query], settings.knn_load_size)
+        bank_y = torch.tensor([int(c) for _, c in bank])
+        query_y = torch.tensor([int(c) for _, c in query])
+        row = {"set": name, "classes": n_classes, "bank": len(bank), "query": len(query)}
+        for kind, b, q in (("cls", bank_cls, query_cls), ("patch_mean", bank_mean, query_mean)):
+            acc = knn_accuracy(b, bank_y, q, query_y, n_classes, settings.knn_k, settings.knn_temperature)
+            scores[f"{name}_{kind}_top1"] = acc["top1"]
+            row[f"{kind}_top1"] = acc["top1"]
+        row["chance_top1"] = 100.0 * max(np.bincount(query_y.numpy(), minlength=n_classes)) / len(query)
+        detail.append(row)
+    if detail:
+        scores["cls_top1"] = float(np.mean([r["cls_top1"] for r in detail]))
+        scores["patch_mean_top1"] = float(np.mean([r["patch_mean_top1"] for r in detail]))
+    return TaskResult(scores, detail, [], time.perf_counter() - start)
+
+
+def pair_targets(pair: dict, root: Path, points_a: np.ndarray, size_b: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth positions in B (N, 2) (y, x) of points of A, and which are known and inside B."""
+    from .correspond import disparity_targets, homography_targets
+
+    if pair["kind"] == "disparity":
+        targets, valid = disparity_targets(points_a, np.load(root / pair["disparity"]))
+    elif pair["kind"] == "homography":
+        targets, valid = homography_targets(points_a, np.asarray(pair["H"], dtype=np.float64))
+    else:
+        raise ConfigError(f"pair {pair.get('name')}: unknown kind {pair['kind']!r}")
+    inside = ((targets[:, 0] >= 0) & (targets[:, 0] <= size_b[0] - 1) & (targets[:, 1] >= 0)
+              & (targets[:, 1] <= size_b[1] - 1))
+    return targets, valid & inside
+
+
+def run_correspond(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
+                   progress: bool = True) -> TaskResult:
+    """PCK and end-point error of every best buddy on pairs with known geometry."""
+    from tqdm import tqdm
+
+    from .correspond import draw_correspondences, find_correspondences, keypoint_threshold, pck
+
+    start = time.perf_counter()
+    pairs = manifest.get("pairs", [])
+    if settings.quick:
+        pairs = pairs[:settings.quick_pairs]
+    rows, pics = [], []
+    for pair in tqdm(pairs, desc="correspondences", unit="pair", disable=not progress):
+        res = find_correspondences(ext, root / pair["a"], root / pair["b"], load_size=settings.load_size,
+                                   bin=settings.correspond_bin, thresh=settings.correspond_thresh,
+                                   seed=settings.seed)
+        buddies = res.buddies
+        targets, valid = pair_targets(pair, root, buddies.points_a, res.size_b)
+        dist = np.linalg.norm(buddies.points_b - targets, axis=1) if len(buddies) else np.zeros(0)
+        row: dict[str, Any] = {"pair": pair["name"], "buddies": len(buddies), "evaluated": int(valid.sum())}
+        ref = keypoint_threshold(size=res.size_b)
+        scored = pck(buddies.points_b, targets, ref, settings.pck_alphas, valid) if len(buddies) else \
+            {a: float("nan") for a in settings.pck_alphas}
+        for alpha, value in scored.items():
+            # no buddy at all scores 0: finding nothing is not a perfect score
+            row[f"pck@{alpha:g}"] = 0.0 if not valid.any() else value
+        row["epe_px"] = float(dist[valid].mean()) if valid.any() else float("nan")
+        rows.append(row)
+        if len(pics) < 2 and len(buddies):
+            order = np.random.default_rng(settings.seed).permutation(len(buddies))[:40]
+            ok = valid[order] & (dist[order] <= max(settings.pck_alphas) * ref)
+            colours = np.where(ok[:, None], [[40, 220, 40]], [[255, 40, 40]]).astype(np.uint8)
+            picture = draw_correspondences(_rgb(root / pair["a"]), _rgb(root / pair["b"]),
+                                           buddies.points_a[order], buddies.points_b[order], height=240,
+                                           colours=colours, labels=False, lines=True)
+            pics.append((picture, pair["name"]))
+    keys = [f"pck@{a:g}" for a in settings.pck_alphas]
+    scores = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
+    epes = [r["epe_px"] for r in rows if np.isfinite(r["epe_px"])]
+    scores["epe_px"] = float(np.mean(epes)) if epes else float("nan")
+    scores["buddies"] = float(np.mean([r["buddies"] for r in rows])) if rows else float("nan")
+    return TaskResult(scores, rows, pics, time.perf_counter() - start)
+
+
+def run_video(ext: Any, root: Path, manifest: dict, settings: EvalSettings, progress: bool = True) -> TaskResult:
+    """J&F of label propagation from the first frame's masks on every sequence."""
+    from tqdm import tqdm
+
+    from .davis import evaluate_sequence
+    from .video import read_mask, segment_video
+
+    start = time.perf_counter()
+    seqs = manifest.get("video", [])
+    if settings.quick:
+        seqs = seqs[:settings.quick_videos]
+    net = at_stride(ext, None)
+    rows, pics = [], []
+    for seq in tqdm(seqs, desc="video", unit="seq", disable=not progress):
+        frames_rel, masks_rel = seq["frames"], seq["masks"]
+        if settings.quick:
+            frames_rel, masks_rel = frames_rel[:settings.quick_frames], masks_rel[:settings.quick_frames]
+        gt = np.stack([read_mask(root / m)[0] for m in masks_rel]).astype(np.int64)
+        frames = (_rgb(root / f) for f in frames_rel)
+        preds, shown = [], []
+        keep = {0, len(frames_rel) // 3, 2 * len(frames_rel) // 3, len(frames_rel) - 2}
+        for out in segment_video(net, frames, gt[0], load_size=settings.video_load_size):
+            if 0 < out.index < len(frames_rel) - 1:
+                preds.append(out.labels)
+            if out.index in keep and len(pics) < 1:
+                shown.append((out.frame, out.labels, out.index))
+        objects = evaluate_sequence(gt, np.stack(preds), seq["name"])
+        j = float(np.mean([np.nanmean(o.j) for o in objects]))
+        f = float(np.mean([np.nanmean(o.f) for o in objects]))
+        rows.append({"sequence": seq["name"], "frames": len(frames_rel), "objects": len(objects),
+                     "j": j, "f": f, "jf": (j + f) / 2})
+        if shown:
+            from .viz import overlay
+
+            for frame, labels, index in shown:
+                pics.append((overlay(frame, labels, alpha=0.5), f"{seq['name']} #{index}"))
+    scores = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in ("jf", "j", "f")}
+    return TaskResult(scores, rows, pics, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+@dataclass
+class Report:
+    """Scores of every backbone on every task; ``write`` puts report.json, report.md and PNGs in a folder."""
+
+    backbones: list[dict[str, Any]]
+    results: dict[str, dict[str, TaskResult]]  # label → task → result
+    settings: EvalSettings
+    data: dict[str, Any]
+    seconds: float = 0.0
+
+    def score(self, label: str, task: str, metric: str) -> float:
+        return self.results[label][task].scores[metric]
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(task, metric) rows of the table, in task order."""
+        out: list[tuple[str, str]] = []
+        for task in self.settings.tasks:
+            seen: list[str] = []
+            for per_task in self.results.values():
+                for metric in per_task.get(task, TaskResult({})).scores:
+                    if metric not in seen:
+                        seen.append(metric)
+            out.extend((task, m) for m in seen)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "vitdense-report", "version": 1,
+            "data": self.data, "settings": asdict(self.settings), "backbones": self.backbones,
+            "scores": {label: {task: r.scores for task, r in tasks.items()} for label, tasks in self.results.items()},
+            "seconds": {label: {task: r.seconds for task, r in tasks.items()} for label, tasks in self.results.items()},
+            "detail": {label: {task: r.detail for task, r in tasks.items()} for label, tasks in self.results.items()},
+            "total_seconds": self.seconds,
+        }
+
+    def markdown(self) -> str:
+        labels = list(self.results)
+        head = "| task | metric | " + " | ".join(labels) + " |"
+        lines = ["# vitdense report card", "",
+                 f"Data: `{self.data.get('dir')}` (format {self.data.get('version')}, seed "
+                 f"{self.data.get('seed')}){' — quick subset' if self.settings.quick else ''}. "
+                 f"Higher is better except `epe_px` and `empty_masks`.", "",
+                 head, "|---|---|" + "---|" * len(labels)]
+        for task, metric in self.rows():
+            cells = []
+            for label in labels:
+                value = self.results[label].get(task, TaskResult({})).scores.get(metric)
+                cells.append("–" if value is None or not np.isfinite(value) else _fmt(metric, value))
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+        for task in self.settings.tasks:
+            cells = [f"{self.results[label][task].seconds:.0f}" if task in self.results[label] else "–"
+                     for label in labels]
+            lines.append(f"| {task} | seconds | " + " | ".join(cells) + " |")
+        lines += ["", "Backbones:", ""]
+        lines += [f"- **{b['label']}**: {b['source']}" for b in self.backbones]
+        lines += ["", f"Total time {self.seconds:.0f} s."]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        """report.json, report.md, one bar chart per task (charts/TASK.png) and example pictures per
+        backbone (examples/LABEL_TASK.png). Everything is written to a temporary folder beside ``out_dir``
+        first and moved in at the end, so an error leaves ``out_dir`` as it was."""
+        import os
+        import shutil
+        import tempfile
+
+        from .io import save_json, save_png
+        from .viz import contact_sheet
+
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            save_json(tmp / "report.json", self.to_json())
+            (tmp / "report.md").write_text(self.markdown())
+            for task in self.settings.tasks:
+                chart = bar_chart(self, task)
+                if chart is not None:
+                    save_png(tmp / "charts" / f"{task}.png", chart)
+            for label, tasks in self.results.items():
+                for task, result in tasks.items():
+                    if result.pictures:
+                        sheet = contact_sheet([p for p, _ in result.pictures], [t for _, t in result.pictures],
+                                              cell=320 if task == "correspond" else 256)
+                        save_png(tmp / "examples" / f"{_slug(label)}_{task}.png", sheet)
+            written = []
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                dest = out / path.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+                written.append(dest)
+            return written
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric.endswith("top1") or metric == "buddies":
+        return f"{value:.1f}"
+    if metric == "epe_px":
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def bar_chart(report: Report, task: str) -> np.ndarray | None:
+    """Grouped bars of one task's scores (one bar per backbone per metric) as an RGB array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for t, m in report.rows() if t == task and m not in ("buddies", "epe_px")]
+    if not metrics:
+        return None
+    labels = list(report.results)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(metrics) * max(1, len(labels)) / 2, 3.2), dpi=100)
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        scores = report.results[label].get(task, TaskResult({})).scores
+        values = [scores.get(m, float("nan")) for m in metrics]
+        xs = np.arange(len(metrics)) + (i - (len(labels) - 1) / 2) * width
+        ax.bar(xs, np.nan_to_num(values), width, label=label)
+    ax.set_xticks(np.arange(len(metrics)), metrics, rotation=20, ha="right", fontsize=8)
+    ax.set_title(task)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+RUNNERS: dict[str, Callable[..., Any]] = {"knn": run_knn, "correspond": run_correspond, "video": run_video}
+
+
+def evaluate_backbones(candidates: Sequence[Candidate], data_dir: str | Path, settings: EvalSettings | None = None,
+                       progress: bool = True, add_floor: bool = True,
+                       on_task: Callable[[str, str, TaskResult], None] | None = None) -> Report:
+    """Grade backbones on the report card's tasks; the floor (random initialisation of the first one's
+    architecture) is added as the last column unless ``add_floor`` is False.
+
+    candidates: :class:`Candidate` s (label, ViTExtractor at the co-segmentation stride, source text).
+    data_dir: a folder built by :func:`vitdense.evalset.prepare_eval_data` (checked first: DataError when
+    it is missing, incomplete or of another version). ``on_task(label, task, result)`` is called after
+    each task (the CLI prints timings with it).
+    """
+    from .evalset import load_manifest
+
+    settings = settings or EvalSettings()
+    if not candidates:
+        raise ConfigError("no backbone to evaluate")
+    root = Path(data_dir)
+    manifest = load_manifest(root)
+    candidates = list(candidates)
+    labels = [c.label for c in candidates]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"backbone labels must differ: {labels}")
+    if add_floor:
+        candidates.append(floor_candidate(candidates[0], settings.seed))
+    start = time.perf_counter()
+    results: dict[str, dict[str, TaskResult]] = {}
+    for cand in candidates:
+        ext = at_stride(cand.extractor, settings.stride)
+        per_task: dict[str, TaskResult] = {}
+        if "coseg" in settings.tasks or "saliency" in settings.tasks:
+            torch.manual_seed(settings.seed)
+            for task, result in run_coseg_and_saliency(ext, root, manifest, settings, progress).items():
+                per_task[task] = result
+                if on_task:
+                    on_task(cand.label, task, result)
+        for task in ("knn", "correspond", "video"):
+            if task in settings.tasks:
+                torch.manual_seed(settings.seed)
+                per_task[task] = RUNNERS[task](ext, root, manifest, settings, progress)
+                if on_task:
+                    on_task(cand.label, task, per_task[task])
+        results[cand.label] = {t: per_task[t] for t in settings.tasks if t in per_task}
+    backbones = [{"label": c.label, "source": c.source, "model": c.extractor.model_type,
+                  "patch": c.extractor.p, "embed_dim": c.extractor.embed_dim, "depth": c.extractor.depth,
+                  "params_m": round(sum(p.numel() for p in c.extractor.model.parameters()) / 1e6, 2)}
+                 for c in candidates]
+    data = {"dir": str(root), "version": manifest.get("version"), "seed": manifest.get("seed"),
+            "coseg_groups": len(_coseg_groups(manifest, settings))}
+    return Report(backbones, results, settings, data, time.perf_counter() - start)
