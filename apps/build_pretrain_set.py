@@ -9,6 +9,11 @@ Sources (all installable offline-from-the-web, only a package registry is needed
   lomiri-wallpapers sets (each file's licence is read from its package's copyright file and recorded in
   the manifest: GPL-2+, CC-BY-SA, CC-BY).
 
+Only training-split photos are used (:func:`select_pretraining`): a photo whose key (``PACKAGE/path`` or
+``skimage/NAME``) has ``vitdense.photo_split(key) == "eval"`` belongs to the evaluation set of
+``vitdense evaluate`` and is left out, and so is the motorcycle stereo pair (an evaluation pair); Tux Paint
+stamps (none are used today) would need ``vitdense.stamp_split(path) == "train"``, reserved ones never.
+
 Every image is resized so its longer side is at most ``--max-side`` pixels and written as JPEG under
 ``OUT/<source>/``. ``OUT/manifest.json`` lists every file with its source, package version, original
 path and licence. Re-running gives the same files (sorted, deterministic).
@@ -18,23 +23,45 @@ path and licence. Re-running gives the same files (sorted, deterministic).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
+from vitdense import (DataError, fetch_package, is_non_commercial, photo_split, stamp_split, wallpaper_name,
+                      wallpaper_photos)
+
 DEBIAN_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "gnome-backgrounds", "ukui-wallpapers",
                    "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
-RASTER = {".jpg", ".jpeg", ".png", ".webp"}
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "retina", "colorwheel", "logo", "skin", "lily")  # data.cat() is chelsea again
+STAMPS_PREFIX = "tuxpaint-stamps-default/usr/share/tuxpaint/stamps/"
+EVALUATION_ONLY = ("skimage/motorcycle_left", "skimage/motorcycle_right")  # the stereo pair of vitdense evaluate
+
+
+def select_pretraining(keys: Iterable[str]) -> list[str]:
+    """The keys, in order, of the photos pretraining may use: training-split ones only.
+
+    A key is ``PACKAGE/path/in/package`` (``skimage/NAME`` for scikit-image's photos). Tux Paint stamps
+    (``tuxpaint-stamps-default/usr/share/tuxpaint/stamps/...``) follow the stamp rule (train only, never
+    reserved or eval), every other photo the photo rule; the motorcycle stereo pair is evaluation-only.
+    """
+    out = []
+    for key in keys:
+        if key in EVALUATION_ONLY:
+            continue
+        if key.startswith(STAMPS_PREFIX):
+            if stamp_split(key[len(STAMPS_PREFIX):]) == "train":
+                out.append(key)
+        elif photo_split(key) == "train":
+            out.append(key)
+    return out
 
 
 def save_resized(image: Image.Image, dest: Path, max_side: int) -> tuple[int, int]:
@@ -67,9 +94,7 @@ def skimage_images() -> list[tuple[str, Image.Image, str]]:
         if array.dtype != np.uint8:
             array = (255 * (array - array.min()) / max(np.ptp(array), 1e-8)).astype(np.uint8)
         out.append((name, Image.fromarray(array[..., :3]), "scikit-image data (see skimage/data/README)"))
-    # the stereo pair's left view is a fine photograph too (the right one would be a near-duplicate)
-    left, _, _ = data.stereo_motorcycle()
-    out.append(("motorcycle_left", Image.fromarray(left), "Middlebury 2014 stereo (skimage.data)"))
+    # (not the motorcycle stereo pair: it is an evaluation pair of vitdense evaluate)
     return out
 
 
@@ -81,67 +106,18 @@ def sklearn_images() -> list[tuple[str, Image.Image, str]]:
             for f, img in zip(bunch.filenames, bunch.images)]
 
 
-def licence_of(copyright_text: str, relpath: str) -> str:
-    """``License`` (and ``Copyright``) of the last DEP-5 ``Files:`` stanza whose patterns match ``relpath``."""
-    found = "see the package's copyright file"
-    for stanza in copyright_text.split("\n\n"):
-        fields: dict[str, str] = {}
-        current = None
-        for line in stanza.splitlines():
-            if line[:1] in (" ", "\t") and current:
-                fields[current] += " " + line.strip()
-            elif ":" in line:
-                current, _, value = line.partition(":")
-                fields[current] = value.strip()
-        if "Files" not in fields or "License" not in fields:
-            continue
-        for pattern in fields["Files"].split():
-            # Patterns name paths of the source tree, files are installed elsewhere: match the tail too.
-            if (fnmatch.fnmatch(relpath, pattern) or fnmatch.fnmatch(relpath, "*/" + pattern)
-                    or Path(relpath).name == Path(pattern).name):
-                holder = fields.get("Copyright", "")
-                found = fields["License"].split()[0] + (f" (© {holder})" if holder else "")
-                break
-    return found
-
-
-def debian_images(package: str, workdir: Path) -> tuple[list[tuple[str, Image.Image, str, str]], str]:
-    """Download and unpack one Debian package; return its photographs and the package version.
-
-    Plasma wallpapers come in several resolutions of the same picture: only the largest landscape one is
-    kept. Screenshots, SVGs and dark variants are skipped.
-    """
-    subprocess.run(["apt-get", "download", package], cwd=workdir, check=True, capture_output=True)
-    deb = next(workdir.glob(f"{package}_*.deb"))
-    version = deb.name.split("_")[1].replace("%3a", ":")
-    root = workdir / package
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    copyright_file = next(root.glob("usr/share/doc/*/copyright"), None)
-    copyright_text = copyright_file.read_text(errors="replace") if copyright_file else ""
-
-    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in RASTER and p.is_file()
-                        and "screenshot" not in p.name and "/doc/" not in str(p) and "images_dark" not in str(p))
-    chosen: dict[str, Path] = {}
-    for path in candidates:
-        # one picture in several resolutions: plasma's NAME/contents/images/WxH.jpg, mate's NAME_WxH.jpg
-        group = (str(path.parent.parent.parent) if path.parent.name == "images"
-                 else re.sub(r"_\d+x\d+$", "", str(path.with_suffix(""))))
-        with Image.open(path) as im:
-            area = im.width * im.height if im.width >= im.height else 0
-        previous = chosen.get(group)
-        if previous is None or area > _landscape_area(previous):
-            chosen[group] = path
+def debian_images(package: str, cache_dir: Path, workdir: Path
+                  ) -> tuple[list[tuple[str, Image.Image, str, str]], str]:
+    """Download and unpack one Debian wallpaper package; return (name, image, licence, path in package) of
+    its pictures (one resolution each: ``vitdense.wallpaper_photos``) and the package version."""
+    pkg = fetch_package(package, cache_dir, workdir)
     out = []
-    for group, path in sorted(chosen.items()):
-        rel = str(path.relative_to(root))
-        name = Path(group).name
-        out.append((name, Image.open(path), licence_of(copyright_text, rel), rel))
-    return out, version
-
-
-def _landscape_area(path: Path) -> int:
-    with Image.open(path) as im:
-        return im.width * im.height if im.width >= im.height else 0
+    for rel in wallpaper_photos(pkg):
+        licence = pkg.licence(rel)
+        if is_non_commercial(licence):
+            continue
+        out.append((wallpaper_name(rel), Image.open(pkg.root / rel), licence, rel))
+    return out, pkg.version
 
 
 def main() -> None:
@@ -154,32 +130,33 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     manifest = []
+    skipped = []
 
-    def add(source: str, name: str, image: Image.Image, licence: str, **extra: str) -> None:
+    def add(source: str, name: str, image: Image.Image, licence: str, key: str, **extra: str) -> None:
+        if not select_pretraining([key]):
+            skipped.append(key)
+            return
         dest = args.out / source / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.jpg"
         width, height = save_resized(image, dest, args.max_side)
-        manifest.append({"file": str(dest.relative_to(args.out)), "source": source, "licence": licence,
-                         "width": width, "height": height, **extra})
+        manifest.append({"file": str(dest.relative_to(args.out)), "source": source, "key": key,
+                         "licence": licence, "width": width, "height": height, **extra})
 
     for name, image, licence in skimage_images():
-        add("skimage", name, image, licence)
+        add("skimage", name, image, licence, f"skimage/{name}")
     for name, image, licence in sklearn_images():
-        add("sklearn", name, image, licence)
+        add("sklearn", name, image, licence, f"sklearn/{name}")
     if not args.no_debian:
-        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            print("apt-get/dpkg-deb not found: Debian wallpapers skipped (use --no-debian to silence)",
-                  file=sys.stderr)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                for package in DEBIAN_PACKAGES:
-                    try:
-                        images, version = debian_images(package, Path(tmp))
-                    except (subprocess.CalledProcessError, StopIteration) as err:
-                        print(f"skip {package}: {err}", file=sys.stderr)
-                        continue
-                    for name, image, licence, rel in images:
-                        add(package, name, image, licence, package_version=version, original=rel)
+        with tempfile.TemporaryDirectory() as tmp:
+            for package in DEBIAN_PACKAGES:
+                try:
+                    images, version = debian_images(package, Path(tmp), Path(tmp))
+                except DataError as err:
+                    print(f"skip {package}: {err}", file=sys.stderr)
+                    continue
+                for name, image, licence, rel in images:
+                    add(package, name, image, licence, f"{package}/{rel}", package_version=version, original=rel)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(f"left out {len(skipped)} evaluation-split photos", file=sys.stderr)
     by_source: dict[str, int] = {}
     for entry in manifest:
         by_source[entry["source"]] = by_source.get(entry["source"], 0) + 1

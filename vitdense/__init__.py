@@ -22,6 +22,8 @@ from .video import LabelPropagator, PropagationConfig, SegmentedFrame, VideoFram
 from .davis import DavisResults, evaluate_davis
 from .retrieval import (DescriptorConfig, FaissConfig, ImageIndex, build_faiss, embed_images, faiss_search,
                         global_descriptors, update_index)
+from .splits import is_reserved_stamp, photo_split, stamp_split
+from .evalset import fetch_package, is_non_commercial, wallpaper_name, wallpaper_photos
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,9 @@ __all__ = [
     # retrieval
     "DescriptorConfig", "global_descriptors", "embed_images", "ImageIndex", "update_index", "FaissConfig",
     "build_faiss", "faiss_search",
+    # data splits and package sources (vitdense.splits, vitdense.evalset)
+    "stamp_split", "photo_split", "is_reserved_stamp", "fetch_package", "wallpaper_photos", "wallpaper_name",
+    "is_non_commercial",
     # errors
     "VitdenseError", "ImageError", "CheckpointError", "ConfigError", "DataError",
 ]
