@@ -52,12 +52,15 @@ Nothing licensed non-commercially is used. The data folder (``DIR``) and ``DIR/m
      "coseg": [{"group", "images", "masks", "stamps", "boxes", "backgrounds"}, ...],
      "knn": {"gcompris": {"classes", "bank", "query"}, "stamps": {...}},
      "pairs": [{"name", "kind": "disparity", "a", "b", "disparity"},
-               {"name", "kind": "homography", "a", "b", "H"}, ...],
-     "video": [{"name", "frames", "masks", "stamps", "background", "boxes"}, ...],
+               {"name", "kind": "homography", "a", "b", "H", "background"}, ...],
+     "video": [{"name", "frames", "masks", "stamps", "background", "boxes", "occluded_frames"}, ...],
      "sources": [{"file", "from": [{"package", "version", "original", "licence"}, ...]}, ...]}
 
 Every path is relative to ``DIR``; ``boxes`` are the [x0, y0, x1, y1) rectangles where each resized
-cut-out was pasted; ``H`` maps pixel coordinates (x, y, 1) of ``a`` to ``b`` (OpenCV convention).
+cut-out was pasted (per video frame: object 1's, object 2's; they may reach outside the frame);
+``occluded_frames`` are the frames where object 2 hides part of object 1; ``H`` maps pixel coordinates
+(x, y, 1) of ``a`` to ``b`` (OpenCV convention). Video masks are indexed PNGs with the DAVIS palette
+(1: the visible part of object 1, 2: object 2, which passes in front of it).
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ import subprocess
 import tempfile
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import unquote
@@ -913,9 +916,10 @@ def build_eval_set(out_dir: Path | str, cutouts: Sequence[Cutout], backgrounds: 
     The split rules (:mod:`vitdense.splits`) are applied here: reserved cut-outs are never used, eval ones
     make the co-segmentation groups, the videos and the stamp k-NN queries, train ones the stamp k-NN
     bank; only eval-split backgrounds are used (``salient`` ones not behind co-segmentation cut-outs);
-    labelled photos go to the bank (train) or the queries (eval). ``min_bank``/``min_query`` apply to the stamp k-NN classes (labelled classes need one of
-    each). The set is built in a sibling folder and moved into place at the end, so an interrupted build
-    leaves ``out_dir`` as it was. Same inputs and seed → byte-identical files.
+    labelled photos go to the bank (train) or the queries (eval). ``min_bank``/``min_query`` apply to the
+    stamp k-NN classes (labelled classes need one of each). The set is built in a sibling folder and moved
+    into place at the end, so an interrupted build leaves ``out_dir`` as it was. Same inputs and seed →
+    byte-identical files (with the same Pillow, libjpeg and OpenCV builds).
     """
     out_dir = Path(out_dir)
     usable = [c for c in cutouts if stamp_split(c.key) != "reserved"]
