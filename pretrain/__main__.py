@@ -10,15 +10,16 @@ import sys
 
 from vitdense.errors import VitdenseError
 
-from .config import build_argparser, config_from_args
+from .config import build_argparser, config_from_args, explicit_options
 from .train import train
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_argparser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = train(config_from_args(args))
+        result = train(config_from_args(args, explicit_options(argv)))
     except VitdenseError as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return 2

@@ -56,11 +56,14 @@ def resolve_resume(resume: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint; CheckpointError (one line, names the file) when it is not one."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Read a training checkpoint; CheckpointError (one line, names the file) when it is not one.
+
+    ``mmap``: map the tensors instead of reading them (cheap when only ``config``/``step`` are needed).
+    """
     path = resolve_resume(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # zip/pickle/unsafe-global errors all mean "not a checkpoint of ours"
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable training checkpoint ({first})") from None

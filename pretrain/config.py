@@ -84,7 +84,8 @@ class PretrainConfig:
     compile: bool = _opt(False, "torch.compile the student and teacher.")
     workers: int = _opt(4, "Data-loader worker processes per training process.")
     seed: int = _opt(0, "Random seed (data order, crops, initialisation, drop-path).")
-    resume: str = _opt("", "Checkpoint (or run folder) to continue from.")
+    resume: str = _opt("", "Checkpoint (or run folder) to continue from, with its saved settings (DATA_DIR "
+                           "included); options given as well override them, except the model's.")
     save_every: int = _opt(0, "Also checkpoint every N steps (0 = only at the end of epochs).")
     save_every_epochs: int = _opt(1, "Checkpoint at the end of every N-th epoch (and of the last).")
     log_every: int = _opt(1, "Write a log.jsonl record every N steps.")
@@ -157,6 +158,9 @@ MODEL_FIELDS = ("arch", "patch_size", "img_size", "out_dim", "hidden_dim", "bott
                 "global_size")
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
 def config_fields() -> list[dataclasses.Field]:
     """The option fields in declaration order (what both command lines are built from)."""
     return list(dataclasses.fields(PretrainConfig))
@@ -172,8 +176,8 @@ def build_argparser(prog: str = "python -m pretrain") -> argparse.ArgumentParser
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in config_fields():
         help_text = f.metadata["help"]
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text)
+        if f.metadata.get("positional"):  # optional with --resume (the run's own folder is the default)
+            parser.add_argument(f.name, nargs="?", default="", help=help_text)
         elif isinstance(f.default, bool):
             parser.add_argument(option_name(f), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_text)
@@ -186,7 +190,44 @@ def build_argparser(prog: str = "python -m pretrain") -> argparse.ArgumentParser
     return parser
 
 
-def config_from_args(args: argparse.Namespace | dict[str, Any]) -> PretrainConfig:
-    """PretrainConfig from parsed options (argparse namespace or click's keyword dict)."""
+def explicit_options(argv: list[str]) -> set[str]:
+    """The config fields given on an argparse command line (parsed once more with every default None)."""
+    blank = build_argparser()
+    blank.set_defaults(**{f.name: None for f in config_fields()})
+    return {k for k, v in vars(blank.parse_args(argv)).items() if v is not None}
+
+
+def config_from_args(args: argparse.Namespace | dict[str, Any], explicit: set[str] | None = None
+                     ) -> PretrainConfig:
+    """PretrainConfig from parsed options (argparse namespace or click's keyword dict).
+
+    With ``--resume``, the run's saved settings are the starting point and only the options in ``explicit``
+    (those typed on the command line; None = all) replace them: see :func:`resume_config`.
+    """
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if values.get("resume"):
+        return resume_config(values, set(values) if explicit is None else explicit)
+    if not values.get("data_dir"):
+        raise ConfigError("DATA_DIR: give the folder of training images (or --resume RUN to continue a run)")
     return PretrainConfig.from_dict(values)
+
+
+def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
+    """The settings of a resumed run: those saved in its checkpoint, with the explicitly given options
+    (``explicit``) on top. A model option that differs from the saved one (MODEL_FIELDS) is a one-line
+    ConfigError; the others (epochs, workers, data folder, ...) simply override."""
+    from .checkpoint import load_checkpoint, resolve_resume
+
+    path = resolve_resume(values["resume"])
+    saved = PretrainConfig.from_dict(load_checkpoint(path, mmap=True)["config"]).to_dict()
+    given = PretrainConfig.from_dict({k: v for k, v in values.items() if v is not None}).to_dict()
+    explicit = {k for k in explicit if k in given and k != "resume" and values.get(k) is not None}
+    if "data_dir" in explicit and not values.get("data_dir"):
+        explicit.discard("data_dir")
+    clashes = [f"{option_name(_FIELDS[k])} {given[k]!r} (the run has {saved[k]!r})"
+               for k in MODEL_FIELDS if k in explicit and given[k] != saved[k]]
+    if clashes:
+        raise ConfigError(f"{path}: cannot resume with " + ", ".join(clashes) + ": a resumed run keeps its model "
+                          "options; leave them out, or start a new run with another --out")
+    merged = {**saved, **{k: given[k] for k in explicit}, "resume": str(values["resume"])}
+    return PretrainConfig.from_dict(merged)

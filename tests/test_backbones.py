@@ -127,13 +127,20 @@ def test_file_for_another_architecture_names_the_keys(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "vits16.pth"
     torch.save(create_vit("vit_small_patch16_224").state_dict(), path)
-    with pytest.raises(CheckpointError, match="vits16.pth.*(position embedding|missing|shape)"):
+    with pytest.raises(CheckpointError, match="vits16.pth: does not match --model dino_vits8: .*16-px patches"):
         ViTExtractor("dino_vits8", weights=path, device="cpu")
     deeper = tmp_path / "deeper.pth"
     state = create_vit("vit_small_patch16_224", depth=13).state_dict()
     torch.save(state, deeper)
-    with pytest.raises(CheckpointError, match=r"unexpected keys blocks\.12\."):
+    with pytest.raises(CheckpointError, match=r"deeper.pth: does not match --model dino_vits16: .*13 blocks"):
         ViTExtractor("dino_vits16", weights=deeper, device="cpu")
+    # same shapes, another key layout: the strict load names the keys
+    odd = tmp_path / "odd.pth"
+    state = create_vit("vit_small_patch16_224").state_dict()
+    state["blocks.0.extra"] = torch.zeros(1)
+    torch.save(state, odd)
+    with pytest.raises(CheckpointError, match=r"odd.pth: .*unexpected keys blocks\.0\.extra"):
+        ViTExtractor("dino_vits16", weights=odd, device="cpu")
 
 
 @pytest.mark.parametrize("content,message", [
@@ -186,3 +193,164 @@ def test_exported_files_get_normal_permissions(vit, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The default `auto` and hub names, with the hub mocked: vitdense.backbones._head is the only network call
+# (one HEAD request), timm's hf_hub_download the only download.
+# ---------------------------------------------------------------------------------------------------------
+
+import threading
+import time
+import urllib.error
+
+from vitdense import backbones
+from vitdense.backbones import WEIGHTS_DIR
+
+needs_bundled = pytest.mark.skipif(not (WEIGHTS_DIR / "vitdense_vits8.safetensors").exists(),
+                                   reason="bundled weights not in this checkout")
+DINO_REPO, DINO_FILE = "timm/vit_small_patch8_224.dino", "model.safetensors"
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """No offline switch, an empty Hugging Face cache, and a network that must not be used unless mocked."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("VITDENSE_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+
+    def no_network(url, timeout):
+        raise AssertionError(f"network used: {url}")
+
+    monkeypatch.setattr(backbones, "_head", no_network)
+    return tmp_path / "hf_cache"
+
+
+@pytest.fixture(scope="module")
+def dino_vits8_file(tmp_path_factory):
+    """A ViT-S/8 in timm's layout (random, seed 0, fp16) as the hub's model.safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = {k: v.half().contiguous() for k, v in create_vit("vit_small_patch8_224").state_dict().items()}
+    path = tmp_path_factory.mktemp("hub") / DINO_FILE
+    save_file(state, str(path))
+    return path, state
+
+
+def put_in_hf_cache(cache, source):
+    """The layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/SHA/FILE}."""
+    repo = cache / f"models--{DINO_REPO.replace('/', '--')}"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / DINO_FILE).write_bytes(source.read_bytes())
+
+
+def test_auto_takes_dino_vits8_from_the_hub_cache_without_network(online, dino_vits8_file):
+    path, state = dino_vits8_file
+    put_in_hf_cache(online, path)
+    ext = ViTExtractor(device="cpu")  # no arguments: the same choice as the CLI's default --model auto
+    assert ext.model_type == "dino_vits8" and ext.weights_used == "dino_vits8 (hub cache)"
+    assert "local model cache" in ext.weights_note and ext.saliency_heads == (0, 2, 4, 5)
+    torch.testing.assert_close(ext.model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"].float())
+
+
+def test_auto_downloads_once_when_the_hub_answers(online, dino_vits8_file, monkeypatch):
+    import timm.models._hub
+
+    path, state = dino_vits8_file
+    heads, downloads = [], []
+    monkeypatch.setattr(backbones, "_head", lambda url, timeout: heads.append((url, timeout)) or 302)
+
+    def fake_download(repo_id, filename, **kwargs):  # what huggingface_hub does: fetch into the cache
+        downloads.append((repo_id, filename))
+        put_in_hf_cache(online, path)
+        return str(path)
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", fake_download)
+    ext = ViTExtractor(device="cpu")
+    assert ext.weights_used == "dino_vits8 (hub download)" and downloads == [(DINO_REPO, DINO_FILE)]
+    assert heads[0][0].endswith(f"/{DINO_REPO}/resolve/main/{DINO_FILE}") and heads[0][1] <= 2
+    torch.testing.assert_close(ext.model.pos_embed, state["pos_embed"].float())
+    # once downloaded, later runs read the cache and touch no network
+    monkeypatch.setattr(backbones, "_head", lambda url, timeout: pytest.fail("network used"))
+    assert backbones.resolve_auto().record == "dino_vits8 (hub cache)"
+
+
+@needs_bundled
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "VITDENSE_OFFLINE"])
+def test_auto_offline_switch_takes_the_bundled_backbone_without_trying(online, monkeypatch, switch):
+    monkeypatch.setenv(switch, "1")
+    ext = ViTExtractor(device="cpu")  # the `online` fixture fails the test on any network use
+    assert ext.model_type == "vitdense_vits8" and ext.weights_used == "vitdense_vits8 (bundled)"
+    assert f"{switch}=1" in ext.weights_note and "\n" not in ext.weights_note
+
+
+@needs_bundled
+def test_auto_does_not_wait_for_a_hub_that_hangs(online, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(backbones, "_head", lambda url, timeout: release.wait(60) and 200)
+    try:
+        backbones.resolve_auto(timeout=0.1)  # warm the imports (timm, huggingface_hub): only the wait is timed
+        start = time.perf_counter()
+        choice = backbones.resolve_auto()
+        assert time.perf_counter() - start <= 2.0
+        assert choice.record == "vitdense_vits8 (bundled)" and "did not answer within 1.5 s" in choice.reason
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError) as info:  # a hub name fails as fast, with a complete line
+            load_backbone("dino_vits16")
+        assert time.perf_counter() - start <= 2.0
+        assert str(info.value).endswith("pass it with --weights PATH (weights=PATH in Python)")
+    finally:
+        release.set()
+
+
+@needs_bundled
+def test_auto_falls_back_when_the_hub_is_unreachable_or_the_download_fails(online, monkeypatch):
+    import timm.models._hub
+
+    def refused(url, timeout):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(backbones, "_head", refused)
+    choice = backbones.resolve_auto()
+    assert choice.source == "bundled" and "cannot be reached" in choice.reason
+    monkeypatch.setattr(backbones, "_head", lambda url, timeout: 200)
+
+    def broken(repo_id, filename, **kwargs):
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", broken)
+    backbone = load_backbone()
+    assert backbone.weights == "vitdense_vits8 (bundled)" and "could not be loaded" in backbone.note
+
+
+def test_hub_name_offline_fails_at_once_with_a_complete_line(online, monkeypatch):
+    import timm.models._hub
+
+    def refused(url, timeout):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(backbones, "_head", refused)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        load_backbone("dino_vits16")
+    assert time.perf_counter() - start < 2.0
+    line = str(info.value)
+    assert "cannot be reached ([Errno -3] Temporary failure in name resolution)" in line and "\n" not in line
+    assert "download dino_deitsmall16_pretrain.pth" in line and line.endswith("(weights=PATH in Python)")
+    # a long download error is shortened at a word boundary, never mid-word
+    words = ["unexpected"] + [f"token{i}" for i in range(60)]
+    monkeypatch.setattr(backbones, "_head", lambda url, timeout: 200)
+
+    def failing(repo_id, filename, **kwargs):
+        raise OSError(" ".join(words))
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", failing)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone("dino_vits16")
+    quoted = str(info.value).split("the download failed (", 1)[1].split(" ...)", 1)[0]
+    assert quoted.split() == words[:len(quoted.split())] and len(quoted.split()) > 5

@@ -1,4 +1,4 @@
-"""The backbone shipped inside the package: registered as the default, loads offline, fp16 within the size
+"""The backbone shipped inside the package: registered as the offline default, loads offline, fp16 within the size
 limit, its metadata rebuilds the architecture, and its features carry more than a random network's."""
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import torch
 from click.testing import CliRunner
 
 from vitdense import ViTExtractor, create_vit
-from vitdense.backbones import MODELS, WEIGHTS_DIR, default_model_name, read_weights
+from vitdense.backbones import MODELS, WEIGHTS_DIR, bundled_model_name, default_model_name, read_weights
 from vitdense.cli import main
 
 BUNDLED = WEIGHTS_DIR / "vitdense_vits8.safetensors"
 pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="bundled weights not in this checkout")
 
 
-def test_bundled_backbone_is_the_default_and_listed():
-    assert default_model_name() == "vitdense_vits8"
+def test_bundled_backbone_is_the_offline_default_and_listed():
+    assert default_model_name() == "auto" and bundled_model_name() == "vitdense_vits8"
     assert MODELS["vitdense_vits8"].bundled_file == BUNDLED.name
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0 and "vitdense_vits8" in result.output and "bundled" in result.output
+    assert result.output.startswith("* auto ") and "else vitdense_vits8 (bundled" in result.output
 
 
 def test_bundled_file_is_fp16_and_small_with_a_recipe():

@@ -55,6 +55,10 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
         assert -1 <= p["similarity"] <= 1 and 0 <= p["saliency_a"] <= 1
     with Image.open(out / "correspondences.png") as im:
         assert im.size == (96 + 8 + 96, 64)
+    assert data["settings"]["weights_used"] == str(weights)
+    # 20-30 s at the defaults on a CPU: a bar names the stage it is in
+    assert "correspond: " in result.stderr and "describing image B" in result.stderr
+    assert "matching best buddies" in result.stderr
 
     out_all = tmp_path / "all"
     result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0, "--all",

@@ -130,10 +130,48 @@ def test_unreadable_files_are_skipped_or_fatal_with_strict(tmp_path, images, wei
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 3
     assert summary["skipped"] == [{"file": str(images / "broken.jpg"), "reason": "not an image file"}]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipped 1 unreadable file(s): {images / 'broken.jpg'} (not an image file) "
+                        f"(--strict stops at the first)"]
     strict_out = tmp_path / "strict"
     assert_user_error(run_cli("cosegment", images, "--out", strict_out, "--weights", weights, "--strict", *FAST),
                       "broken.jpg")
     assert not strict_out.exists()  # nothing written half-way
+
+
+def test_overlays_of_large_photos_are_capped_and_outlined(tmp_path, images, weights, monkeypatch):
+    """A 2600-px photo: the mask keeps the photo's size, the overlay's longer side is 2048 px, and the mask
+    is outlined (white line inside a black one) so a red tint on a red object is still visible."""
+    import vitdense.cosegment
+    from vitdense.commands.cosegment import OVERLAY_MAX_SIDE
+    from vitdense.viz import label_edges
+
+    def centre_square(resized, result, refine, progress=True):  # a random network's masks may be all one
+        masks = []
+        for i in range(len(resized)):
+            h, w = resized[i].shape[:2]
+            mask = np.zeros((h, w), bool)
+            mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
+            masks.append(mask)
+        return masks
+
+    monkeypatch.setattr(vitdense.cosegment, "refine_objects", centre_square)
+    Image.open(images / "astronaut.jpg").resize((2600, 2600)).save(images / "astronaut.jpg")
+    out = tmp_path / "o"
+    result = run_cli("cosegment", images, "--out", out, "--weights", weights, "--refine", "none",
+                     "--clusters", 4, *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["weights_used"] == str(weights) and summary["settings"]["model"] == "tiny"
+    mask = np.asarray(Image.open(out / "astronaut_mask.png"))
+    vis = np.asarray(Image.open(out / "astronaut_overlay.png"))
+    assert mask.shape == (2600, 2600) and vis.shape == (OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE, 3)
+    assert 0 < (mask > 0).mean() < 1, "need a boundary to outline"
+    small = np.asarray(Image.fromarray(mask).resize((OVERLAY_MAX_SIDE,) * 2, Image.NEAREST)) > 0
+    white = (vis == 255).all(axis=-1)
+    edges = label_edges(small)
+    assert white[edges].mean() > 0.9  # the boundary is drawn ...
+    assert white[~edges].mean() < 0.05  # ... and little else turned white
 
 
 def test_bad_input_errors(tmp_path, images, weights):

@@ -250,7 +250,32 @@ def test_bad_checkpoints_for_resume_give_one_line_errors(tmp_path, photo_dir):
             "config": {**PretrainConfig(**TINY).to_dict(), "patch_size": 16}}
     torch.save(fake, tmp_path / "other.pth")
     line = _cli_error([*common, "--resume", str(tmp_path / "other.pth")])
-    assert "--patch-size 16 (run: 8)" in line
+    assert "--patch-size 8 (the run has 16)" in line
+
+
+def test_resume_takes_the_runs_saved_settings(tmp_path, photo_dir):
+    """`pretrain --resume RUN` alone continues with the run's settings (data folder and --out included);
+    explicit options override them, a different model option is a one-line error."""
+    out = tmp_path / "run"
+    first = CliRunner().invoke(main, ["pretrain", str(photo_dir), "--out", str(out), *TINY_ARGS, "--batch-size",
+                                      "12", "--epochs", "1", "--workers", "0", "--lr", "0.001"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["pretrain", "--resume", str(out), "--epochs", "2"])
+    assert again.exit_code == 0, again.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "vit_tiny_patch16_224" and config["patch_size"] == 8 and config["lr"] == 0.001
+    assert config["epochs"] == 2 and config["data_dir"] == str(photo_dir) and config["workers"] == 0
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 4  # 24 images / 12 per step, 2 epochs
+    line = _cli_error(["--resume", str(out), "--patch-size", "16", "--epochs", "3"])
+    assert "--patch-size 16 (the run has 8)" in line and "checkpoint.pth" in line
+    assert "DATA_DIR" in _cli_error(["--out", str(tmp_path / "new")])
+
+
+def test_python_module_resume_counts_only_typed_options():
+    from pretrain.config import explicit_options
+
+    assert explicit_options(["data", "--epochs", "3", "--no-compile"]) == {"data_dir", "epochs", "compile"}
+    assert explicit_options(["--resume", "run"]) == {"resume"}
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path, photo_dir):

@@ -396,6 +396,15 @@ def test_cli_index_search_and_errors(tmp_path, photos, weights):
                       "--dtype float32")
     assert_user_error(run("search", query, "--index", tmp_path / "idx", "--weights", other, "--device", "cpu"),
                       "built with", "other")
+    index_json = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert index_json["backbone"]["weights_used"] == str(w)
+    # another named backbone is refused before it is loaded (a hub name would wait on the network)
+    import vitdense.extractor
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vitdense.extractor, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+        assert_user_error(run("search", query, "--index", tmp_path / "idx", "--model", "dino_vits16"),
+                          str(tmp_path / "idx"), "model 'tiny'", "not --model dino_vits16")
     assert_user_error(run("index", imgs, "--out", tmp_path / "idx", "--descriptor", "cls", *common),
                       "descriptor settings differ")
     empty = tmp_path / "empty"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import tiny_extractor
 from vitdense.davis import region_similarity
-from vitdense.errors import ImageError
+from vitdense.errors import DataError, ImageError
 from vitdense.video import (LabelPropagator, PropagationConfig, VideoFrames, frame_features, neighborhood_mask,
                             one_hot, plan_tiles, preprocess_frame, read_mask, segment_video, soft_to_labels,
                             video_load_size)
@@ -290,6 +290,30 @@ def test_segment_video_with_many_objects_and_gaps_in_the_ids():
         assert region_similarity(m == 1, o.labels == 9) > 0.7
         for obj in (3, 4):
             assert region_similarity(first == obj, o.labels == obj) > 0.6
+
+
+def test_a_0_255_mask_is_one_object_as_cheap_as_a_0_1_mask():
+    """What cosegment writes (0/255) propagates two label channels, not 256, and gives the 0/1 result x 255."""
+    frames, masks = synthetic_video(n=4)
+    seen = []
+
+    class Spy(LabelPropagator):
+        def start(self, features, labels, grid):
+            seen.append(labels.shape[0])
+            super().start(features, labels, grid)
+
+    ex = tiny_extractor(stride=8)
+    ones = [o.labels for o in segment_video(ex, frames, masks[0], load_size=None, propagator=Spy())]
+    full = [o.labels for o in segment_video(ex, frames, masks[0] * 255, load_size=None, propagator=Spy())]
+    assert seen == [2, 2]
+    for a, b in zip(ones, full):
+        np.testing.assert_array_equal(b, a.astype(np.uint8) * 255)
+
+
+def test_an_all_zero_mask_is_an_error():
+    frames, masks = synthetic_video(n=2)
+    with pytest.raises(DataError, match="no object"):
+        list(segment_video(tiny_extractor(stride=8), frames, np.zeros_like(masks[0]), load_size=None))
 
 
 # ------------------------------------------------------------------------------ reading frames and masks

@@ -136,6 +136,32 @@ def test_propagate_bad_input(tmp_path, video, weights):
     assert not out.exists()  # nothing written by any failed run
 
 
+def test_propagate_a_cosegment_style_0_255_mask(tmp_path, video, weights):
+    """A grayscale 0/255 mask (what cosegment writes) is one object: outputs keep 0/255, the object gets a
+    visible colour, the settings name the weights; an all-zero mask is a one-line error."""
+    frames, masks = video
+    write_frames(tmp_path / "frames", frames[:3])
+    Image.fromarray(masks[0] * 255, mode="L").save(tmp_path / "first.png")
+    out = tmp_path / "out"
+    result = run_cli("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out", out,
+                     "--weights", weights, *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["videos"]["frames"]["objects"] == [255]
+    assert summary["settings"]["weights_used"] == str(weights)
+    with Image.open(out / "f2.png") as im:
+        labels = np.array(im)
+        assert tuple(im.getpalette()[3 * 255: 3 * 256]) == (128, 0, 0)  # the first object colour, not cream
+    assert set(np.unique(labels)) == {0, 255}
+    assert region_similarity(masks[2] == 1, labels == 255) > 0.7
+
+    Image.fromarray(np.zeros_like(masks[0]), mode="L").save(tmp_path / "empty.png")
+    r = run_cli("propagate", tmp_path / "frames", "--mask", tmp_path / "empty.png", "--out", tmp_path / "o2",
+                "--weights", weights, *FAST)
+    assert_user_error(r, "empty.png", "no object")
+    assert not (tmp_path / "o2").exists()
+
+
 def test_davis_root_end_to_end(tmp_path, weights):
     a_frames, a_masks = synthetic_video(n=5, seed=1)
     b_frames, b_masks = synthetic_video(n=4, seed=2, step=-2)

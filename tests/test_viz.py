@@ -44,3 +44,32 @@ def test_similarity_map_is_cosine_similarity_to_one_token():
     expected = b @ a[5] / (np.linalg.norm(b, axis=1) * np.linalg.norm(a[5]))
     np.testing.assert_allclose(heat, expected.reshape(2, 3), atol=1e-6)
     assert np.isclose(similarity_map(a, 5, a, (3, 4))[1, 1], 1.0)  # a token is most similar to itself
+
+
+def test_nearest_upsampling_keeps_a_float_map():
+    """The PCA picture is a [0, 1] float map: nearest-neighbour upsampling must not truncate it to 0/1."""
+    from vitdense.viz import upsample
+
+    rgb = np.random.default_rng(3).random((3, 4, 3)).astype(np.float32)
+    big = upsample(rgb, (6, 8), nearest=True)
+    assert big.dtype.kind == "f"
+    np.testing.assert_allclose(big, rgb.repeat(2, axis=0).repeat(2, axis=1))
+    labels = upsample(np.array([[0, 3], [7, 1]]), (4, 4), nearest=True)
+    assert labels.dtype.kind == "i" and set(np.unique(labels)) == {0, 1, 3, 7}
+
+
+def test_overlay_outline_shows_a_red_mask_on_a_red_object():
+    from vitdense import overlay
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[..., 0] = 230  # a red object filling the picture
+    mask = np.zeros((40, 40), int)
+    mask[10:30, 10:30] = 1
+    red = np.array([[0, 0, 0], [255, 40, 40]], np.uint8)
+    plain = overlay(image, mask, 0.55, red)
+    assert np.abs(plain[20, 20].astype(int) - image[20, 20]).max() < 40  # the tint alone is hard to see
+    drawn = overlay(image, mask, 0.55, red, outline=2)
+    assert (drawn[10, 15] == 255).all() and (drawn[9, 15] == 255).all()  # white on both sides of the edge
+    assert (drawn[7, 15] == 0).all() and (drawn[12, 15] == 0).all()  # inside a black line
+    np.testing.assert_array_equal(drawn[20, 20], plain[20, 20])  # the inside keeps its tint
+    np.testing.assert_array_equal(drawn[0, 0], image[0, 0])  # far background untouched

@@ -3,29 +3,51 @@
 The public API is what this module exports (``__all__``); the submodules hold the implementations and may
 change. The co-segmentation function is exported as ``cosegment_objects`` because ``vitdense.cosegment``
 is the name of its module.
+
+HOW TO ADD AN EXPORT: add ``"name": "module"`` to ``_EXPORTS`` below (``"module"`` is the submodule of
+vitdense that defines it; ``"module:attr"`` exports it under another name) and add the name to
+``__all__``. Do not write ``from .module import name`` here: the exports are imported lazily, on first
+use (PEP 562 ``__getattr__``), so that ``import vitdense`` and the command line start without torch.
+An export must not have the name of a submodule (the submodule would shadow it once imported).
+tests/test_api.py checks that every name of ``__all__`` resolves.
 """
 from __future__ import annotations
 
-from .errors import CheckpointError, ConfigError, DataError, ImageError, VitdenseError
-from .extractor import Features, ViTExtractor, log_bin
-from .backbones import (IMAGENET_MEAN, IMAGENET_STD, MODELS, backbone_meta, create_vit, default_model_name,
-                        get_spec, load_backbone, read_weights, save_backbone)
-from .io import IMAGE_SUFFIXES, list_images, load_image, natural_key, save_json, save_npz, save_png
-from .viz import contact_sheet, heatmap, overlay, palette, pca_rgb, similarity_map
-from .metrics import ari, jaccard, nmi, part_scores, precision
-from .cosegment import CosegResult, PartResult, part_cosegment, refine_objects
-from .cosegment import cosegment as cosegment_objects
-from .correspond import (PCK_ALPHAS, CorrespondenceResult, Correspondences, default_layer, describe_image,
-                         disparity_targets, draw_correspondences, find_correspondences, homography_targets,
-                         keypoint_threshold, pck, transfer_keypoints)
-from .video import LabelPropagator, PropagationConfig, SegmentedFrame, VideoFrames, read_mask, segment_video
-from .davis import DavisResults, evaluate_davis
-from .retrieval import (DescriptorConfig, FaissConfig, ImageIndex, build_faiss, embed_images, faiss_search,
-                        global_descriptors, update_index)
-from .splits import is_reserved_stamp, photo_split, stamp_split
-from .evalset import fetch_package, is_non_commercial, wallpaper_name, wallpaper_photos
+import importlib
+from typing import Any
+
+# The errors are cheap (no torch): imported eagerly.
+from .errors import CheckpointError, ConfigError, DataError, ImageError, VitdenseError  # noqa: F401
 
 __version__ = "0.1.0"
+
+# public name -> "submodule" or "submodule:attribute" (see the docstring: how to add an export)
+_EXPORTS: dict[str, str] = {
+    "Features": "extractor", "ViTExtractor": "extractor", "log_bin": "extractor",
+    "IMAGENET_MEAN": "backbones", "IMAGENET_STD": "backbones", "MODELS": "backbones", "backbone_meta": "backbones",
+    "create_vit": "backbones", "default_model_name": "backbones", "get_spec": "backbones",
+    "load_backbone": "backbones", "read_weights": "backbones", "save_backbone": "backbones",
+    "IMAGE_SUFFIXES": "io", "list_images": "io", "load_image": "io", "natural_key": "io", "save_json": "io",
+    "save_npz": "io", "save_png": "io",
+    "contact_sheet": "viz", "heatmap": "viz", "overlay": "viz", "palette": "viz", "pca_rgb": "viz",
+    "similarity_map": "viz",
+    "ari": "metrics", "jaccard": "metrics", "nmi": "metrics", "part_scores": "metrics", "precision": "metrics",
+    "CosegResult": "cosegment", "PartResult": "cosegment", "part_cosegment": "cosegment",
+    "refine_objects": "cosegment", "cosegment_objects": "cosegment:cosegment",
+    "PCK_ALPHAS": "correspond", "CorrespondenceResult": "correspond", "Correspondences": "correspond",
+    "default_layer": "correspond", "describe_image": "correspond", "disparity_targets": "correspond",
+    "draw_correspondences": "correspond", "find_correspondences": "correspond", "homography_targets": "correspond",
+    "keypoint_threshold": "correspond", "pck": "correspond", "transfer_keypoints": "correspond",
+    "LabelPropagator": "video", "PropagationConfig": "video", "SegmentedFrame": "video", "VideoFrames": "video",
+    "read_mask": "video", "segment_video": "video",
+    "DavisResults": "davis", "evaluate_davis": "davis",
+    "DescriptorConfig": "retrieval", "FaissConfig": "retrieval", "ImageIndex": "retrieval",
+    "build_faiss": "retrieval", "embed_images": "retrieval", "faiss_search": "retrieval",
+    "global_descriptors": "retrieval", "update_index": "retrieval",
+    "is_reserved_stamp": "splits", "photo_split": "splits", "stamp_split": "splits",
+    "fetch_package": "evalset", "is_non_commercial": "evalset", "wallpaper_name": "evalset",
+    "wallpaper_photos": "evalset",
+}
 
 __all__ = [
     # extractor and backbones
@@ -53,3 +75,19 @@ __all__ = [
     # errors
     "VitdenseError", "ImageError", "CheckpointError", "ConfigError", "DataError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule of an exported name on first use (PEP 562) and cache the name here."""
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+

@@ -10,22 +10,34 @@ Weights come from one of four places:
     architecture, so ``ViTExtractor(weights=path)`` needs nothing else);
 (d) the backbone bundled with the package (``vitdense/weights/``), when present.
 
+The default name ``auto`` (:func:`resolve_auto`) takes the official DINO ViT-S/8 when its weights are in the
+local model cache or the hub answers within :data:`PROBE_TIMEOUT_S` (they are then downloaded once and
+cached, as timm does), and the bundled backbone otherwise. The hub is never waited on longer than that:
+a cached file is loaded without any network access, and a download is only tried after a quick probe.
+
 Every file is read with ``torch.load(..., weights_only=True)`` or safetensors: a checkpoint never runs code.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
+import struct
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `vitdense models` and `--help` start without it
+    import torch
+    from torch import nn
+
+LOG = logging.getLogger("vitdense")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,6 +45,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Marker key of the files our pretrain/ exports (and of the bundled weights' metadata).
 FORMAT_KEY = "vitdense_backbone"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+AUTO = "auto"  # the default model name: see resolve_auto
+AUTO_PREFERRED = "dino_vits8"  # what "auto" takes when it can: the official DINO ViT-S/8 (Amir et al.'s default)
+# Longest wait for the hub before "auto" falls back to the bundled backbone, or a hub name fails: one HEAD
+# request, no retries (huggingface_hub's own download retries took 45-50 s offline).
+PROBE_TIMEOUT_S = 1.5
 
 
 @dataclass(frozen=True)
@@ -107,13 +125,21 @@ def _register_bundled() -> None:
 
 
 def default_model_name() -> str:
-    """The bundled backbone when one ships with the package, else DINO ViT-S/8 (needs the hub or --weights)."""
+    """The default ``--model``: ``auto`` (the official DINO ViT-S/8 when its weights are cached or can be
+    fetched, else the bundled backbone; see :func:`resolve_auto`)."""
+    return AUTO
+
+
+def bundled_model_name() -> str | None:
+    """The backbone shipped with the package (the offline fallback of ``auto``), or None when absent."""
     bundled = [s.name for s in MODELS.values() if s.bundled_file]
-    return bundled[0] if bundled else "dino_vits8"
+    return bundled[0] if bundled else None
 
 
 def get_spec(name: str) -> ModelSpec:
     """Spec for a known name, or for any timm ViT architecture name (``vit_*``)."""
+    if name == AUTO:
+        raise ConfigError("model 'auto' is a choice made when loading (see resolve_auto), not an architecture")
     if name in MODELS:
         return MODELS[name]
     base = name.split(".")[0]
@@ -125,7 +151,7 @@ def get_spec(name: str) -> ModelSpec:
 
 def create_vit(arch: str, **kwargs: Any) -> nn.Module:
     """A randomly initialised timm VisionTransformer without classifier head."""
-    import timm
+    import timm  # noqa: F401  (imports torch)
 
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
@@ -141,15 +167,21 @@ def create_vit(arch: str, **kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 def read_safetensors_meta(path: Path) -> dict | None:
-    """The vitdense metadata of a safetensors file (None if it has none)."""
-    from safetensors import safe_open
+    """The vitdense metadata of a safetensors file (None if it has none).
 
+    Reads the JSON header directly (8-byte little-endian length, then JSON): no torch import, so listing
+    the bundled backbones at start-up costs nothing.
+    """
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    return json.loads(meta[FORMAT_KEY]) if FORMAT_KEY in meta else None
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= size <= 100 * 2**20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        meta = header.get("__metadata__") or {}
+        return json.loads(meta[FORMAT_KEY]) if FORMAT_KEY in meta else None
+    except (OSError, struct.error, ValueError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file (bad header: {_brief(err)})") from None
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -159,6 +191,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     exports of our ``pretrain/``, and safetensors. Prefixes ``module.``/``backbone.`` are removed and the
     DINO head (``head.*``) is dropped.
     """
+    import argparse
+
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
@@ -171,14 +207,14 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
         return _clean_state_dict(state), meta
+    _sniff_torch_file(path)
     try:
         # The official DINO training checkpoints store their argparse Namespace under "args": allow
         # that one plain container class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, zip errors, unsafe globals: all mean "not a weights file"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({first})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({_brief(err)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(ckpt).__name__}")
     meta = ckpt.get(FORMAT_KEY)
@@ -192,6 +228,32 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (keys: {', '.join(list(ckpt)[:8])})")
     return _clean_state_dict(tensors), meta
+
+
+def _sniff_torch_file(path: Path) -> None:
+    """CheckpointError naming the file when its first bytes are not those of a torch.save file (a zip
+    archive, or a pickle for the legacy format): text files and other formats get a plain reason."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return
+    expected = "expected a .pth/.pt file written by torch.save, or a .safetensors file"
+    if not head:
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file (the file is empty); {expected}")
+    text = head.decode("utf-8", errors="replace")
+    if text.count("\ufffd") <= 1 and all(c.isprintable() or c in "\r\n\t\ufffd" for c in text):
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file (it is a text file); {expected}")
+    raise CheckpointError(f"{path}: not a readable PyTorch weights file (unknown format); {expected}")
+
+
+def _brief(err: BaseException | str, limit: int = 120) -> str:
+    """The first line of an error, cut at a word boundary (never mid-word) when longer than ``limit``."""
+    text = str(err).strip().splitlines()[0].strip() if str(err).strip() else ""
+    if isinstance(err, BaseException) and (not text or isinstance(err, KeyError) or len(text) < 8):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " ..."
+    return text
 
 
 def _clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -209,10 +271,16 @@ def _clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
 
 
-def infer_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
-    """Guess a timm architecture and constructor kwargs from a backbone state dict's shapes."""
+def infer_arch(state: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """Guess a timm architecture and constructor kwargs from a backbone state dict's shapes.
+
+    ``path`` (the file the state came from) starts every error message.
+    """
+    where = f"{path}: " if path is not None else ""
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise CheckpointError("cannot infer the architecture: no patch_embed.proj.weight/pos_embed")
+        keys = ", ".join(list(state)[:4]) + (", ..." if len(state) > 4 else "")
+        raise CheckpointError(f"{where}not a ViT backbone: cannot infer the architecture without the keys "
+                              f"patch_embed.proj.weight and pos_embed (found: {keys})")
     dim, _, patch, _ = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     n_pos = state["pos_embed"].shape[1]
@@ -230,7 +298,8 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
                 kwargs["no_embed_class"] = True
             break
     else:
-        raise CheckpointError(f"cannot infer the architecture: pos_embed of {n_pos} tokens is not a square grid")
+        raise CheckpointError(f"{where}cannot infer the architecture: pos_embed of {n_pos} tokens is not a "
+                              f"square grid")
     if n_reg:
         kwargs["reg_tokens"] = n_reg
     if any(k.endswith("ls1.gamma") for k in state):
@@ -270,56 +339,269 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | 
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-def _hub_error(spec: ModelSpec, err: Exception) -> CheckpointError:
-    hint = f"download {spec.official_file} from the DINO release and" if spec.official_file else ""
-    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-    return CheckpointError(
-        f"model '{spec.name}': could not fetch timm weights '{spec.timm_tag}' from the hub ({first}); "
-        f"offline, {hint} pass it with --weights PATH (weights=PATH in Python)".replace("  ", " "))
+# --------------------------------------------------------------------------------------------------
+# The model hub: cache look-up without network, a probe with a hard time limit, the "auto" choice
+# --------------------------------------------------------------------------------------------------
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def offline_reason() -> str | None:
+    """``"VITDENSE_OFFLINE=1"`` / ``"HF_HUB_OFFLINE=1"`` when the user switched the hub off, else None."""
+    for var in ("VITDENSE_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def _hub_files(spec: ModelSpec) -> tuple[str | None, list[str], str | None]:
+    """(Hugging Face repo id, file names timm may fetch from it, plain URL) of a spec's timm weights."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.timm_tag) if spec.timm_tag else None
+    if cfg is None:
+        return None, [], None
+    if cfg.hf_hub_filename:
+        files = [cfg.hf_hub_filename]
+    else:  # timm tries the safetensors file first, then the PyTorch one
+        files = ["model.safetensors", "pytorch_model.bin"]
+    return cfg.hf_hub_id, files, cfg.url
+
+
+def hub_cached_file(spec: ModelSpec) -> str | None:
+    """The local Hugging Face cache file holding a spec's timm weights, or None. Never uses the network."""
+    repo, files, _ = _hub_files(spec)
+    if repo is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in files:
+        found = try_to_load_from_cache(repo.split("@")[0], filename)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _hub_url(spec: ModelSpec) -> str | None:
+    repo, files, url = _hub_files(spec)
+    if repo is not None:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        return f"{endpoint}/{repo.split('@')[0]}/resolve/main/{files[0]}"
+    return url
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect is an answer: the hub is there
+
+
+def _head(url: str, timeout: float) -> int:
+    """HTTP status of one HEAD request (no redirects followed, no retries)."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+def probe_hub(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when ``url`` answers one HEAD request within ``timeout`` seconds, else why not (a phrase).
+
+    The request runs in a daemon thread that is abandoned at the deadline, so name resolution or a server
+    that accepts the connection and never answers cannot hold us longer than ``timeout``.
+    """
+    host = urllib.request.urlparse(url).netloc or url
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["status"] = _head(url, timeout)
+        except BaseException as err:  # noqa: BLE001  (reported, not raised: this is a probe)
+            answer["error"] = err
+
+    thread = threading.Thread(target=ask, name="vitdense-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or not answer:
+        return f"the model hub ({host}) did not answer within {timeout:g} s"
+    if "error" in answer:
+        err = answer["error"]
+        reason = getattr(err, "reason", err)
+        return f"the model hub ({host}) cannot be reached ({_brief(reason, 80)})"
+    if answer["status"] >= 400 and answer["status"] not in (401, 403):
+        return f"the model hub ({host}) answered HTTP {answer['status']}"
+    return None
+
+
+def _official_hint(spec: ModelSpec) -> str:
+    if spec.official_file:
+        repo = "dinov2" if spec.name.startswith("dinov2") else "dino"
+        return (f"download {spec.official_file} (github.com/facebookresearch/{repo}) and pass it with "
+                f"--weights PATH (weights=PATH in Python)")
+    return "pass a local weights file with --weights PATH (weights=PATH in Python)"
+
+
+def _hub_error(spec: ModelSpec, problem: str) -> CheckpointError:
+    """One complete line: what could not be loaded, why, and how to pass a local file instead."""
+    return CheckpointError(f"model '{spec.name}': its weights (timm '{spec.timm_tag}') are not in the local "
+                           f"model cache and {problem}; {_official_hint(spec)}")
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``--model auto`` resolved to: the model to load, from where, and why (one line for the user)."""
+
+    name: str
+    source: str  # "hub cache", "hub download" or "bundled"
+    reason: str
+    cached_file: str | None = None
+
+    @property
+    def record(self) -> str:
+        """The weights actually used, as outputs record them: e.g. ``dino_vits8 (hub cache)``."""
+        return f"{self.name} ({self.source})"
+
+
+def resolve_auto(timeout: float = PROBE_TIMEOUT_S) -> AutoChoice:
+    """Decide what ``--model auto`` (the default, also of ``ViTExtractor()``) loads, quickly.
+
+    1. the official DINO ViT-S/8 when its timm weights are in the local Hugging Face cache (no network);
+    2. else the bundled backbone when the hub is switched off (``HF_HUB_OFFLINE=1``/``VITDENSE_OFFLINE=1``)
+       or does not answer one HEAD request within ``timeout`` seconds;
+    3. else the official weights, downloaded once (timm caches them; :func:`load_backbone` falls back to the
+       bundled backbone when the download itself fails).
+    Without a bundled backbone in the package, the official one is always the choice.
+    """
+    spec = MODELS[AUTO_PREFERRED]
+    bundled = bundled_model_name()
+    if hub_cached_file(spec) is not None:
+        return AutoChoice(spec.name, "hub cache", "the official DINO ViT-S/8 weights are in the local model "
+                                                  "cache", hub_cached_file(spec))
+    if bundled is None:
+        return AutoChoice(spec.name, "hub download", "no backbone is bundled with this installation")
+    offline = offline_reason()
+    problem = f"the hub is switched off ({offline})" if offline else probe_hub(_hub_url(spec) or "", timeout)
+    if problem:
+        return AutoChoice(bundled, "bundled", f"the official DINO ViT-S/8 is not in the local model cache and "
+                                              f"{problem}; its features are far stronger: run once online, or "
+                                              f"pass --weights {spec.official_file}")
+    return AutoChoice(spec.name, "hub download", "the official DINO ViT-S/8 weights are downloaded once and "
+                                                 "cached for later runs")
 
 
 @dataclass
 class Backbone:
-    """A ready backbone: the timm module plus what preprocessing and saliency need to know about it."""
+    """A ready backbone: the timm module plus what preprocessing and saliency need to know about it.
+
+    weights: the weights actually used, as outputs record them (``dino_vits8 (hub cache)``,
+    ``vitdense_vits8 (bundled)``, a file path, ``random init``); note: why ``auto`` chose them, or "".
+    """
 
     model: nn.Module
     name: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     saliency_heads: tuple[int, ...] | None
+    weights: str = ""
+    note: str = ""
+
+
+def _load_hub(spec: ModelSpec, cached_file: str | None = None) -> tuple[nn.Module, str]:
+    """A spec's timm pretrained weights → (model, record): from the local cache without network, else
+    downloaded after a probe of at most PROBE_TIMEOUT_S seconds. CheckpointError (one line) otherwise."""
+    import timm
+
+    if not spec.timm_tag:
+        raise CheckpointError(f"model '{spec.name}' has no published weights: pass --weights PATH")
+    cached_file = cached_file or hub_cached_file(spec)
+    if cached_file is not None:
+        try:
+            model = timm.create_model(spec.timm_tag, pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay=dict(file=cached_file), **spec.kwargs)
+        except Exception as err:  # a truncated or corrupt cache entry
+            raise CheckpointError(f"{cached_file}: cached weights of model '{spec.name}' cannot be read "
+                                  f"({_brief(err)}); delete the file to download it again") from None
+        return model, f"{spec.name} (hub cache)"
+    offline = offline_reason()
+    problem = f"the hub is switched off ({offline})" if offline else probe_hub(_hub_url(spec) or "")
+    if problem:
+        raise _hub_error(spec, problem)
+    try:
+        model = timm.create_model(spec.timm_tag, pretrained=True, num_classes=0, **spec.kwargs)
+    except Exception as err:  # hub errors are many types (OSError, HF errors, URLError)
+        raise _hub_error(spec, f"the download failed ({_brief(err)})") from None
+    return model, f"{spec.name} (hub download)"
+
+
+def _arch_summary(dim: int, depth: int, patch: int, registers: int) -> str:
+    return f"{patch}-px patches, width {dim}, {depth} blocks" + (f", {registers} registers" if registers else "")
+
+
+def check_named_weights(name: str, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                        arch: str | None = None, kwargs: Mapping[str, Any] | None = None) -> None:
+    """CheckpointError (one line naming the file and the mismatch) when the weights in ``state`` are not
+    shaped like the named model: patch size, width, depth and register tokens are compared.
+
+    ``arch``/``kwargs`` (the file's own architecture, when it records one) are used to describe the file.
+    """
+    import torch
+
+    spec = get_spec(name)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        named = create_vit(spec.arch, **spec.kwargs)
+    ps = named.patch_embed.patch_size
+    want = (named.embed_dim, len(named.blocks), int(ps[0] if isinstance(ps, (tuple, list)) else ps),
+            int(getattr(named, "num_reg_tokens", 0) or 0))
+    if "patch_embed.proj.weight" not in state or not any(k.startswith("blocks.") for k in state):
+        infer_arch(state, path)  # raises the "not a ViT backbone" error naming the file
+    dim, _, patch, _ = state["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    registers = state["reg_token"].shape[1] if "reg_token" in state else 0
+    have = (int(dim), depth, int(patch), int(registers))
+    if have != want:
+        what = f" ({arch})" if arch else ""
+        raise CheckpointError(f"{path}: does not match --model {name}: the file holds a ViT{what} with "
+                              f"{_arch_summary(*have)}, {name} has {_arch_summary(*want)} ({spec.arch}); leave "
+                              f"out --model to use the file's own architecture")
 
 
 def load_backbone(name: str | None = None, weights: str | os.PathLike | None = None,
                   pretrained: bool = True) -> Backbone:
     """Build a backbone by name and/or from a weights file.
 
-    - ``load_backbone("dino_vits8")``: timm hub weights (fails offline with a hint to use ``weights=``).
+    - ``load_backbone()`` / ``load_backbone("auto")``: the default, see :func:`resolve_auto` (the official
+      DINO ViT-S/8 when cached or downloadable, else the bundled backbone); ``Backbone.note`` says why.
+    - ``load_backbone("dino_vits8")``: timm hub weights, from the local cache or downloaded; fails within
+      PROBE_TIMEOUT_S seconds offline, with a hint to use ``weights=``.
     - ``load_backbone("dino_vits8", weights="dino_deitsmall8_pretrain.pth")``: that architecture, the file's
-      weights.
+      weights; a file of another shape is an error naming the file and the mismatch.
     - ``load_backbone(weights="run/teacher_backbone.pth")``: architecture read from the file (our exports)
       or inferred from its shapes (official files).
-    - ``load_backbone()``: the bundled default.
-    ``pretrained=False`` gives random weights (tests, random-init baselines).
+    ``pretrained=False`` gives random weights (tests, random-init baselines; ``auto`` is then DINO ViT-S/8's
+    architecture and nothing is looked up).
     """
-    if weights is None and name is None:
-        name = default_model_name()
+    if name == AUTO:
+        name = None
     if weights is None:
+        if name is None and not pretrained:
+            name = AUTO_PREFERRED
+        if name is None:
+            return _load_auto()
         spec = get_spec(name)
         if spec.bundled_file:
-            return load_backbone(name, WEIGHTS_DIR / spec.bundled_file)
-        model = create_vit(spec.arch, **spec.kwargs)
+            backbone = load_backbone(name, WEIGHTS_DIR / spec.bundled_file)
+            backbone.weights = f"{spec.name} (bundled)"
+            return backbone
         if pretrained:
-            if not spec.timm_tag:
-                raise CheckpointError(f"model '{spec.name}' has no published weights: pass --weights PATH")
-            import timm
-
-            try:
-                model = timm.create_model(spec.timm_tag, pretrained=True, num_classes=0, **spec.kwargs)
-            except Exception as err:  # hub errors are many types (OSError, HF errors, URLError)
-                raise _hub_error(spec, err) from None
-        return Backbone(model.eval(), spec.name, spec.mean, spec.std, spec.saliency_heads)
+            model, record = _load_hub(spec)
+        else:
+            model, record = create_vit(spec.arch, **spec.kwargs), "random init"
+        return Backbone(model.eval(), spec.name, spec.mean, spec.std, spec.saliency_heads, record)
 
     state, meta = read_weights(weights)
+    if name is not None:
+        check_named_weights(name, state, weights, meta["arch"] if meta else None)
     if meta is not None:
         arch, kwargs = meta["arch"], dict(meta.get("kwargs", {}))
         mean, std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
@@ -329,16 +611,36 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
         spec = get_spec(name)
         arch, kwargs, mean, std, heads, label = spec.arch, dict(spec.kwargs), spec.mean, spec.std, \
             spec.saliency_heads, spec.name
-        if "reg_tokens" not in kwargs and "reg_token" in state:
-            raise CheckpointError(f"{weights}: has register tokens but model '{name}' has none")
     else:
-        arch, kwargs = infer_arch(state)
+        arch, kwargs = infer_arch(state, weights)
         mean, std, heads, label = IMAGENET_MEAN, IMAGENET_STD, None, Path(weights).stem
         if kwargs.get("embed_dim") == 384 and kwargs.get("patch_size") == 8 and kwargs.get("depth") == 12:
             heads = MODELS["dino_vits8"].saliency_heads  # an official DINO ViT-S/8 file
     model = create_vit(arch, **kwargs)
     load_state(model, state, weights)
-    return Backbone(model.eval(), label, mean, std, heads)
+    return Backbone(model.eval(), label, mean, std, heads, str(weights))
+
+
+def _load_auto() -> Backbone:
+    """The ``auto`` choice loaded; a failed download falls back to the bundled backbone, saying why."""
+    choice = resolve_auto()
+    if choice.source != "bundled":
+        try:
+            model, record = _load_hub(MODELS[choice.name], choice.cached_file)
+        except CheckpointError as err:
+            bundled = bundled_model_name()
+            if bundled is None:
+                raise
+            choice = AutoChoice(bundled, "bundled", f"the official DINO ViT-S/8 could not be loaded: {err}")
+        else:
+            spec = MODELS[choice.name]
+            LOG.info("weights: %s: %s", record, choice.reason)
+            return Backbone(model.eval(), spec.name, spec.mean, spec.std, spec.saliency_heads, record,
+                            choice.reason)
+    backbone = load_backbone(choice.name)
+    backbone.note = choice.reason
+    LOG.info("weights: %s: %s", backbone.weights, choice.reason)
+    return backbone
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,6 +679,9 @@ def save_backbone(state: Mapping[str, torch.Tensor] | nn.Module, path: str | os.
     ``.safetensors`` stores ``meta`` as JSON in the header; any other suffix writes a ``torch.save`` dict
     ``{"vitdense_backbone": meta, "state_dict": ...}`` readable with ``weights_only=True``.
     """
+    import torch
+    from torch import nn
+
     if isinstance(state, nn.Module):
         state = state.state_dict()
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import numpy as np
 
-from .errors import VitdenseError
+from .errors import ConfigError, VitdenseError
+
+# Only click and the standard library are imported at start-up: torch, timm and numpy are imported inside
+# the commands that need them, so `vitdense --help`, `vitdense models` and option errors answer at once.
 
 LOG = logging.getLogger("vitdense")
 
@@ -37,7 +39,8 @@ class VitdenseGroup(click.Group):
 def main(verbose: bool) -> None:
     """Dense visual analysis with self-supervised ViT (DINO) features.
 
-    Every command takes --model/--weights to choose the backbone (default: the bundled one).
+    Every command takes --model/--weights to choose the backbone (default: auto, the official DINO ViT-S/8
+    when cached or downloadable, else the bundled vitdense_vits8).
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
@@ -53,15 +56,20 @@ def extractor_options(stride: int = 4, layer: int | None = 11, facet: str | None
     """
     def decorate(fn: Callable) -> Callable:
         opts = [
-            click.option("--model", default=None, help="Backbone name (see `vitdense models`); default: bundled."),
+            click.option("--model", default="auto", show_default=True,
+                         help="Backbone name (see `vitdense models`). auto: the official DINO ViT-S/8 when "
+                              "cached or downloadable, else the bundled vitdense_vits8; with --weights, the "
+                              "file's own architecture."),
             click.option("--weights", type=click.Path(dir_okay=False), default=None,
                          help="Local weights file: official DINO .pth, our pretrain export, or .safetensors."),
             click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
             click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                          show_default=True, help="Precision of the forward pass."),
-            click.option("--stride", type=int, default=stride, show_default=True,
+            click.option("--stride", type=int, default=stride, callback=_positive("--stride"),
+                         show_default=True if stride is not None else "the patch size",
                          help="Patch-embedding stride (divides the patch size); smaller = denser."),
             click.option("--load-size", type=int, default=load_size, show_default=True,
+                         callback=_positive("--load-size", zero="keep the size"),
                          help="Resize so the shorter side has this many pixels (0 = keep size)."),
         ]
         if layer is not None:
@@ -77,16 +85,32 @@ def extractor_options(stride: int = 4, layer: int | None = 11, facet: str | None
     return decorate
 
 
+def _positive(option: str, zero: str | None = None) -> Callable:
+    """Click callback: ConfigError (one line, exit 2) unless the value is positive (or 0 when ``zero`` says
+    what 0 means); None passes."""
+    def check(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is None or value > 0 or (value == 0 and zero):
+            return value
+        allowed = f"a positive number, or 0 to {zero}" if zero else "a positive number"
+        raise ConfigError(f"{option} {value}: must be {allowed}")
+
+    return check
+
+
 def build_extractor(model: str | None, weights: str | None, device: str, dtype: str, stride: int, **_: Any):
-    """A ViTExtractor from the shared options."""
+    """A ViTExtractor from the shared options; with ``--model auto`` one line on stderr says which weights
+    were used and why."""
     import torch
 
     from .extractor import ViTExtractor
 
     if weights is not None and not Path(weights).is_file():
         raise VitdenseError(f"{weights}: weights file not found")
-    return ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
-                        dtype=getattr(torch, dtype))
+    extractor = ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
+                             dtype=getattr(torch, dtype))
+    if extractor.weights_note:
+        click.echo(f"weights: {extractor.weights_used}: {extractor.weights_note}", err=True)
+    return extractor
 
 
 def load_size_arg(load_size: int | None) -> int | None:
@@ -98,15 +122,17 @@ def load_size_arg(load_size: int | None) -> int | None:
 @main.command()
 def models() -> None:
     """List known backbone names and where each gets its weights."""
-    from .backbones import MODELS, default_model_name
+    from .backbones import AUTO, AUTO_PREFERRED, MODELS, bundled_model_name
 
-    default = default_model_name()
     width = max(len(n) for n in MODELS)
+    fallback = bundled_model_name()
+    click.echo(f"* {AUTO:<{width}}  {AUTO_PREFERRED} from the local model cache or the hub (downloaded once)"
+               + (f", else {fallback} (bundled, offline)" if fallback else ""))
     for name, spec in MODELS.items():
-        mark = "*" if name == default else " "
-        click.echo(f"{mark} {name:<{width}}  {spec.arch:<32} {spec.source}")
+        click.echo(f"  {name:<{width}}  {spec.arch:<32} {spec.source}")
     click.echo("\n* = default. Any timm ViT name also works; --weights FILE loads official DINO/DINOv2 files "
-               "and vitdense pretrain exports (architecture read from the file).")
+               "and vitdense pretrain exports (architecture read from the file). HF_HUB_OFFLINE=1 or "
+               "VITDENSE_OFFLINE=1 keeps auto off the network.")
 
 
 @main.command()
@@ -123,6 +149,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
     For image number i the NPZ holds desc_i (T, D) float16, saliency_i (T,), grid_i (h, w), and
     paths/load_sizes for all images.
     """
+    import numpy as np
     from tqdm import tqdm
 
     from .io import expand_inputs, save_npz
@@ -130,7 +157,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
     paths = expand_inputs(images)
     extractor = build_extractor(**opts)
     extractor.layer_index(layer)  # fail before any work
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     for i, path in enumerate(tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2)):
         batch, _ = extractor.preprocess(path, load_size_arg(opts["load_size"]))
         feats = extractor.extract(batch, [layer], facet, bin=use_bin,
@@ -143,6 +170,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
     arrays["paths"] = np.array([str(p) for p in paths])
     arrays["settings"] = np.array(f"model={extractor.model_type} layer={layer} facet={facet} bin={use_bin} "
                                   f"stride={extractor.stride[0]}")
+    arrays["weights"] = np.array(extractor.weights_used)
     save_npz(out, **arrays)
     click.echo(f"wrote {out}: {len(paths)} image(s), descriptor dim {arrays['desc_0'].shape[1]}")
 
@@ -156,7 +184,10 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
 @extractor_options(layer=11, facet="key")
 def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: bool, layer: int, facet: str,
         **opts: Any) -> None:
-    """Render the first three principal components of the descriptors as RGB, one PNG per image."""
+    """Render the first three principal components of the descriptors as RGB, one PNG per image.
+
+    Each token's colour fills its patch-grid cell (nearest-neighbour upsampling to the resized image).
+    """
     from tqdm import tqdm
 
     from .io import expand_inputs, save_png

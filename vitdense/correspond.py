@@ -384,7 +384,7 @@ def describe_image(extractor, image: ImageLike, load_size: int | Sequence[int] |
     """
     pil, label = _to_pil(image)
     try:
-        batch, _ = extractor.preprocess(pil, load_size)
+        batch, _ = extractor.preprocess(pil, load_size, name=label)
     except ImageError as err:
         raise ImageError(f"{label}: {str(err).split(': ', 1)[-1]}") from None
     out = extractor.extract(batch, [layer], facet, bin=bin, saliency=extractor.has_cls)
@@ -397,8 +397,12 @@ def describe_image(extractor, image: ImageLike, load_size: int | Sequence[int] |
 def find_correspondences(extractor, image_a: ImageLike, image_b: ImageLike, num_pairs: int = 10,
                          load_size: int | Sequence[int] | None = 224, layer: int | None = None,
                          facet: str = "key", bin: bool = True, thresh: float = 0.05, backend: str = "auto",
-                         chunk_size: int | None = None, seed: int = 0) -> CorrespondenceResult:
+                         chunk_size: int | None = None, seed: int = 0, progress: bool = False
+                         ) -> CorrespondenceResult:
     """Best-buddy correspondences between two images (file paths, PIL images or uint8 arrays).
+
+    ``progress``: a tqdm bar over the three stages (describe image A, describe image B, match), which take
+    tens of seconds on a CPU at the defaults.
 
     One forward pass per image gives the descriptors of ``layer`` (None: :func:`default_layer`) and the
     saliency. Raises :class:`ImageError` naming the file when an image cannot be read or is smaller than a
@@ -411,17 +415,25 @@ def find_correspondences(extractor, image_a: ImageLike, image_b: ImageLike, num_
     layer = default_layer(extractor.depth) if layer is None else layer
     extractor.layer_index(layer)
     feats, geoms = [], []
-    for image in (image_a, image_b):
-        desc, sal, geom = describe_image(extractor, image, load_size, layer, facet, bin)
-        feats.append((desc, sal))
-        geoms.append(geom)
-    (desc_a, sal_a), (desc_b, sal_b) = feats
-    settings = dict(model=extractor.model_type, layer=layer, facet=facet, bin=bin, stride=extractor.stride[0],
-                    load_size=load_size, thresh=thresh, num_pairs=num_pairs, backend=backend)
-    with torch.inference_mode():  # the extractor's outputs are inference tensors: normalise them in place
-        pairs, buddies, num_mutual = match_descriptors(desc_a, desc_b, sal_a, sal_b, geoms[0], geoms[1],
-                                                       num_pairs, thresh, backend, chunk_size, seed=seed,
-                                                       inplace=True)
+    # leave=False: the bar clears its line when done or on an error, so what follows starts a line of its own
+    with tqdm(total=3, desc="correspond", unit="stage", disable=not progress, leave=False,
+              bar_format="{desc}: {n}/{total} stages, {elapsed}{postfix}") as stages:
+        for label, image in (("A", image_a), ("B", image_b)):
+            stages.set_postfix_str(f"describing image {label}")
+            desc, sal, geom = describe_image(extractor, image, load_size, layer, facet, bin)
+            feats.append((desc, sal))
+            geoms.append(geom)
+            stages.update()
+        (desc_a, sal_a), (desc_b, sal_b) = feats
+        settings = dict(model=extractor.model_type, weights_used=getattr(extractor, "weights_used", None),
+                        layer=layer, facet=facet, bin=bin, stride=extractor.stride[0], load_size=load_size,
+                        thresh=thresh, num_pairs=num_pairs, backend=backend)
+        stages.set_postfix_str("matching best buddies")
+        with torch.inference_mode():  # the extractor's outputs are inference tensors: normalise them in place
+            pairs, buddies, num_mutual = match_descriptors(desc_a, desc_b, sal_a, sal_b, geoms[0], geoms[1],
+                                                           num_pairs, thresh, backend, chunk_size, seed=seed,
+                                                           inplace=True)
+        stages.update()
     message = empty_reason(sal_a, sal_b, thresh, num_mutual, len(buddies))
     if message:
         LOG.warning(message)

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,9 @@ def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfParams = CrfParam
 
 def upsample_energies(energies: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Token-grid energies (h, w, L) → (L, H, W), nearest-neighbour (each token covers its block of pixels)."""
+    import torch
+    import torch.nn.functional as F
+
     grid = torch.from_numpy(np.ascontiguousarray(energies, dtype=np.float32)).permute(2, 0, 1)[None]
     return F.interpolate(grid, size=size, mode="nearest")[0].numpy()
 

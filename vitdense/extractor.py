@@ -24,6 +24,7 @@ token, row-major, centre skipped. Cells that fall outside the grid take the near
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import Backbone, IMAGENET_MEAN, IMAGENET_STD, default_model_name, load_backbone
+from .backbones import AUTO, Backbone, IMAGENET_MEAN, IMAGENET_STD, load_backbone
 from .errors import ConfigError, ImageError
 from .io import load_image
 
 FACETS = ("key", "query", "value", "token")
+MAX_UPSCALE = 4.0  # resizing an image up by more than this invents its details: warn (once per image)
+LOG = logging.getLogger("vitdense")
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
@@ -150,7 +153,10 @@ class ViTExtractor:
     """Dense descriptors and saliency maps from a ViT (drop-in for dino-vit-features' extractor).
 
     Args:
-        model_type: a name from ``vitdense models`` or a timm ViT name; None = the bundled default.
+        model_type: a name from ``vitdense models`` or a timm ViT name. ``"auto"`` (default; None is the
+            same): the official DINO ViT-S/8 when its weights are cached or can be downloaded, else the
+            bundled backbone (see :func:`vitdense.backbones.resolve_auto`); with ``weights``, the
+            architecture is read from the file.
         stride: stride of the patch embedding (must divide the patch size); smaller → denser grid.
         model: an already built timm VisionTransformer to use instead of ``model_type``.
         device: "cpu", "cuda", or None/"auto" for cuda when available.
@@ -158,23 +164,26 @@ class ViTExtractor:
         dtype: torch.float32 (default), torch.bfloat16 or torch.float16 autocast for the forward pass.
         saliency_heads: CLS-attention heads averaged into saliency (default: the model's, else all).
         pretrained: with ``weights`` None, fetch hub weights (False: random init, for tests/baselines).
+
+    Attributes besides dino-vit-features': ``weights_used``, the weights actually loaded as outputs record
+    them (``"dino_vits8 (hub cache)"``, ``"vitdense_vits8 (bundled)"``, a file path, ...), and
+    ``weights_note``, why ``auto`` chose them ("" otherwise).
     """
 
-    def __init__(self, model_type: str | None = "dino_vits8", stride: int = 4, model: nn.Module | None = None,
+    def __init__(self, model_type: str | None = AUTO, stride: int = 4, model: nn.Module | None = None,
                  device: str | torch.device | None = None, weights: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32, saliency_heads: Sequence[int] | None = None,
                  pretrained: bool = True):
         self.device = resolve_device(device)
         if model is not None:
-            name = model_type or "custom"
-            backbone = Backbone(model, name, *_norm_for(name), None)
+            name = model_type if model_type not in (None, AUTO) else "custom"
+            backbone = Backbone(model, name, *_norm_for(name), None, weights=f"{name} (module passed in)")
             if name == "dino_vits8":
                 backbone.saliency_heads = (0, 2, 4, 5)
         else:
-            if weights is None and model_type is None:
-                model_type = default_model_name()
             backbone = load_backbone(model_type, weights, pretrained=pretrained)
         self.model_type = backbone.name
+        self.weights_used, self.weights_note = backbone.weights, backbone.note
         self.model = backbone.model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -199,14 +208,17 @@ class ViTExtractor:
         self.load_size: tuple[int, int] | None = None
         self.num_patches: tuple[int, int] | None = None
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._warned_upscale: set[str] = set()
 
     # ------------------------------------------------------------------ preprocessing
-    def preprocess(self, image_path: ImageLike, load_size: int | Sequence[int] | None = None
-                   ) -> tuple[torch.Tensor, Image.Image]:
+    def preprocess(self, image_path: ImageLike, load_size: int | Sequence[int] | None = None,
+                   name: str | None = None) -> tuple[torch.Tensor, Image.Image]:
         """Load, resize (LANCZOS) and normalise one image → ((1, 3, H, W) tensor, resized PIL image).
 
         ``load_size``: int = shorter side, (height, width) = exact size, None = unchanged. Raises
-        :class:`ImageError` naming the file when it cannot be read or is smaller than one patch.
+        :class:`ImageError` naming the file when it cannot be read or is smaller than one patch; logs a
+        warning (once per file) when the image is enlarged more than MAX_UPSCALE times. ``name``: how
+        messages call an image passed as an array or PIL image (default: its path, or "image").
         """
         pil = image_path if isinstance(image_path, Image.Image) else None
         if isinstance(image_path, np.ndarray):
@@ -217,11 +229,18 @@ class ViTExtractor:
         if pil is None:
             pil = load_image(image_path)
         pil = pil.convert("RGB")
-        label = str(image_path) if isinstance(image_path, (str, os.PathLike)) else "image"
+        label = name or (str(image_path) if isinstance(image_path, (str, os.PathLike)) else "image")
         hgt, wid = resize_size((pil.height, pil.width), load_size)
         if min(hgt, wid) < self.p:
             raise ImageError(f"{label}: image of {wid}x{hgt} px (after resizing) is smaller than one "
                              f"{self.p}x{self.p} patch; use a larger image or --load-size")
+        scale = hgt / pil.height
+        if scale > MAX_UPSCALE and label not in self._warned_upscale:
+            if label != "image":  # unnamed arrays may differ from call to call: warn every time
+                self._warned_upscale.add(label)
+            LOG.warning("%s: image of %dx%d px upscaled %.0fx to %dx%d px; its descriptors (and anything found "
+                        "in it) carry little information: use a larger image or a smaller --load-size",
+                        label, pil.width, pil.height, scale, wid, hgt)
         if (hgt, wid) != (pil.height, pil.width):
             pil = pil.resize((wid, hgt), Image.LANCZOS)
         return self.to_tensor(pil), pil

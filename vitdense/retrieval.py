@@ -271,6 +271,7 @@ def backbone_identity(extractor: ViTExtractor, weights: str | os.PathLike | None
     search can rebuild it), parameter fingerprint, patch size, width, stride."""
     return {"model": extractor.model_type, "model_arg": model_arg,
             "weights": str(Path(weights).resolve()) if weights else None,
+            "weights_used": getattr(extractor, "weights_used", None),
             "fingerprint": backbone_fingerprint(extractor.model), "patch_size": extractor.p,
             "embed_dim": extractor.embed_dim, "stride": extractor.stride[0]}
 

@@ -343,12 +343,21 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
     """Segment every frame of a video given the first frame's labels.
 
     frames: (H0, W0, 3) uint8 RGB arrays, the first one annotated by ``first_mask`` (H0, W0) integer labels
-    (0 = background, C = max label + 1). Yields a :class:`SegmentedFrame` per frame, the first with
-    ``first_mask`` itself. Features are extracted ``batch_size`` frames per forward pass; propagation is
-    sequential. Raises ImageError when a frame's size differs from the mask's.
+    (0 = background). Only the ids present are propagated (C = their number, background included), so
+    ids need not be contiguous: a 0/255 mask is one object, as cheap as a 0/1 mask, and its outputs keep
+    the id 255. Yields a :class:`SegmentedFrame` per frame, the first with ``first_mask`` itself. Features
+    are extracted ``batch_size`` frames per forward pass; propagation is sequential. Raises ImageError
+    when a frame's size differs from the mask's, DataError when the mask has no object.
     """
     propagator = propagator or LabelPropagator(config)
-    first_mask = np.asarray(first_mask)
+    first_mask = np.asarray(first_mask).astype(np.int64)
+    if first_mask.min() < 0 or first_mask.max() > 255:
+        raise DataError(f"the first-frame mask holds ids {first_mask.min()}..{first_mask.max()}; use 0..255")
+    ids = np.union1d([0], np.unique(first_mask)).astype(np.uint8)  # label c propagates object id ids[c]
+    if len(ids) < 2:
+        raise DataError("the first-frame mask has no object: every pixel is 0 (background)")
+    compact = np.zeros(256, np.uint8)
+    compact[ids] = np.arange(len(ids))
     size0 = first_mask.shape[:2]
     size = video_load_size(size0, load_size)
     scale = extractor.stride[0]
@@ -361,7 +370,7 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
     first_feats = frame_features(extractor, preprocess_frame(first, size, extractor.mean, extractor.std)[None],
                                  layer, facet)[0]
     grid = extractor.num_patches
-    labels0 = one_hot(downsample_mask(first_mask, grid), int(first_mask.max()) + 1)
+    labels0 = one_hot(downsample_mask(compact[first_mask], grid), len(ids))
     propagator.start(first_feats, labels0.to(first_feats.device), grid)
     yield SegmentedFrame(0, first_mask.astype(np.uint8), first)
     index = 1
@@ -378,7 +387,7 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
         feats = frame_features(extractor, tensors, layer, facet)
         for frame, frame_feats in zip(batch, feats):
             soft = propagator.step(frame_feats)
-            yield SegmentedFrame(index, soft_to_labels(soft, grid, scale, size0), frame)
+            yield SegmentedFrame(index, ids[soft_to_labels(soft, grid, scale, size0)], frame)
             index += 1
 
 

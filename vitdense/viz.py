@@ -64,11 +64,14 @@ def heatmap(values: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarr
 
 
 def upsample(grid_map: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize a (h, w) or (h, w, C) float/uint8 map to (H, W) (bilinear, or nearest for labels)."""
+    """Resize a (h, w) or (h, w, C) float/uint8 map to (H, W) (bilinear, or nearest for labels and cells).
+
+    Float maps stay float (also with ``nearest``: a [0, 1] picture must not be truncated to integers).
+    """
     arr = np.asarray(grid_map)
     resample = Image.NEAREST if nearest else Image.BILINEAR
     if arr.ndim == 2:
-        mode_arr = arr.astype(np.float32) if not nearest else arr.astype(np.int32)
+        mode_arr = arr.astype(np.int32) if nearest and arr.dtype.kind in "biu" else arr.astype(np.float32)
         return np.asarray(Image.fromarray(mode_arr).resize((size[1], size[0]), resample))
     return np.stack([upsample(arr[..., c], size, nearest) for c in range(arr.shape[-1])], axis=-1)
 
@@ -88,8 +91,12 @@ def palette(n: int) -> np.ndarray:
 
 
 def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, alpha: float = 0.5,
-            colors: np.ndarray | None = None) -> np.ndarray:
-    """Blend a label map (H, W) of ints (0 = background, left untouched) over an RGB image."""
+            colors: np.ndarray | None = None, outline: int = 0) -> np.ndarray:
+    """Blend a label map (H, W) of ints (0 = background, left untouched) over an RGB image.
+
+    ``outline`` > 0 also draws every label boundary as a white line inside a black one (``outline`` px
+    each side of the boundary): visible where the tint is not, e.g. a red tint on a red object.
+    """
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
     labels = np.asarray(labels).astype(np.int64)
     if labels.shape != img.shape[:2]:
@@ -98,7 +105,49 @@ def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, alpha: float = 
     out = img.copy()
     fg = labels > 0
     out[fg] = (1 - alpha) * img[fg] + alpha * colors[labels[fg]].astype(np.float32)
+    if outline > 0:
+        edge = label_edges(labels)
+        out[_dilate(edge, outline)] = 0.0
+        out[_dilate(edge, outline // 2)] = 255.0
     return out.round().astype(np.uint8)
+
+
+def outline_width(size: tuple[int, int]) -> int:
+    """Outline width for a picture of (H, W): about 1/300 of its longer side, so it survives thumbnails."""
+    return max(1, round(max(size) / 300))
+
+
+def label_edges(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels with a 4-neighbour of another label (both sides of every boundary)."""
+    edge = np.zeros(labels.shape, bool)
+    vert = labels[1:] != labels[:-1]
+    horiz = labels[:, 1:] != labels[:, :-1]
+    edge[1:] |= vert
+    edge[:-1] |= vert
+    edge[:, 1:] |= horiz
+    edge[:, :-1] |= horiz
+    return edge
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Grow a bool mask by ``steps`` pixels (3x3 square neighbourhood per step)."""
+    out = mask.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        out = grown
+    return out
+
+
+def fit_within(image: Image.Image, max_side: int) -> Image.Image:
+    """The image scaled down (aspect kept, LANCZOS) so its longer side is at most ``max_side``."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
 
 
 def contact_sheet(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, cols: int | None = None,

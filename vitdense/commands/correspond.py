@@ -131,7 +131,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         try:
             result = find_correspondences(extractor, path_a, path_b, num_pairs=num_pairs,
                                           load_size=load_size_arg(opts["load_size"]), layer=layer, facet=facet,
-                                          bin=use_bin, thresh=thresh, backend=backend)
+                                          bin=use_bin, thresh=thresh, backend=backend, progress=not batch)
         except ImageError as err:
             if not batch:
                 raise
@@ -153,7 +153,9 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
     if batch:
         if written == 0:  # nothing to show: fail without leaving a summary of failures behind
             raise DataError(f"{summary[0]['error']} (no pair of {len(pairs)} could be processed)")
-        save_json(out / "summary.json", {"settings": {"num_pairs": num_pairs, "all": keep_all, "thresh": thresh},
+        save_json(out / "summary.json", {"settings": {"num_pairs": num_pairs, "all": keep_all, "thresh": thresh,
+                                                      "model": extractor.model_type,
+                                                      "weights_used": extractor.weights_used},
                                          "pairs": summary})
         click.echo(f"wrote {written} of {len(pairs)} pair(s) to {out}")
     else:

@@ -19,6 +19,10 @@ import numpy as np
 from ..cli import build_extractor, extractor_options, load_size_arg, main
 from ..errors import ConfigError, DataError, ImageError
 
+# Longer side of the overlay pictures: a 12-megapixel photo's overlay was an 8.6 MB PNG. Masks keep the
+# photo's full size.
+OVERLAY_MAX_SIDE = 2048
+
 
 # ---------------------------------------------------------------------------------- extraction
 
@@ -235,6 +239,11 @@ def _prepare(opts: dict[str, Any], need_cls: bool, crops: int = 0) -> tuple[Any,
         listed = "; ".join(f"{p}: {why}" for p, why in data.skipped[:3])
         raise DataError(f"co-segmentation needs at least 2 readable images, got {data.n_images} "
                         f"(unreadable: {listed})")
+    if data.skipped:
+        listed = ", ".join(f"{p} ({why})" for p, why in data.skipped[:5])
+        more = f" and {len(data.skipped) - 5} more" if len(data.skipped) > 5 else ""
+        click.echo(f"warning: skipped {len(data.skipped)} unreadable file(s): {listed}{more} "
+                   f"(--strict stops at the first)", err=True)
     return extractor, data, time.perf_counter() - start
 
 
@@ -260,17 +269,19 @@ def _names(paths: Sequence[Path]) -> list[str]:
 def _settings(opts: dict[str, Any], extractor: Any) -> dict[str, Any]:
     keep = {k: v for k, v in opts.items() if k != "images"}
     keep["model"] = extractor.model_type
+    keep["weights_used"] = extractor.weights_used
     return keep
 
 
 def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels: int, binary: bool,
            summary: dict[str, Any], progress: bool = True) -> float:
-    """Write per-image mask + overlay PNGs (original resolution), the contact sheet and summary.json."""
+    """Write per-image masks (original resolution), overlays (longer side at most OVERLAY_MAX_SIDE), the
+    contact sheet and summary.json."""
     from PIL import Image
     from tqdm import tqdm
 
     from ..io import load_image, save_json, save_png
-    from ..viz import contact_sheet, overlay, palette, upsample
+    from ..viz import contact_sheet, fit_within, outline_width, overlay, palette, upsample
 
     start = time.perf_counter()
     colors = np.array([[0, 0, 0], [255, 40, 40]], np.uint8) if binary else palette(n_labels)
@@ -284,7 +295,10 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
             save_png(out_dir / f"{name}_mask.png", (labels > 0).astype(np.uint8) * 255)
         else:
             save_png(out_dir / f"{name}_mask.png", labels.astype(np.uint8), palette=flat_palette)
-        vis = overlay(image, labels, alpha=0.55, colors=colors)
+        shown = fit_within(image, OVERLAY_MAX_SIDE)
+        shown_labels = labels if shown is image else upsample(labels, (shown.height, shown.width), nearest=True)
+        vis = overlay(shown, shown_labels, alpha=0.55, colors=colors,
+                      outline=outline_width((shown.height, shown.width)))
         save_png(out_dir / f"{name}_overlay.png", vis)
         thumb = Image.fromarray(vis)
         thumb.thumbnail((256, 256))

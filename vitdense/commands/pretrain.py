@@ -13,8 +13,9 @@ def _config_options(fn: Callable) -> Callable:
     from pretrain.config import config_fields, option_name
 
     for f in reversed(config_fields()):
-        if f.metadata.get("positional"):
-            fn = click.argument(f.name, type=click.Path(exists=False, file_okay=False))(fn)
+        if f.metadata.get("positional"):  # optional with --resume: the run's saved one
+            fn = click.argument(f.name, type=click.Path(exists=False, file_okay=False), required=False,
+                                default="")(fn)
         elif isinstance(f.default, bool):
             flag = option_name(f)
             fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=True,
@@ -34,16 +35,23 @@ def _config_options(fn: Callable) -> Callable:
 def pretrain_command(**options: Any) -> None:
     """Train a ViT with DINO self-distillation on the images under DATA_DIR (no labels needed).
 
-    Writes OUT/checkpoint.pth (resume with --resume OUT), OUT/teacher_backbone.pth (use with --weights in
-    every other command), OUT/log.jsonl and OUT/curves.png. Several processes: torchrun -m pretrain.
+    Writes OUT/checkpoint.pth, OUT/teacher_backbone.pth (use with --weights in every other command),
+    OUT/log.jsonl and OUT/curves.png. `vitdense pretrain --resume OUT` continues a run with its saved
+    settings; options given as well override them (model options must stay the same). Several processes:
+    torchrun -m pretrain.
     """
     import logging
+
+    from click.core import ParameterSource
 
     from pretrain.config import config_from_args
     from pretrain.train import train
 
+    ctx = click.get_current_context()
+    explicit = {name for name in options
+                if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     logging.getLogger("pretrain").setLevel(logging.INFO)
-    result = train(config_from_args(options))
+    result = train(config_from_args(options, explicit))
     click.echo(f"trained {result.steps} steps, last loss {result.last_loss:.4f}, {result.skipped_files} "
                f"unreadable file(s) skipped")
     click.echo(f"teacher backbone: {result.export} (vitdense ... --weights {result.export})")

@@ -129,7 +129,8 @@ def index(img_dir: str, out_dir: str, recursive: bool, compressed: bool, nlist: 
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results per query.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="search_out", show_default=True,
               help="Folder for results.json and one contact sheet per query.")
-@click.option("--model", default=None, help="Backbone (default: the one the index was built with).")
+@click.option("--model", default=None, help="Backbone (default: the one the index was built with; another is an "
+                                          "error).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Weights file (default: the one the index was built with).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -158,11 +159,20 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
         raise ConfigError(f"{index_dir}: the index was embedded with --dtype {idx.descriptor.dtype}, queries "
                           f"must be too (got --dtype {dtype})")
     paths = expand_inputs(queries)
+    own = idx.backbone
     if model is None and weights is None:  # rebuild the index's backbone
-        model, weights = idx.backbone.get("model_arg"), idx.backbone.get("weights")
+        model, weights = own.get("model_arg"), own.get("weights")
+        if weights is None and model in (None, "auto"):
+            model = own["model"]  # what auto chose then, not what it would choose now
         if weights is not None and not Path(weights).is_file():
             raise DataError(f"{index_dir}: the index was built with --weights {weights}, which no longer exists; "
                             f"pass --weights with the same file")
+    elif weights is None and model not in (own["model"], own.get("model_arg")):
+        # another backbone is an error anyway: say so before loading it (a hub name could need the network)
+        what = f"model '{own['model']}'" + (f" with --weights {own['weights']}" if own.get("weights") else "")
+        raise ConfigError(f"{index_dir}: the index was built with {what}, not --model {model}; query with the "
+                          f"index's backbone (leave out --model) or rebuild the index with this one into a new "
+                          f"folder")
     extractor = _extractor(dict(model=model, weights=weights, device=device, dtype=idx.descriptor.dtype,
                                 stride=idx.descriptor.stride))
     idx.check_backbone(backbone_identity(extractor, weights, model))
@@ -184,6 +194,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
         name = f"{row:03d}_{qpath.stem}_results.png"
         writers.append(lambda sheet=sheet, name=name: save_png(out / name, sheet))
     report = {"index": str(Path(index_dir).resolve()), "k": k, "descriptor": idx.descriptor.to_dict(),
+              "weights_used": extractor.weights_used,
               "queries": records, "skipped": [{"path": str(paths[i]), "reason": r} for i, r in result.skipped]}
     write_outputs(writers + [lambda: save_json(out / "results.json", report)])
     click.echo(f"wrote {out / 'results.json'} and {len(records)} contact sheet(s)")
@@ -252,7 +263,8 @@ def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_querie
                             f"image")
     ranks = ranks_from_similarity(qs.vectors @ db.vectors.T)  # (N, Q)
     results = revisited_map(ranks, cfg["gnd"])
-    report: dict[str, Any] = {"gnd": str(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries}
+    report: dict[str, Any] = {"gnd": str(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries,
+                              "weights_used": extractor.weights_used}
     for setup, res in results.items():
         report[setup] = {"mAP": res.map * 100, "mP@k": dict(zip(map(str, res.kappas), res.mp_at_k * 100)),
                          "AP": (res.aps * 100).tolist()}
@@ -335,7 +347,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
     np.add.at(confusion, (yva.numpy(), pred.numpy()), 1)
     report = {"top1": top1, "top5": top5, "k": k, "temperature": temperature, "classes": classes,
               "confusion": confusion, "train": len(tr.indices), "val": len(va.indices),
-              "descriptor": config.to_dict()}
+              "descriptor": config.to_dict(), "weights_used": extractor.weights_used}
     click.echo(f"k-NN (k={k}, T={temperature}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
                f"({len(va.indices)} val / {len(tr.indices)} train images, {len(classes)} classes)")
     norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
@@ -393,6 +405,7 @@ def eval_copy(img_dir: str, copies: int, strength: float, color: float, distract
     res = copy_detection_scores(ids, [[s] for s in sources])
     report = {"top1": res.top1, "mAP": res.map, "queries": len(queries), "database": len(db_paths),
               "strength": strength, "color": color, "seed": seed, "descriptor": config.to_dict(),
+              "weights_used": extractor.weights_used,
               "per_query": [{"source": db_paths[s], "first_hit_rank": int(f) + 1 if f >= 0 else None,
                              "top1": db_paths[ids[q, 0]], "score": float(scores[q, 0])}
                             for q, (s, f) in enumerate(zip(sources, res.first_hit))]}

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 import numpy as np
@@ -37,10 +37,17 @@ def _propagation_config(opts: dict[str, Any]):
                              radius=opts.pop("neighborhood"), temperature=opts.pop("temperature"))
 
 
-def _colors(palette: list[int] | None) -> np.ndarray:
+def _colors(palette: list[int] | None, ids: Sequence[int] = ()) -> np.ndarray:
+    """(256, 3) colour per id: the mask's own palette, else distinct colours given to the ids present in
+    order (a grayscale 0/255 mask's object gets the first colour, not the palette's near-white 255)."""
     from ..viz import palette as default_palette
 
-    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3) if palette else default_palette(256)
+    if palette:
+        return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    colors = default_palette(256)
+    present = sorted({0, *ids})
+    colors[present] = default_palette(len(present))
+    return colors
 
 
 def _thumbnail(frame: np.ndarray, labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
@@ -84,6 +91,9 @@ def open_job(job: Job) -> Job:
 
     job.frames = VideoFrames(job.frames_path)
     job.mask, job.palette = read_mask(job.mask_path)
+    if not job.mask.any():
+        raise ImageError(f"{job.mask_path}: the first-frame mask has no object (every pixel is 0); mark the "
+                         f"object(s) with ids 1, 2, ... (or 255 for a single object)")
     if job.mask.shape != job.frames.size:
         raise ImageError(f"{job.mask_path}: mask is {job.mask.shape[1]}x{job.mask.shape[0]} px but the frames of "
                          f"{job.frames_path} are {job.frames.size[1]}x{job.frames.size[0]}")
@@ -99,13 +109,13 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
     from ..viz import contact_sheet
 
     frames, mask, palette, gif_path = job.frames, job.mask, job.palette, job.gif_path
-    pal = palette or _colors(None).flatten().tolist()
-    colors = _colors(palette)
+    objects = [int(i) for i in np.unique(mask) if i > 0]  # ids need not be contiguous
+    colors = _colors(palette, objects)
+    pal = palette or colors.flatten().tolist()
     keep_every = max(1, math.ceil(len(frames) / MAX_GIF_FRAMES))
     thumbs: list[np.ndarray] = []
     names: list[str] = []
     areas: list[list[int]] = []
-    objects = [int(i) for i in np.unique(mask) if i > 0]  # ids need not be contiguous
     n_labels = int(mask.max()) + 1
     start = time.perf_counter()
     stream = segment_video(extractor, frames, mask, layer=opts["layer"], facet=opts["facet"],
@@ -132,7 +142,8 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
 
 
 def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, Any]:
-    return {"model": extractor.model_type, "layer": opts["layer"], "facet": opts["facet"],
+    return {"model": extractor.model_type, "weights_used": extractor.weights_used, "layer": opts["layer"],
+            "facet": opts["facet"],
             "stride": extractor.stride[0], "load_size": opts["load_size"], "n_last_frames": config.n_last_frames,
             "topk": config.topk, "neighborhood": config.radius, "temperature": config.temperature,
             "batch_size": opts["batch_size"]}
