@@ -5,6 +5,7 @@ import json
 import os
 import resource
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,47 @@ def run_isolated(script: str, case_args: list, timeout: float, label: str = "") 
         print(f"[{label}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_json(cmd: list, timeout: float, result_file: str | os.PathLike | None = None,
+             env: dict | None = None) -> dict:
+    """Run ``cmd`` in a process group of its own with a deadline; what it reported and how it ended.
+
+    Returns ``{"status": "ok" | "failed" | "timeout", "seconds", "result", "error"}``. ``result`` is the JSON
+    object in ``result_file`` when one is given (the case may rewrite it as it goes, so a case stopped at the
+    deadline still reports what it finished), else the one on the last line of its stdout, else None. Past
+    ``timeout`` the whole group is killed, data-loader workers and other children included, so a hanging case
+    cannot hold the GPU for the next one. ``error`` is the tail of stderr of a case that did not end well.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=errors, text=True,
+                                env=env, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=max(1.0, timeout))
+            status = "ok" if proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate()
+            status = "timeout"
+        try:  # children left behind by a case that ended (e.g. orphaned workers) go too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        errors.seek(0)
+        error = errors.read()[-3000:] if status != "ok" else ""
+    result = None
+    if result_file is not None and os.path.exists(result_file):
+        with open(result_file) as f:
+            result = json.load(f)
+    elif stdout.strip():
+        try:
+            result = json.loads(stdout.strip().splitlines()[-1])
+        except json.JSONDecodeError:
+            result = None
+    if status == "ok" and result is None:
+        status, error = "failed", "no JSON result"
+    return {"status": status, "seconds": time.perf_counter() - start, "result": result, "error": error}
 
 
 class TurnTaker:

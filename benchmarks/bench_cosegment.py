@@ -69,7 +69,7 @@ def vit_s8() -> torch.nn.Module:
     return create_vit("vit_small_patch8_224")
 
 
-def run_ours(folder: Path, out: Path, device: str, parts: bool) -> dict:
+def run_ours(folder: Path, out: Path, device: str, parts: bool, load_size: int = 224) -> dict:
     """Inside the subprocess: the CLI command on folder; stage timings from its summary.json."""
     from vitdense import ViTExtractor
     from vitdense.cli import main
@@ -79,7 +79,8 @@ def run_ours(folder: Path, out: Path, device: str, parts: bool) -> dict:
     # The command builds its extractor from --model/--weights; here it gets the same in-memory ViT as the peer.
     command.build_extractor = lambda **opts: ViTExtractor("dino_vits8", stride=opts["stride"], model=vit,
                                                           device=device)
-    args = ["part-cosegment" if parts else "cosegment", str(folder), "--out", str(out), "--device", device]
+    args = ["part-cosegment" if parts else "cosegment", str(folder), "--out", str(out), "--device", device,
+            "--load-size", str(load_size)]
     start = time.perf_counter()
     main.main(args, standalone_mode=False)
     total = time.perf_counter() - start
@@ -94,7 +95,7 @@ class PeerTimeLimit(Exception):
     """The peer's run reached --timeout: its time so far is a lower bound."""
 
 
-def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float) -> dict:
+def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float, load_size: int = 224) -> dict:
     """Inside the subprocess: dino-vit-features' find_(part_)cosegmentation with stage timers around it.
 
     After ``limit`` seconds of the peer's own run (imports and model building not counted) it is stopped and
@@ -152,9 +153,9 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float) ->
     try:
         with torch.no_grad():  # as the peer's __main__ does
             if parts:
-                module.find_part_cosegmentation(paths, load_size=224, stride=4)
+                module.find_part_cosegmentation(paths, load_size=load_size, stride=4)
             else:
-                module.find_cosegmentation(paths, load_size=224, stride=4)
+                module.find_cosegmentation(paths, load_size=load_size, stride=4)
     except PeerTimeLimit:
         timed_out = True
     finally:
@@ -173,7 +174,8 @@ def case(impl: str, n: int, parts: bool, args: argparse.Namespace) -> dict | Non
     # The peer stops itself after --timeout seconds and reports its partial run; the hard limit here only
     # catches a case stuck in one long native call (then nothing is known but that it timed out).
     return run_isolated(__file__, [impl, n, int(parts), "--device", args.device, "--workdir", args.workdir,
-                                   "--timeout", args.timeout] + (["--peer", args.peer] if args.peer else []),
+                                   "--timeout", args.timeout, "--load-size", args.load_size]
+                        + (["--peer", args.peer] if args.peer else []),
                         args.timeout + 600, f"{impl} n={n}")
 
 
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600,
                         help="seconds the peer may run per case; past it the peer is stopped and its time so far "
                              "reported as a lower bound (ratios marked >=)")
+    parser.add_argument("--load-size", type=int, default=224, help="shorter side the images are resized to (both)")
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,9 +199,9 @@ def main() -> None:
         impl, n, parts = args.case[0], int(args.case[1]), bool(int(args.case[2]))
         folder = Path(args.workdir) / f"images_{n}"
         if impl == "ours":
-            result = run_ours(folder, Path(args.workdir) / f"out_{n}_{int(parts)}", args.device, parts)
+            result = run_ours(folder, Path(args.workdir) / f"out_{n}_{int(parts)}", args.device, parts, args.load_size)
         else:
-            result = run_peer(folder, args.peer, args.device, parts, args.timeout)
+            result = run_peer(folder, args.peer, args.device, parts, args.timeout, args.load_size)
         result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if args.device.startswith("cuda"):
             result["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -207,7 +210,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = tmp
-        print(f"device {args.device}, random ViT-S/8, load size 224, stride 4, key facet layer 11; "
+        print(f"device {args.device}, random ViT-S/8, load size {args.load_size}, stride 4, key facet layer 11; "
               f"peer: {args.peer or 'not run'}\n")
         header = (f"{'task':<6} {'N':>3} {'impl':<5} {'extract s':>9} {'cluster s':>9} {'refine s':>9} "
                   f"{'compute s':>9} {'write s':>8} {'peak MB':>8} {'k':>3}")

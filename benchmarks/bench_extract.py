@@ -25,9 +25,11 @@ from _isolated import TurnTaker, serve  # noqa: E402  (benchmarks/ is the script
 HERE = Path(__file__).resolve().parent
 
 
-def build_case(impl: str, size: int, use_bin: bool, device: str, peer: str | None
-               ) -> tuple[Callable[[], None], dict]:
-    """Inside the case's process: the extractor and the work timed per image; ``info`` gets the token count."""
+def build_case(impl: str, size: int, use_bin: bool, device: str, peer: str | None,
+               dtype: torch.dtype = torch.float32) -> tuple[Callable[[], None], dict]:
+    """Inside the case's process: the extractor and the work timed per image; ``info`` gets the token count.
+
+    ``dtype``: vitdense's forward precision (``ViTExtractor(dtype=...)``); the peer always runs in fp32."""
     sys.path.insert(0, str(HERE.parent))
     from PIL import Image
     from skimage import data
@@ -47,7 +49,7 @@ def build_case(impl: str, size: int, use_bin: bool, device: str, peer: str | Non
     else:
         from vitdense import ViTExtractor
 
-        extractor = ViTExtractor("dino_vits8", stride=4, model=vit, device=device)
+        extractor = ViTExtractor("dino_vits8", stride=4, model=vit, device=device, dtype=dtype)
     info: dict = {}
 
     def one() -> None:

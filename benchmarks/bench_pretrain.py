@@ -43,8 +43,10 @@ from pretrain.loss import DINOLoss  # noqa: E402
 from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pretrain.train import batch_crops, build_model, clip_gradients, param_groups, update_teacher  # noqa: E402
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices print "n/a".
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (FLOP/s, vendor data sheets) for MFU; other devices print "n/a". The first key
+# found in the device's name wins, so the PCIe and NVL variants of the H100 come before the SXM one.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+             "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 
 def make_jpegs(folder: Path, count: int) -> None:
@@ -70,7 +72,8 @@ def peak_flops(device: torch.device) -> float | None:
 class Stepper:
     """The training step of pretrain/train.py (forward, loss, backward, clip, AdamW, EMA) on given crops."""
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, bf16: bool, compile_model: bool):
+    def __init__(self, cfg: PretrainConfig, device: torch.device, bf16: bool, compile_model: bool,
+                 fused: bool = False):
         torch.manual_seed(0)
         self.student = build_model(cfg, student=True).to(device)
         self.teacher = build_model(cfg, student=False).to(device)
@@ -80,7 +83,9 @@ class Stepper:
         self.fwd_s = torch.compile(self.student) if compile_model else self.student
         self.fwd_t = torch.compile(self.teacher) if compile_model else self.teacher
         self.loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops).to(device)
-        self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4, weight_decay=0.04)
+        # fused=True: one kernel for the whole AdamW update (CUDA); the default is the multi-tensor (foreach) one
+        self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4, weight_decay=0.04,
+                                     **({"fused": True} if fused else {}))
         self.device, self.bf16, self.clip = device, bf16, cfg.clip_grad
 
     def __call__(self, crops: list[torch.Tensor]) -> None:
