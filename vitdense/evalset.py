@@ -554,6 +554,14 @@ def _trim(rgba: np.ndarray) -> np.ndarray:
     return rgba[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
+def _longer_for_area(rgba: np.ndarray, area: float, cap: float) -> float:
+    """Longer side (px) at which a trimmed cut-out's opaque part (alpha >= 128) covers ``area`` px, at most
+    ``cap``."""
+    h, w = rgba.shape[:2]
+    fill = max(float((rgba[..., 3] >= 128).mean()), 1e-3)  # opaque fraction of the bounding box
+    return float(min(cap, np.sqrt(area / fill * max(h, w) / min(h, w))))
+
+
 def _resize_cutout(rgba: np.ndarray, longer: int) -> np.ndarray:
     """Resize a trimmed cut-out so its longer side is ``longer`` px (Pillow resizes RGBA premultiplied)."""
     h, w = rgba.shape[:2]
@@ -841,8 +849,10 @@ def _render_video(background: np.ndarray, obj1: np.ndarray, obj2: np.ndarray, rn
     start, end = np.array([0, 0]), np.array([pan.shape[1] - W, pan.shape[0] - H])
     if rng.random() < 0.5:
         start, end = end, start
-    base1 = rng.uniform(0.38, 0.50) * H  # longer side of obj1 (px) before its scale change
-    base2 = rng.uniform(0.28, 0.38) * H
+    # Sized by area, not by the longer side: a thin cut-out (a sign post, a candy cane) at the same longer
+    # side as a compact one would cover a few hundred pixels, a few tokens at stride 8.
+    base1 = _longer_for_area(obj1, rng.uniform(0.06, 0.10) * W * H, 0.9 * H)  # before its scale change
+    base2 = _longer_for_area(obj2, rng.uniform(0.035, 0.06) * W * H, 0.8 * H)
     amp, phase = rng.uniform(0.15, 0.30), rng.uniform(0, 2 * np.pi)
     path1 = np.stack([rng.uniform(0.35 * W, 0.65 * W, 4), rng.uniform(0.35 * H, 0.65 * H, 4)], axis=1)
     meet = _bezier(path1, 0.5)  # obj2 crosses obj1's position at mid-sequence: an occlusion
@@ -888,7 +898,8 @@ def _compose_videos(writer: _Writer, pool: list[Cutout], deck: _Deck, rng: np.ra
         for _ in range(50):  # redraw the paths until both objects show in frame 0 and obj2 hides obj1 a while
             frames, labels, boxes, hidden = _render_video(background.rgb, _trim(obj1.rgba), _trim(obj2.rgba), rng,
                                                           n_frames)
-            first_ok = (labels[0] == 1).sum() >= 100 and (labels[0] == 2).sum() >= 100
+            # both objects clearly visible in the annotated first frame (>= 2 % of it each)
+            first_ok = min((labels[0] == 1).sum(), (labels[0] == 2).sum()) >= 0.02 * labels[0].size
             if first_ok and 3 <= sum(h >= 50 for h in hidden) <= max(3, n_frames // 2):
                 break
         name = f"v{v:02d}"
