@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import assert_user_error, run_cli, save_tiny_weights, tiny_vit
 
 from vitdense import ViTExtractor
-from vitdense.evaluate import (Candidate, EvalSettings, evaluate_backbones, keep_mass, mask_scores, pair_targets,
+from vitdense.evaluate import (Candidate, EvalSettings, evaluate_backbones, mask_scores, pair_targets,
                                random_like)
 from vitdense.extractor import Features
 
@@ -123,21 +123,6 @@ TINY = EvalSettings(load_size=64, knn_load_size=64)
 
 # ---------------------------------------------------------------------------------------------- metrics
 
-def test_keep_mass_matches_dino_attention_threshold():
-    """Independent: DINO's visualize_attention keeps, after an ascending sort, the tokens whose cumulative
-    normalised mass exceeds 1 - keep."""
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        values = rng.random(200) ** 3
-        keep = float(rng.uniform(0.2, 0.9))
-        order = np.argsort(values)
-        cum = np.cumsum(values[order] / values.sum())
-        expected = np.zeros(200, bool)
-        expected[order[cum > 1 - keep]] = True
-        assert np.array_equal(keep_mass(values, keep), expected)
-    assert keep_mass(np.zeros(5), 0.6).sum() == 0
-
-
 def test_mask_scores_on_known_masks():
     pred = np.zeros((10, 10), bool)
     gt = np.zeros((10, 10), bool)
@@ -216,7 +201,7 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
 
 # ---------------------------------------------------------------------------------------------- the command
 
-FAST = ["--load-size", "64", "--device", "cpu"]
+FAST = ["--load-size", "64", "--knn-size", "64", "--device", "cpu"]
 
 
 def test_evaluate_command_writes_the_report_and_is_reproducible(tmp_path, data, weights):
@@ -254,7 +239,7 @@ def test_quick_and_task_subset(tmp_path, data, weights):
     assert set(report["scores"]["tiny"]) == {"coseg", "knn"}
     assert [r["group"] for r in report["detail"]["tiny"]["coseg"]] == ["g0"] * 3 + ["g1"] * 3
     knn = report["detail"]["tiny"]["knn"][0]
-    assert (knn["bank"], knn["query"]) == (8, 6)  # quick keeps up to 8 bank and 4 query images per class
+    assert (knn["bank"], knn["query"]) == (8, 4)  # quick keeps up to 4 bank and 2 query images per class
 
 
 def test_bad_input(tmp_path, data, weights):

@@ -56,12 +56,15 @@ def _unique(labels: list[str]) -> list[str]:
 @click.option("--tasks", default="all", show_default=True,
               help="Comma-separated subset of coseg, saliency, knn, correspond, video.")
 @click.option("--load-size", type=int, default=224, show_default=True,
-              help="Shorter image side fed to the network (the commands' default; k-NN images too).")
+              help="Shorter image side for co-segmentation, saliency and correspondences (the commands' "
+                   "default).")
+@click.option("--knn-size", type=int, default=128, show_default=True, help="Side of the k-NN images.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of k-means, the random floor and the --quick subset.")
 def evaluate_command(model: str | None, weights: str | None, compare: tuple[str, ...], out_dir: str | None,
-                     data_dir: str | None, prepare: bool, quick: bool, tasks: str, load_size: int, device: str, seed: int) -> None:
+                     data_dir: str | None, prepare: bool, quick: bool, tasks: str, load_size: int, knn_size: int,
+                     device: str, seed: int) -> None:
     """Grade backbones on ground truth: co-segmentation, saliency, k-NN, correspondences, video.
 
     Every backbone named (--model/--weights, then each --compare) is graded on the same data with the
@@ -73,10 +76,11 @@ def evaluate_command(model: str | None, weights: str | None, compare: tuple[str,
     from ..evaluate import TASKS, EvalSettings, evaluate_backbones
 
     chosen = TASKS if tasks.strip() == "all" else tuple(t.strip() for t in tasks.split(",") if t.strip())
-    if load_size < 16:
-        raise ConfigError(f"--load-size {load_size}: must be at least 16 px")
+    for name, value in (("--load-size", load_size), ("--knn-size", knn_size)):
+        if value < 16:
+            raise ConfigError(f"{name} {value}: must be at least 16 px")
     settings = EvalSettings(tasks=chosen, quick=quick, seed=seed, load_size=load_size,
-                            knn_load_size=load_size)  # checks --tasks
+                            knn_load_size=knn_size)  # checks --tasks
     if out_dir is None and not prepare:
         raise ConfigError("--out DIR is required (or pass --prepare alone to build the data folder)")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
