@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "save_npz": "io", "save_png": "io",
     "contact_sheet": "viz", "heatmap": "viz", "overlay": "viz", "palette": "viz", "pca_rgb": "viz",
     "similarity_map": "viz",
+    "AttentionMaps": "attention", "attention_maps": "attention", "cls_attention": "attention",
+    "keep_mass": "attention",
     "ari": "metrics", "jaccard": "metrics", "nmi": "metrics", "part_scores": "metrics", "precision": "metrics",
     "CosegResult": "cosegment", "PartResult": "cosegment", "part_cosegment": "cosegment",
     "refine_objects": "cosegment", "cosegment_objects": "cosegment:cosegment",
@@ -56,6 +58,8 @@ __all__ = [
     # pictures and files
     "pca_rgb", "similarity_map", "heatmap", "overlay", "palette", "contact_sheet",
     "load_image", "list_images", "natural_key", "IMAGE_SUFFIXES", "save_png", "save_json", "save_npz",
+    # attention maps (DINO's pictures) and the inspect page
+    "attention_maps", "AttentionMaps", "cls_attention", "keep_mass",
     # co-segmentation
     "cosegment_objects", "part_cosegment", "refine_objects", "CosegResult", "PartResult",
     "jaccard", "precision", "part_scores", "nmi", "ari",

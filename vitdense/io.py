@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .backbones import atomic_write
-from .errors import DataError, ImageError
+from .errors import ConfigError, DataError, ImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
@@ -129,3 +129,22 @@ def write_outputs(writers: Sequence[Callable[[], None]]) -> None:
     """Run output writers in order (each one atomic): used after all computation succeeded."""
     for write in writers:
         write()
+
+
+def check_output(path: str | os.PathLike, folder: bool, option: str = "--out") -> Path:
+    """``path`` as a Path when it is, or can be created as, a writable folder (``folder``) or file; else a
+    ConfigError naming ``option``. Creates nothing, so a command can check before its first write."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError(f"{option} {path}: exists and is not a folder")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():  # the nearest existing folder above is where anything gets created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: cannot be written, {parent} is a file and not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{option} {path}: cannot be written (no write permission in {parent})")
+    return path
