@@ -41,7 +41,7 @@ from tqdm import tqdm
 from vitdense import (PCK_ALPHAS, CorrespondenceResult, Correspondences, DataError, ViTExtractor, VitdenseError,
                       default_layer, describe_image, disparity_targets, draw_correspondences, find_correspondences,
                       homography_targets, keypoint_threshold, load_image, pck, save_json, save_png,
-                      transfer_keypoints)
+                      random_floor, transfer_keypoints)
 
 
 # ---------------------------------------------------------------------------------- scoring (pure)
@@ -93,7 +93,7 @@ def evaluate_homography(result: CorrespondenceResult, homography: np.ndarray,
 class KeypointPair(NamedTuple):
     """One annotated pair: images, keypoints (K, 2) (y, x) in original pixels (row k of A ↔ row k of B),
     and the target bounding box (x1, y1, x2, y2) when the data set has one. (A NamedTuple, not a dataclass,
-    so the module also works when loaded from its path, as apps/eval_backbone.py does.)"""
+    so the module also works when loaded from its path, as the tests do.)"""
 
     name: str
     image_a: Path
@@ -283,15 +283,9 @@ def read_homography(path: str | Path) -> np.ndarray:
 
 def build_extractor(args: argparse.Namespace) -> ViTExtractor:
     """The extractor of --model/--weights, or (--random-init) a randomly initialised one of its architecture."""
-    if args.random_init:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("eval_backbone", Path(__file__).with_name("eval_backbone.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.build(args.weights, args.model, True, args.stride)
     model = args.model if args.weights is None else None
-    return ViTExtractor(model, stride=args.stride, weights=args.weights, device=args.device)
+    extractor = ViTExtractor(model, stride=args.stride, weights=args.weights, device=args.device)
+    return random_floor(extractor, seed=0) if args.random_init else extractor
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

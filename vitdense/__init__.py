@@ -49,6 +49,9 @@ _EXPORTS: dict[str, str] = {
     "is_reserved_stamp": "splits", "photo_split": "splits", "stamp_split": "splits",
     "fetch_package": "evalset", "is_non_commercial": "evalset", "wallpaper_name": "evalset",
     "wallpaper_photos": "evalset",
+    "prepare_eval_data": "evalset", "load_manifest": "evalset", "eval_data_dir": "evalset:default_data_dir",
+    "evaluate_backbones": "evaluate", "Candidate": "evaluate", "EvalSettings": "evaluate",
+    "EvalReport": "evaluate:Report", "random_floor": "evaluate", "knn_accuracy": "metrics",
 }
 
 __all__ = [
@@ -76,6 +79,9 @@ __all__ = [
     # data splits and package sources (vitdense.splits, vitdense.evalset)
     "stamp_split", "photo_split", "is_reserved_stamp", "fetch_package", "wallpaper_photos", "wallpaper_name",
     "is_non_commercial",
+    # the report card (vitdense.evaluate)
+    "evaluate_backbones", "Candidate", "EvalSettings", "EvalReport", "prepare_eval_data", "load_manifest",
+    "eval_data_dir", "random_floor", "knn_accuracy",
     # errors
     "VitdenseError", "ImageError", "CheckpointError", "ConfigError", "DataError",
 ]

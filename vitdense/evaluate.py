@@ -115,16 +115,21 @@ def random_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return fresh.eval()
 
 
-def floor_candidate(first: Candidate, seed: int = 0) -> Candidate:
-    """The random-initialisation floor: the first backbone's architecture, preprocessing and stride, new
-    weights, saliency over all heads."""
+def random_floor(extractor: Any, seed: int = 0) -> Any:
+    """A ViTExtractor like ``extractor`` (architecture, preprocessing, stride, device) with randomly
+    initialised weights (:func:`random_like`) and saliency over all heads: the floor of the report card."""
     from .extractor import ViTExtractor
 
-    src = first.extractor
-    ext = ViTExtractor(FLOOR_LABEL, stride=src.stride[0], model=random_like(src.model, seed), device=src.device,
-                       dtype=src.dtype)
-    ext.mean, ext.std = src.mean, src.std
-    return Candidate(FLOOR_LABEL, ext, f"random initialisation of {first.label}'s architecture (seed {seed})")
+    ext = ViTExtractor(FLOOR_LABEL, stride=extractor.stride[0], model=random_like(extractor.model, seed),
+                       device=extractor.device, dtype=extractor.dtype)
+    ext.mean, ext.std = extractor.mean, extractor.std
+    return ext
+
+
+def floor_candidate(first: Candidate, seed: int = 0) -> Candidate:
+    """The random-initialisation floor of the first backbone (see :func:`random_floor`)."""
+    return Candidate(FLOOR_LABEL, random_floor(first.extractor, seed),
+                     f"random initialisation of {first.label}'s architecture (seed {seed})")
 
 
 def at_stride(extractor: Any, stride: int | None) -> Any:
