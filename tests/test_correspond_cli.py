@@ -70,6 +70,23 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
     assert {(p["a"]["x"], p["a"]["y"]) for p in data["pairs"]} <= every
 
 
+def test_tiny_image_warns_on_a_line_of_its_own(weights, pair, tmp_path):
+    """A 4x4 image enlarged 16x: the real command (own process, real stderr) says so on a line of its own,
+    not glued to the progress bar."""
+    import subprocess
+    import sys
+
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(tiny)
+    proc = subprocess.run([sys.executable, "-m", "vitdense", "correspond", str(pair[0]), str(tiny), "--weights",
+                           str(weights), "--device", "cpu", "--load-size", "64", "--thresh", "-1", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if "upscaled" in line]
+    assert lines == [f"{tiny}: image of 4x4 px upscaled 16x to 64x64 px; its descriptors (and anything found in "
+                     f"it) carry little information: use a larger image or a smaller --load-size"], proc.stderr
+
+
 def test_cli_batch_layouts(weights, pair, tmp_path, photos):
     a, b = pair
     folder = tmp_path / "pairs"

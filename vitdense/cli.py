@@ -43,6 +43,10 @@ def main(verbose: bool) -> None:
     when cached or downloadable, else the bundled vitdense_vits8).
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # Log lines (warnings) go through tqdm while a progress bar is shown, so they get a line of their own.
+    click.get_current_context().with_resource(logging_redirect_tqdm())
 
 
 # ---------------------------------------------------------------------------------- shared options
