@@ -34,6 +34,9 @@ class PretrainConfig:
     arch: str = _opt("vit_small", "vit_tiny/vit_small/vit_base, or any timm ViT name "
                                   "(vit_small_patch8_224, ...).")
     patch_size: int = _opt(0, "Patch size (0 = from the timm name, 16 for short names).")
+    init: str = _opt("", "Start both backbones from these weights (a name from `vitdense models`, an official "
+                         "DINO/DINOv2 file or a pretrain export; the DINO head starts fresh). The "
+                         "architecture is the weights' own.")
     img_size: int = _opt(0, "Size of the position-embedding grid in pixels (0 = --global-size).")
     drop_path: float = _opt(0.1, "Stochastic depth rate of the student (the teacher has none).")
     out_dim: int = _opt(65536, "Output dimension K of the DINO head.")

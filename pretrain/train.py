@@ -38,6 +38,7 @@ from .heads import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
 from .monitor import JsonlLog, plot_curves
 from .schedules import Schedules
+from .warmstart import WarmStart, apply_to_config, load_warm_start
 
 LOG = logging.getLogger("pretrain")
 
@@ -85,10 +86,13 @@ def init_processes(cfg: PretrainConfig) -> Processes:
     return Processes(rank, world, local_rank, device)
 
 
-def build_model(cfg: PretrainConfig, student: bool) -> MultiCropWrapper:
-    """A timm ViT + DINO head; the student gets stochastic depth, the teacher none."""
-    arch, kwargs = cfg.timm_arch()
+def build_model(cfg: PretrainConfig, student: bool, init: WarmStart | None = None) -> MultiCropWrapper:
+    """A timm ViT + DINO head; the student gets stochastic depth, the teacher none. With ``init`` the ViT
+    has the warm start's architecture and weights (the head is always new)."""
+    arch, kwargs = (init.arch, init.kwargs) if init is not None else cfg.timm_arch()
     backbone = create_vit(arch, **kwargs, dynamic_img_size=True, drop_path_rate=cfg.drop_path if student else 0.0)
+    if init is not None:
+        backbone.load_state_dict(init.state)
     head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                     norm_last_layer=cfg.norm_last_layer)
     return MultiCropWrapper(backbone, head)
@@ -135,18 +139,26 @@ def batch_crops(views: Any, device: torch.device, device_augment: GPUMultiCrop |
     return [c.to(device, non_blocking=True) for c in views]
 
 
-def export_meta(cfg: PretrainConfig, step: int) -> dict[str, Any]:
-    """Backbone metadata: ``ViTExtractor(weights=...)`` rebuilds the architecture from it alone."""
-    arch, kwargs = cfg.timm_arch()
-    return backbone_meta(arch, kwargs, IMAGENET_MEAN, IMAGENET_STD, name=f"dino_{Path(cfg.out).name}",
-                         trained_steps=step, data_dir=str(cfg.data_dir))
+def export_meta(cfg: PretrainConfig, step: int, init: WarmStart | None = None, seconds: float = 0.0
+                ) -> dict[str, Any]:
+    """Backbone metadata: ``ViTExtractor(weights=...)`` rebuilds the architecture from it alone; ``chain``
+    lists the runs the weights came from, oldest first (a warm start's own chain, then this run)."""
+    arch, kwargs = (init.arch, init.kwargs) if init is not None else cfg.timm_arch()
+    mean, std = (init.mean, init.std) if init is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    run = {"out": str(cfg.out), "init": init.weights if init is not None else None, "data_dir": str(cfg.data_dir),
+           "steps": step, "minutes": round(seconds / 60, 2), "batch_size": cfg.batch_size, "lr": cfg.lr,
+           "global_size": cfg.global_size, "local_crops": cfg.local_crops, "out_dim": cfg.out_dim}
+    chain = (init.chain if init is not None else []) + [run]
+    return backbone_meta(arch, kwargs, mean, std, name=f"dino_{Path(cfg.out).name}", trained_steps=step,
+                         data_dir=str(cfg.data_dir), init=run["init"], chain=chain)
 
 
 def make_checkpoint(cfg: PretrainConfig, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
-                    loss_fn: DINOLoss, step: int, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+                    loss_fn: DINOLoss, step: int, epoch: int, rng: list[dict[str, Any]], meta: dict[str, Any]
+                    ) -> dict[str, Any]:
     return {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
             "loss": loss_fn.state_dict(), "step": step, "epoch": epoch, "config": cfg.to_dict(), "rng": rng,
-            FORMAT_KEY: export_meta(cfg, step)}
+            FORMAT_KEY: meta}
 
 
 def gather_rng(procs: Processes) -> list[dict[str, Any]]:
@@ -206,6 +218,9 @@ def run_knn(cfg: PretrainConfig, backbone: nn.Module, device: torch.device, auto
 
 def train(cfg: PretrainConfig) -> TrainResult:
     """Train student and teacher as configured; return where the results are (rank 0's view)."""
+    init = load_warm_start(cfg.init) if cfg.init else None
+    if init is not None:
+        apply_to_config(cfg, init)
     cfg.validate()
     procs = init_processes(cfg)
     device = procs.device
@@ -262,8 +277,11 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     # ----- models: identical initialisation on every process, teacher starts as a copy of the student
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg, student=True).to(device)
-    teacher = build_model(cfg, student=False).to(device)
+    student = build_model(cfg, student=True, init=init).to(device)
+    teacher = build_model(cfg, student=False, init=init).to(device)
+    if init is not None:
+        LOG.info("warm start from %s", init.weights)
+        init.state = {}  # the weights live in the models now
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -273,6 +291,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     # ----- resume
     step = 0
+    resumed_minutes = 0.0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
@@ -285,6 +304,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             LOG.warning("%s: saved by %d processes, running %d: drop-path masks will differ from the original "
                         "run", cfg.resume, len(ckpt.get("rng", [])), procs.world_size)
             torch.manual_seed(cfg.seed + 1000 * procs.rank + step)
+        resumed_minutes = float((ckpt.get(FORMAT_KEY) or {}).get("chain", [{}])[-1].get("minutes", 0.0))
         del ckpt
         LOG.info("resumed from %s at step %d", cfg.resume, step)
 
@@ -300,6 +320,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     # ----- outputs
+    t_start = time.perf_counter() - 60 * resumed_minutes  # training time of the run, resumed parts included
     ckpt_file, export_file = out / "checkpoint.pth", out / "teacher_backbone.pth"
     log_file, plot_file = out / "log.jsonl", out / "curves.png"
     log = None
@@ -313,8 +334,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
         report()  # a diverged step must never reach a checkpoint
         rng = gather_rng(procs)
         if procs.main:
-            save_checkpoint(ckpt_file, make_checkpoint(cfg, student, teacher, optimizer, loss_fn, step, epoch, rng))
-            save_backbone(teacher.backbone.state_dict(), export_file, meta=export_meta(cfg, step))
+            meta = export_meta(cfg, step, init, time.perf_counter() - t_start)
+            save_checkpoint(ckpt_file, make_checkpoint(cfg, student, teacher, optimizer, loss_fn, step, epoch, rng,
+                                                       meta))
+            save_backbone(teacher.backbone.state_dict(), export_file, meta=meta)
             plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
 
     pending: dict[str, Any] | None = None  # the last step's numbers, still on the device

@@ -315,3 +315,80 @@ def test_python_module_entry_point_help():
     assert done.returncode == 0 and "--local-crops" in done.stdout and "--teacher-temp" in done.stdout
     with pytest.raises(DataError):
         train(PretrainConfig(data_dir="/nonexistent/folder"))
+
+
+# ---------------------------------------------------------------------------------------------- --init (warm starts)
+
+def test_init_starts_both_backbones_from_the_weights_and_records_the_chain(tmp_path, photo_dir):
+    """A warm-started run begins at the given weights (the learning rate is 0 at step 0, so after one step
+    the teacher is still exactly the init), gets a new head, and its export lists both runs."""
+    from vitdense import ViTExtractor, read_weights
+
+    first = tmp_path / "first"
+    done = CliRunner().invoke(main, ["pretrain", str(photo_dir), "--out", str(first), *TINY_ARGS, "--batch-size",
+                                     "12", "--epochs", "1", "--workers", "0"])
+    assert done.exit_code == 0, done.output
+    init_state, _ = read_weights(first / "teacher_backbone.pth")
+    second = tmp_path / "second"
+    # no --arch: the architecture is the weights' (a ViT-T with 8-px patches), crops of another size
+    done = CliRunner().invoke(main, ["pretrain", str(photo_dir), "--out", str(second), "--init",
+                                     str(first / "teacher_backbone.pth"), "--global-size", "48", "--local-size",
+                                     "24", "--local-crops", "2", "--out-dim", "32", "--hidden-dim", "32",
+                                     "--bottleneck-dim", "16", "--batch-size", "12", "--epochs", "5",
+                                     "--max-steps", "1", "--workers", "0"])
+    assert done.exit_code == 0, done.output
+    state, meta = read_weights(second / "teacher_backbone.pth")
+    assert set(state) == set(init_state)
+    for key, value in init_state.items():
+        torch.testing.assert_close(state[key].float(), value.float(), msg=key)
+    ckpt = load_checkpoint(second / "checkpoint.pth")
+    assert ckpt["config"]["out_dim"] == 32 and ckpt["config"]["init"] == str(first / "teacher_backbone.pth")
+    assert [run["out"] for run in meta["chain"]] == [str(first), str(second)]
+    assert meta["init"] == str(first / "teacher_backbone.pth") and meta["chain"][1]["steps"] == 1
+    assert json.loads((second / "config.json").read_text())["patch_size"] == 8
+    ext = ViTExtractor(weights=second / "teacher_backbone.pth", stride=8, device="cpu")
+    assert ext.p == 8 and ext.embed_dim == 192
+
+
+def test_init_from_a_model_name_and_from_an_official_dino_file(tmp_path):
+    from pretrain.warmstart import apply_to_config, load_warm_start
+    from vitdense import read_weights
+    from vitdense.backbones import WEIGHTS_DIR
+
+    bundled = WEIGHTS_DIR / "vitdense_vits8.safetensors"
+    if bundled.exists():
+        init = load_warm_start("vitdense_vits8")
+        cfg = PretrainConfig(data_dir="x", global_size=32, local_size=16, out_dim=16, hidden_dim=16,
+                             bottleneck_dim=8)
+        apply_to_config(cfg, init)
+        assert (cfg.arch, cfg.patch_size, cfg.img_size) == ("vit_small", 8, 224)
+        student = build_model(cfg, student=True, init=init)
+        expected, _ = read_weights(bundled)
+        got = student.backbone.state_dict()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value.float(), msg=key)
+    # an official DINO backbone-only file: plain state dict, timm key names
+    from vitdense import create_vit
+
+    torch.manual_seed(3)
+    vit = create_vit("vit_small_patch16_224", embed_dim=96, depth=2, num_heads=3, img_size=32, patch_size=8)
+    torch.save(vit.state_dict(), tmp_path / "dino_official.pth")
+    init = load_warm_start(str(tmp_path / "dino_official.pth"))
+    assert init.patch_size == 8 and init.embed_dim == 96 and init.kwargs["depth"] == 2
+    cfg = PretrainConfig(data_dir="x", global_size=32, local_size=16, out_dim=16, hidden_dim=16, bottleneck_dim=8)
+    apply_to_config(cfg, init)
+    student = build_model(cfg, student=True, init=init)
+    torch.testing.assert_close(student.backbone.state_dict()["blocks.1.mlp.fc2.weight"],
+                               vit.state_dict()["blocks.1.mlp.fc2.weight"])
+
+
+def test_init_errors_are_one_line(tmp_path, photo_dir):
+    from vitdense import backbone_meta, create_vit, save_backbone
+
+    save_backbone(create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8), tmp_path / "t8.pth",
+                  backbone_meta("vit_tiny_patch16_224", dict(img_size=32, patch_size=8)))
+    common = [str(photo_dir), "--out", str(tmp_path / "run"), "--workers", "0", "--epochs", "1"]
+    line = _cli_error([*common, "--init", str(tmp_path / "t8.pth"), "--arch", "vit_small", "--patch-size", "16"])
+    assert "--init" in line and "t8.pth" in line and "8-px patches" in line
+    assert "nope.pth" in _cli_error([*common, "--init", str(tmp_path / "nope.pth")])
+    assert "no_such_model" in _cli_error([*common, "--init", "no_such_model"])
