@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("form", choices=["motorcycle", "homography", "spair", "pfpascal"])
     parser.add_argument("paths", nargs="*", help="homography: A B H.txt; spair/pfpascal: the data set root")
     parser.add_argument("--synthetic", action="store_true", help="homography: use the built-in warped pair")
-    parser.add_argument("--model", help="backbone name (default: the bundled one)")
+    parser.add_argument("--model", help="backbone name (default: auto, as the vitdense commands)")
     parser.add_argument("--weights", help="weights file")
     parser.add_argument("--random-init", action="store_true", help="random weights of the same architecture")
     parser.add_argument("--device", default="auto")
