@@ -11,6 +11,11 @@ probe run measures images/s first; the command actually run is written to ``OUT/
 Outputs in ``OUT``: the pretrain run (checkpoint, log.jsonl, curves.png), ``command.txt``, and
 ``NAME.safetensors``, the teacher backbone in fp16 with its metadata, ready to be copied to
 ``vitdense/weights/``.
+
+On a lent GPU machine (files come back at most 16 MiB each): ``--init vitdense_vits8`` continues from the
+shipped weights, ``--parts-dir $OUT`` also writes the export in parts of ``--split-mb`` MiB with a SHA-256,
+and here ``--join $OUT_FILES --to vitdense/weights/vitdense_vits8.safetensors`` puts them back together
+(checked). Grade the result with ``vitdense evaluate`` before shipping it.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ def recipe(args: argparse.Namespace, out: Path, repeat: int, epochs: int, max_st
            "--warmup-teacher-temp-epochs", "0"]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
+    if args.init:
+        cmd += ["--init", args.init]
     return cmd + args.extra
 
 
@@ -61,6 +68,40 @@ def probe_images_per_s(args: argparse.Namespace, n_images: int) -> float:
     return statistics.median(rates)
 
 
+def split_file(path: Path, folder: Path, part_mb: float) -> list[Path]:
+    """Write ``path`` as ``NAME.partNN`` files of at most ``part_mb`` MiB plus ``NAME.sha256`` into ``folder``."""
+    import hashlib
+
+    data = path.read_bytes()
+    size = int(part_mb * 2**20)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(0, len(data), size):
+        part = folder / f"{path.name}.part{i // size:02d}"
+        part.write_bytes(data[i:i + size])
+        parts.append(part)
+    (folder / f"{path.name}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    return parts
+
+
+def join_parts(folder: Path, dest: Path) -> Path:
+    """Concatenate ``NAME.partNN`` files of ``folder`` into ``dest`` after checking ``NAME.sha256``."""
+    import hashlib
+
+    sums = sorted(folder.glob("*.sha256"))
+    if len(sums) != 1:
+        sys.exit(f"{folder}: expected one NAME.sha256 beside the parts, found {len(sums)}")
+    name = sums[0].name[:-len(".sha256")]
+    parts = sorted(folder.glob(f"{name}.part*"))
+    data = b"".join(p.read_bytes() for p in parts)
+    if hashlib.sha256(data).hexdigest() != sums[0].read_text().strip():
+        sys.exit(f"{folder}: the {len(parts)} parts of {name} do not match its SHA-256 (a part is missing or cut)")
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/pretrain_set"),
@@ -75,8 +116,19 @@ def main() -> None:
     parser.add_argument("--out-dim", type=int, default=8192)
     parser.add_argument("--momentum-teacher", type=float, default=0.99)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--init", default="", help="warm start: weights to continue from (e.g. vitdense_vits8)")
+    parser.add_argument("--parts-dir", type=Path, default=None, help="also write the export here in parts")
+    parser.add_argument("--split-mb", type=float, default=15.0, help="size of the parts in MiB")
+    parser.add_argument("--join", type=Path, default=None, metavar="FOLDER",
+                        help="only join the parts in FOLDER into --to and exit")
+    parser.add_argument("--to", type=Path, default=None, help="file --join writes")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further pretrain options after --")
     args = parser.parse_args()
+    if args.join is not None:
+        if args.to is None:
+            sys.exit("--join needs --to FILE")
+        print(f"wrote {join_parts(args.join, args.to)}")
+        return
     args.extra = [a for a in args.extra if a != "--"]
     args.data = args.data.resolve()
     args.out = args.out.resolve()
@@ -106,8 +158,12 @@ def main() -> None:
     name = args.name
     meta = {**meta, "name": name, "data_dir": "apps/build_pretrain_set.py", "train_minutes": round(minutes, 1),
             "recipe": (args.out / "command.txt").read_text().strip()}
-    save_backbone(state, args.out / f"{name}.safetensors", meta, dtype=torch.float16)
-    print(f"exported {args.out / f'{name}.safetensors'} after {minutes:.1f} min of training", flush=True)
+    export = args.out / f"{name}.safetensors"
+    save_backbone(state, export, meta, dtype=torch.float16)
+    print(f"exported {export} after {minutes:.1f} min of training", flush=True)
+    if args.parts_dir is not None:
+        parts = split_file(export, args.parts_dir, args.split_mb)
+        print(f"wrote {len(parts)} part(s) of at most {args.split_mb:g} MiB to {args.parts_dir}", flush=True)
 
 
 if __name__ == "__main__":
