@@ -396,6 +396,10 @@ def test_cli_index_search_and_errors(tmp_path, photos, weights):
                       "--dtype float32")
     assert_user_error(run("search", query, "--index", tmp_path / "idx", "--weights", other, "--device", "cpu"),
                       "built with", "other")
+    # --model auto (the other commands' default) means the index's own backbone here, not a new choice
+    res = run("search", query, "--index", tmp_path / "idx", "--model", "auto", "-k", 2, "--out", tmp_path / "s2",
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
     index_json = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert index_json["backbone"]["weights_used"] == str(w)
     # another named backbone is refused before it is loaded (a hub name would wait on the network)

@@ -160,7 +160,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
                           f"must be too (got --dtype {dtype})")
     paths = expand_inputs(queries)
     own = idx.backbone
-    if model is None and weights is None:  # rebuild the index's backbone
+    if model in (None, "auto") and weights is None:  # rebuild the index's backbone
         model, weights = own.get("model_arg"), own.get("weights")
         if weights is None and model in (None, "auto"):
             model = own["model"]  # what auto chose then, not what it would choose now
