@@ -4,9 +4,9 @@
     python benchmarks/device_suite.py --out DIR --toy      # the same code at toy sizes (CPU: a few minutes)
     python benchmarks/device_suite.py --out DIR --parts extract --toy --no-peers
 
-Three parts, each in a process of its own with its own time budget (unused time rolls over to the next part);
-inside a part every case runs in its own process with a deadline too, so a case that fails, hangs or runs out
-of memory is reported as such and the rest still run:
+Three parts, each in a process of its own with its own time budget (run as extract, analyses, pretrain: the time
+the first two leave over rolls over to the last); inside a part every case runs in its own process with a
+deadline too, so a case that fails, hangs or runs out of memory is reported as such and the rest still run:
 
 1. ``pretrain``  DINO training steps, ViT-S/16 and ViT-S/8, 2x224 + 10x96 crops, bf16, fused AdamW, resident
    sources with the crops made on the device, with and without ``torch.compile``: images/s end to end (loader
@@ -388,15 +388,15 @@ class Part:
     def run(self, label: str, cmd: list, cap: float, result_file: Path | None = None) -> dict | None:
         """Run one case with ``min(cap, time left)``; record how it ended. The case's result (possibly partial)
         or None when it was not started or reported nothing."""
-        left = self.deadline.left()
-        if left < MIN_CASE_S:
+        limit = min(cap, self.deadline.left())
+        if limit < MIN_CASE_S:
             self.data["cases"].append({"case": label, "status": "skipped", "seconds": 0,
-                                       "error": "no time left in the part's budget"})
+                                       "error": "no time left in its budget"})
             self.save()
             return None
-        r = run_json(cmd, min(cap, left), result_file)
+        r = run_json(cmd, limit, result_file)
         self.data["cases"].append({"case": label, "status": r["status"], "seconds": round(r["seconds"], 1),
-                                   "limit_s": round(min(cap, left)), "error": r["error"][-1500:]})
+                                   "limit_s": round(limit), "error": r["error"][-1500:]})
         self.save()
         if r["result"] is not None:
             r["result"]["_status"] = r["status"]
@@ -555,6 +555,8 @@ def part_extract(part: Part) -> None:
                 rows.extend({"impl": impl, "dtype": d, "size": z, "bin": b, "status": res["_status"]}
                             for z in sizes for b in s["bins"] for d in dtypes if (z, b, d) not in done)
         part.save()
+    order = {"ours": 0, "peer": 1}
+    rows.sort(key=lambda r: (r["size"], r["bin"], order[r["impl"]], r["dtype"] != "float32"))
     for row in rows:  # ratios against the peer (fp32) at the same size and bin
         ref = next((r for r in rows if r["impl"] == "peer" and r["size"] == row["size"] and r["bin"] == row["bin"]),
                    None)
@@ -595,14 +597,31 @@ def part_analyses(part: Part) -> None:
     rows = part.data["rows"]
     py = sys.executable
     start, spent_share = time.monotonic(), 0.0
+    scale = part.deadline.left() / sum(s["shares"].values())  # the shares are weights of the part's budget
 
     def task_deadline(share: str) -> Deadline:
         nonlocal spent_share
-        spent_share += s["shares"][share]  # time unused by earlier tasks rolls over
+        spent_share += s["shares"][share] * scale  # time unused by earlier tasks rolls over
         return Deadline(spent_share - (time.monotonic() - start))
 
+    def lower_bound(ours_seconds: float | None) -> dict[str, Any]:
+        """A peer case stopped at its deadline: its timed work took more than the deadline less the start-up
+        (imports, model, warm-up), which is estimated by what our case of the task spent outside its timing."""
+        peer_case, ours_case = part.data["cases"][-1], part.data["cases"][-2]
+        if peer_case["status"] != "timeout":
+            return {}
+        startup = max(0.0, ours_case["seconds"] - ours_seconds) if ours_seconds else 0.0
+        bound = peer_case["limit_s"] - startup
+        if bound < 1:
+            return {}  # nothing known but the timeout
+        fields: dict[str, Any] = {"seconds": f"> {bound:.0f}"}
+        if ours_seconds:
+            fields["speedup"] = f">= {bound / ours_seconds:.1f}"
+        return fields
+
     def add(task: str, impl: str, res: dict | None, **fields: Any) -> dict:
-        row = {"task": task, "impl": impl, "status": "not run" if res is None else res.get("_status", "ok")}
+        last = part.data["cases"][-1]["status"] if part.data["cases"] else "not run"  # the case just run
+        row = {"task": task, "impl": impl, "status": last if res is None else res.get("_status", "ok")}
         if res is not None and res.get("timeout") is True:
             row["status"] = "timeout (lower bounds)"
         row.update(fields)
@@ -626,6 +645,7 @@ def part_analyses(part: Part) -> None:
             shared = set(map(tuple, ours["points"])) & set(map(tuple, theirs["points"]))
             fields.update(speedup=theirs["seconds"] / ours["seconds"],
                           check=f"{len(shared)}/{len(ours['points'])} pairs shared")
+        fields.update(lower_bound(ours and ours.get("seconds")))
         add(task, "dino-vit-features", theirs, **fields)
 
     # co-segmentation of N photos (bench_cosegment.py: our CLI command vs find_cosegmentation)
@@ -637,7 +657,7 @@ def part_analyses(part: Part) -> None:
     script = HERE / "bench_cosegment.py"
 
     def coseg(impl: str, peer: str | None) -> dict | None:
-        limit = max(MIN_CASE_S, dl.left() - 10)  # the peer stops itself there and reports lower bounds
+        limit = max(MIN_CASE_S, dl.left() - 15)  # the peer stops itself there (after its imports) with lower bounds
         return part.run(f"cosegment {impl} {n}", [py, script, "--case", impl, n, 0, "--device", device,
                                                   "--workdir", work, "--timeout", int(limit), "--load-size", load,
                                                   "--peer", peer or "none"], dl.left())
@@ -650,8 +670,11 @@ def part_analyses(part: Part) -> None:
         fields = {"seconds": theirs and theirs.get("compute"), "gpu_mb": theirs and theirs.get("gpu_mb"),
                   "k": theirs and theirs.get("k")}
         if ours and theirs and ours.get("compute") and theirs.get("compute"):
-            fields["speedup"] = theirs["compute"] / ours["compute"]
+            stopped = theirs.get("timeout") is True  # the peer stopped itself: its time is a lower bound
+            fields["speedup"] = (f">= {theirs['compute'] / ours['compute']:.2f}" if stopped
+                                 else theirs["compute"] / ours["compute"])
             fields["check"] = f"k {ours.get('k')} vs {theirs.get('k')}"
+        fields.update(lower_bound(ours and ours.get("compute")))
         add(task, "dino-vit-features", theirs, **fields)
 
     # video: segment the synthetic DAVIS-layout clip end to end (bench_video.py; peer: DINO's own script)
@@ -677,10 +700,12 @@ def part_analyses(part: Part) -> None:
             if agree:
                 fields["check"] = f"equal px {agree[0]:.6f}, J {agree[1]:.5f}"
                 fields["identical"] = agree[0] == 1.0
+        fields.update(lower_bound(ours and ours.get("seconds")))
         add(task, "facebookresearch/dino", theirs, **fields)
     part.note("time: the whole task in a fresh process after a warm-up where the benchmark has one (correspondences: "
               "one 64-px pair; video: one forward pass); co-segmentation: extract + cluster + refine, writing "
-              "excluded; speed-up = peer time / our time")
+              "excluded; speed-up = peer time / our time. A peer stopped at its deadline gets '> deadline less "
+              "the start-up our case of the task needed' and a speed-up '>=' that bound")
 
 
 PART_FUNCS = {"pretrain": part_pretrain, "extract": part_extract, "analyses": part_analyses}
@@ -766,10 +791,12 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary(parts: list[dict], wall: float) -> str:
+def summary(parts: list[dict], wall: float, packages: dict[str, str] | None = None) -> str:
     first = parts[0] if parts else {}
     lines = ["# vitdense device suite", "", header_line({**first, "status": "see below", "wall_s": round(wall),
                                                           "budget_s": sum(p.get("budget_s", 0) for p in parts)}), ""]
+    if packages:
+        lines += ["Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()), ""]
     lines.append(md_table(["part", "status", "seconds", "budget s"],
                           [[p.get("title", p["part"]), p["status"], p.get("wall_s", "–"), p.get("budget_s", "–")]
                            for p in parts]))
@@ -783,6 +810,27 @@ def summary(parts: list[dict], wall: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ driver
+
+# What the parts import besides torch; the device machine has no network, so a missing one must be carried.
+PREFLIGHT = """
+import importlib, json
+found = {}
+for name in ("torchvision", "timm", "numpy", "faiss", "pydensecrf.densecrf", "sklearn", "skimage", "cv2",
+             "matplotlib", "click", "safetensors", "vitdense", "pretrain"):
+    try:
+        module = importlib.import_module(name)
+        found[name] = getattr(module, "__version__", "ok")
+    except Exception as err:
+        found[name] = f"MISSING ({type(err).__name__}: {err})"
+print(json.dumps(found))
+"""
+
+
+def preflight() -> dict[str, str]:
+    """Versions of the packages the parts need (or MISSING), from a fresh interpreter."""
+    r = run_json([sys.executable, "-c", PREFLIGHT], 120)
+    return r["result"] or {"preflight": f"{r['status']}: {r['error'][-300:]}"}
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -822,6 +870,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     budgets = {p: (TOY_BUDGET_S if args.toy else BUDGET_S)[p] * args.budget_scale for p in args.parts}
     start = time.monotonic()
+    packages = preflight()
+    print("packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()), flush=True)
     allowed, reports = 0.0, []
     for name in [p for p in RUN_ORDER if p in args.parts]:
         allowed += budgets[name]
@@ -844,7 +894,7 @@ def main(argv: list[str] | None = None) -> None:
         print(text, flush=True)
         reports.append(data)
     reports.sort(key=lambda d: PARTS.index(d["part"]))
-    write_text(out / "summary.md", summary(reports, time.monotonic() - start))
+    write_text(out / "summary.md", summary(reports, time.monotonic() - start, packages))
     print(f"== done in {time.monotonic() - start:.0f} s; files in {out}: "
           + ", ".join(sorted(p.name for p in out.iterdir())), flush=True)
 
