@@ -2,6 +2,8 @@
 and without register tokens; keep_mass against DINO's ascending-cumsum threshold."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ def test_keep_mass_matches_dino_attention_threshold():
     assert keep_mass(np.zeros(5), 0.6).sum() == 0
 
 
+@lru_cache(maxsize=None)  # built once per test session (the extractor only reads it)
 def _tiny(reg_tokens: int, seed: int = 0):
     torch.manual_seed(seed)
     kwargs = dict(embed_dim=96, depth=4, num_heads=3, img_size=64, patch_size=8)

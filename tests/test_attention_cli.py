@@ -118,6 +118,7 @@ def test_attention_bad_input(tmp_path, images, weights):
     blocker.write_text("x")
     assert_user_error(run_cli("attention", images, "--out", blocker / "out", "--weights", weights, *FAST),
                       "cannot be written")
+    assert_user_error(run_cli("attention", images, "--out", blocker, "--weights", weights, *FAST), "not a folder")
     assert_user_error(run_cli("attention", "--out", out, "--weights", weights, *FAST), "IMAGES")
     assert_user_error(run_cli("attention", images, "--video", images, "--out", out, "--weights", weights, *FAST),
                       "--video")

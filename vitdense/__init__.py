@@ -33,6 +33,9 @@ _EXPORTS: dict[str, str] = {
     "similarity_map": "viz",
     "AttentionMaps": "attention", "attention_maps": "attention", "cls_attention": "attention",
     "keep_mass": "attention",
+    "CompressedDescriptors": "inspect_page", "InspectImage": "inspect_page", "InspectPage": "inspect_page",
+    "InspectView": "inspect_page", "SimilarityError": "inspect_page", "build_inspect_page": "inspect_page",
+    "compress_descriptors": "inspect_page", "similarity_error": "inspect_page",
     "ari": "metrics", "jaccard": "metrics", "nmi": "metrics", "part_scores": "metrics", "precision": "metrics",
     "CosegResult": "cosegment", "PartResult": "cosegment", "part_cosegment": "cosegment",
     "refine_objects": "cosegment", "cosegment_objects": "cosegment:cosegment",
@@ -63,6 +66,8 @@ __all__ = [
     "load_image", "list_images", "natural_key", "IMAGE_SUFFIXES", "save_png", "save_json", "save_npz",
     # attention maps (DINO's pictures) and the inspect page
     "attention_maps", "AttentionMaps", "cls_attention", "keep_mass",
+    "build_inspect_page", "InspectImage", "InspectView", "InspectPage", "compress_descriptors",
+    "CompressedDescriptors", "similarity_error", "SimilarityError",
     # co-segmentation
     "cosegment_objects", "part_cosegment", "refine_objects", "CosegResult", "PartResult",
     "jaccard", "precision", "part_scores", "nmi", "ari",

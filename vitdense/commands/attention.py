@@ -40,7 +40,7 @@ def extractor_at_patch_stride(opts: dict[str, Any]) -> Any:
 
 @main.command("attention")
 @click.argument("images", nargs=-1, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Folder to write.")
 @click.option("--keep", type=float, default=0.6, show_default=True,
               help="Fraction of the attention mass the masks keep (0.6 in the DINO paper).")
 @click.option("--video", "video", type=click.Path(), default=None,
