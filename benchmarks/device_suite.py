@@ -65,6 +65,8 @@ MIN_CASE_S = 5  # a case is not started with less time than this left
 def plan(toy: bool) -> dict[str, dict[str, Any]]:
     """The settings of every part: the issue's on the GPU, tiny ones with ``--toy`` (same code paths)."""
     workers = max(1, (os.cpu_count() or 2) - 2)  # main_dino.py's loader: workers = cores - 2
+    # Warm-up and timed steps are multiples of the workers: each worker makes whole batches, so a CPU-bound
+    # loader delivers them in waves of `workers` batches, and a window of whole waves measures its true rate.
     if toy:
         return {
             "pretrain": dict(archs=[["vit_small_patch16_224", 2], ["vit_small_patch8_224", 2]], min_batch=1,
@@ -80,7 +82,8 @@ def plan(toy: bool) -> dict[str, dict[str, Any]]:
         }
     return {
         "pretrain": dict(archs=[["vit_small_patch16_224", 256], ["vit_small_patch8_224", 128]], min_batch=32,
-                         global_size=224, local_size=96, local_crops=10, out_dim=65536, warmup=8, steps=30,
+                         global_size=224, local_size=96, local_crops=10, out_dim=65536, warmup=workers,
+                         steps=2 * workers,
                          compute_warmup=3, workers=workers, distinct_images=512,
                          dino_archs=["vit_small_patch16_224"],
                          compile_archs=["vit_small_patch16_224", "vit_small_patch8_224"],
