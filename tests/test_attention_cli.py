@@ -109,6 +109,10 @@ def test_attention_bad_input(tmp_path, images, weights):
     assert_user_error(run_cli("attention", images / "chelsea.png", bad, "--out", out, "--weights", weights, *FAST),
                       str(bad))
     assert not out.exists()
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (6, 5)).save(tiny)  # smaller than a patch: found before the first image is written
+    assert_user_error(run_cli("attention", images, tiny, "--out", out, "--weights", weights, *FAST), str(tiny))
+    assert not out.exists()
     assert_user_error(run_cli("attention", images, "--out", out, "--weights", weights, "--layer", "9", *FAST),
                       "--layer 9")
     assert not out.exists()

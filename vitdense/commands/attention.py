@@ -73,19 +73,21 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
     if video is None:
         paths = expand_inputs(images)
         names = _unique_names(paths)
-        for path in paths:  # decode every image now: a corrupt one fails before anything is written
-            load_image(path)
+        # decode every image now: a corrupt one fails before anything is written
+        sizes = [(im.height, im.width) for im in map(load_image, paths)]
         frames: Any = None
         source: Iterable[Any] = paths
     else:
         frames = VideoFrames(video)
         names = frames.names
+        paths, sizes = [Path(video)], [frames.size]
         source = frames
     out = check_output(out_dir, folder=True)
     extractor = extractor_at_patch_stride(opts)
     extractor.layer_index(layer)
     if not extractor.has_cls:
         raise ConfigError(f"model {extractor.model_type} has no CLS token: attention maps need one")
+    _check_sizes(extractor, paths, sizes, load_size_arg(opts["load_size"]))
 
     records, sheet_rows, video_frames = [], [], []
     keep_every = max(1, math.ceil(len(names) / MAX_GIF_FRAMES)) if frames is not None else 1
@@ -98,7 +100,7 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
                                           out / name)
             records.append(record)
             if i % sheet_every == 0:
-                sheet_rows.extend([pictures["image"], pictures["mean"], pictures["mean_mask"]])
+                sheet_rows.extend(_thumbnail(pictures[k], CELL) for k in ("image", "mean", "mean_mask"))
             if frames is not None:
                 mp4.write(pictures["mean"])
                 if i % keep_every == 0:
@@ -116,6 +118,18 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
                                                               " (no mp4: OpenCV cannot write mp4v here)"))
     click.echo(f"attention of layer {extractor.layer_index(layer)} ({extractor.num_heads} heads) for "
                f"{len(records)} {'frame' if frames is not None else 'image'}(s) → {out}{extra}")
+
+
+def _check_sizes(extractor: Any, paths: list[Path], sizes: list[tuple[int, int]], load_size: int | None) -> None:
+    """ImageError (before anything is written) for an image smaller than a patch after resizing."""
+    from ..errors import ImageError
+    from ..extractor import resize_size
+
+    for path, size in zip(paths, sizes):
+        hgt, wid = resize_size(size, load_size)
+        if min(hgt, wid) < extractor.p:
+            raise ImageError(f"{path}: image of {wid}x{hgt} px (after resizing) is smaller than one "
+                             f"{extractor.p}x{extractor.p} patch; use a larger image or --load-size")
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
