@@ -112,7 +112,8 @@ def test_inspect_page_in_browser(page, images, weights, browser):
     frames = browser.find_elements("css selector", ".vd-frame")
     target = 5 * grids[0][1] + 11
     y, x = np.array(divmod(target, grids[0][1])) * 4 + 3.5  # patch centre (row * s + (p - 1) / 2), pixels
-    rect = browser.execute_script("var r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", frames[0])
+    rect = browser.execute_script("var r = arguments[0].getBoundingClientRect(); return [r.width, r.height];",
+                                  frames[0])
     scale = rect[0] / sizes[0][1]
     dx, dy = round((x + 0.5) * scale - rect[0] / 2), round((y + 0.5) * scale - rect[1] / 2)
     token = int(pixel_to_token(np.array([[(dy + rect[1] / 2) / scale - 0.5, (dx + rect[0] / 2) / scale - 0.5]]),
@@ -199,11 +200,14 @@ def test_two_pages_in_one_document(tmp_path, page, browser):
                                  " return window.vitdenseInspect[k].images.length; })")
     assert sorted(ids) == [1, 2]
     key = other.report["root_id"]
-    browser.execute_script("window.vitdenseInspect[arguments[0]].query(0, 30)", key)
-    states = browser.execute_script("return Object.keys(window.vitdenseInspect).map(function (k) {"
-                                    " return [k, window.vitdenseInspect[k].state.token]; })")
-    tokens = dict(states)
-    assert tokens[key] == 30 and [t for k, t in tokens.items() if k != key] != [30]
+    tokens = ("return Object.keys(window.vitdenseInspect).map(function (k) {"
+              " return [k, window.vitdenseInspect[k].state.token]; })")
+    before = dict(browser.execute_script(tokens))
+    target = 30 if before[key] != 30 else 31
+    browser.execute_script("window.vitdenseInspect[arguments[0]].query(0, arguments[1])", key, target)
+    after = dict(browser.execute_script(tokens))
+    assert after[key] == target
+    assert {k: t for k, t in after.items() if k != key} == {k: t for k, t in before.items() if k != key}
 
 
 def test_inspect_bad_input(tmp_path, images, weights):

@@ -160,7 +160,8 @@ def _data_uri(image: np.ndarray, fmt: str = "PNG", quality: int = 90) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    options = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format=fmt, **options)
     mime = "image/jpeg" if fmt == "JPEG" else "image/png"
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
@@ -383,7 +384,8 @@ nearest neighbour), <span class="vd-notbuddy">orange</span> when not.</div>
     frame.className = "vd-frame";
     frame.style.width = (W * im.scale) + "px"; frame.style.height = (H * im.scale) + "px";
     var photo = document.createElement("img"); photo.src = im.src; photo.alt = im.name; photo.draggable = false;
-    var overlay = document.createElement("canvas"); overlay.className = "vd-overlay"; overlay.width = W; overlay.height = H;
+    var overlay = document.createElement("canvas");
+    overlay.className = "vd-overlay"; overlay.width = W; overlay.height = H;
     var marks = document.createElement("canvas"); marks.className = "vd-marks";
     var grid = document.createElement("canvas"); grid.width = w; grid.height = h;
     var caption = document.createElement("div"); caption.className = "vd-caption";
@@ -455,19 +457,20 @@ nearest neighbour), <span class="vd-notbuddy">orange</span> when not.</div>
     ctx.clearRect(0, 0, c.marks.width, c.marks.height);
     var t = c.index === state.image ? state.token : state.nn[c.index];
     if (t === undefined || t < 0) return;
-    var xy = centre(c, t), r = Math.max(6 * dpr, 0.9 * s * k);
+    var xy = centre(c, t), x = xy[0] * k, y = xy[1] * k, r = Math.max(6 * dpr, 0.9 * s * k);
+    function ring(radius, colour) {
+      ctx.strokeStyle = colour; ctx.beginPath(); ctx.arc(x, y, radius, 0, 2 * Math.PI); ctx.stroke();
+    }
     ctx.lineWidth = 2.5 * dpr;
-    if (c.index === state.image) {
-      ctx.strokeStyle = "#000"; ctx.beginPath(); ctx.arc(xy[0] * k, xy[1] * k, r + 1.5 * dpr, 0, 2 * Math.PI); ctx.stroke();
-      ctx.strokeStyle = "#fff"; ctx.beginPath(); ctx.arc(xy[0] * k, xy[1] * k, r, 0, 2 * Math.PI); ctx.stroke();
-      ctx.beginPath(); ctx.moveTo(xy[0] * k - 2 * r, xy[1] * k); ctx.lineTo(xy[0] * k - r, xy[1] * k);
-      ctx.moveTo(xy[0] * k + r, xy[1] * k); ctx.lineTo(xy[0] * k + 2 * r, xy[1] * k);
-      ctx.moveTo(xy[0] * k, xy[1] * k - 2 * r); ctx.lineTo(xy[0] * k, xy[1] * k - r);
-      ctx.moveTo(xy[0] * k, xy[1] * k + r); ctx.lineTo(xy[0] * k, xy[1] * k + 2 * r); ctx.stroke();
+    ring(r + 1.5 * dpr, "#000");  // a dark edge keeps the ring visible on bright colours
+    if (c.index === state.image) {  // the query point: a white ring with a crosshair
+      ring(r, "#fff");
+      ctx.beginPath();
+      ctx.moveTo(x - 2 * r, y); ctx.lineTo(x - r, y); ctx.moveTo(x + r, y); ctx.lineTo(x + 2 * r, y);
+      ctx.moveTo(x, y - 2 * r); ctx.lineTo(x, y - r); ctx.moveTo(x, y + r); ctx.lineTo(x, y + 2 * r);
+      ctx.stroke();
     } else {
-      ctx.strokeStyle = "#000"; ctx.beginPath(); ctx.arc(xy[0] * k, xy[1] * k, r + 1.5 * dpr, 0, 2 * Math.PI); ctx.stroke();
-      ctx.strokeStyle = state.buddy[c.index] ? "#2bd34f" : "#ff9a1f";
-      ctx.beginPath(); ctx.arc(xy[0] * k, xy[1] * k, r, 0, 2 * Math.PI); ctx.stroke();
+      ring(r, state.buddy[c.index] ? "#2bd34f" : "#ff9a1f");
     }
   }
   function caption(c) {
@@ -487,7 +490,8 @@ nearest neighbour), <span class="vd-notbuddy">orange</span> when not.</div>
     c.caption.innerHTML = txt;
   }
   function escapeHtml(str) {
-    return String(str).replace(/[&<>"]/g, function (ch) { return {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;"}[ch]; });
+    var entities = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;"};
+    return String(str).replace(/[&<>"]/g, function (ch) { return entities[ch]; });
   }
 
   // Similarity of token `token` of image `image` to every token of every image, nearest neighbours, drawing.
