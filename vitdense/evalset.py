@@ -246,6 +246,7 @@ def fetch_package(name: str, cache_dir: Path | str, workdir: Path | str) -> DebP
     root = workdir / name
     if root.exists():
         shutil.rmtree(root)
+    workdir.mkdir(parents=True, exist_ok=True)  # dpkg-deb -x makes only the last folder of the path
     done = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True)
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
