@@ -73,23 +73,24 @@ def compress_descriptors(descriptors: np.ndarray | torch.Tensor, dims: int = DEF
     most D and N), 8-bit quantisation per dimension (see the module docstring)."""
     if dims < 1:
         raise ConfigError(f"--dims {dims}: must be at least 1")
-    unit = _unit(descriptors)  # (N, D) float64
+    unit = _unit(descriptors).numpy()  # (N, D) float64
     n, d = unit.shape
     k = min(dims, d, n)
     gram = unit.T @ unit  # (D, D): its eigenvectors are the right singular vectors of the unit descriptors
-    evals, evecs = torch.linalg.eigh(gram)
-    comps = evecs[:, -k:].flip(-1)  # largest first
+    # numpy, not torch: torch's eigh of a small matrix can take ~1 s on a busy multi-threaded CPU, numpy ~1 ms
+    evals, evecs = np.linalg.eigh(gram)
+    comps = evecs[:, -k:][:, ::-1]  # largest first
     # Fix each component's sign (the largest entry positive) so pages do not change between runs.
-    signs = torch.sign(comps[comps.abs().argmax(dim=0), torch.arange(k)])
-    comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
-    energy = float(evals[-k:].sum() / evals.sum().clamp_min(1e-30))
-    proj = (unit @ comps).numpy()  # (N, K)
+    signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(k)])
+    comps = comps * np.where(signs == 0, 1.0, signs)
+    energy = float(evals[-k:].sum() / max(float(evals.sum()), 1e-30))
+    proj = unit @ comps  # (N, K)
     lo, hi = proj.min(axis=0), proj.max(axis=0)
     step = ((hi - lo) / 255.0).astype(np.float32)
     step[step <= 0] = 1.0
     offset = lo.astype(np.float32)
     codes = np.clip(np.round((proj - offset) / step), 0, 255).astype(np.uint8)
-    return CompressedDescriptors(codes, offset, step, comps.float().numpy(), energy)
+    return CompressedDescriptors(codes, offset, step, comps.astype(np.float32), energy)
 
 
 @dataclass
