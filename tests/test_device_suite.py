@@ -81,7 +81,7 @@ def test_render_writes_every_part_table_and_marks_missed_targets():
     assert "| 896 | off | – | dino-vit-features | float32 | – | 70000 |" in text and "oom" in text
     assert "extract peer 896 px timeout (45 s)" in text and "killed" in text
     assert "| video | vitdense | 3.00 | 16.00 |" in device_suite.render(analyses)
-    summary = device_suite.summary([pretrain, extract, analyses], 100)
+    summary = device_suite.summary([pretrain, extract, analyses], 100, 480)
     assert summary.startswith("# vitdense device suite") and "All targets" in summary
 
 
