@@ -123,6 +123,52 @@ def test_dinov2_with_registers_round_trip(tmp_path):
     torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-4)
 
 
+def official_dinov2_file(model, path, registers: bool) -> None:
+    """The layout of facebookresearch/dinov2's dinov2_vits14[_reg4]_pretrain.pth, built independently from a
+    timm model: a mask_token (1, D), a pos_embed over CLS + patches, and with registers register_tokens
+    (1, R, D) that take no position embedding. timm's register models add no position embedding to the
+    CLS token either, so the official file's CLS token is timm's minus its (here random) CLS position."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dim = state["cls_token"].shape[-1]
+    out = {"mask_token": torch.randn(1, dim)}
+    if registers:
+        cls_pos = torch.randn(1, 1, dim)
+        out["register_tokens"] = state.pop("reg_token")
+        out["cls_token"] = state.pop("cls_token") - cls_pos
+        out["pos_embed"] = torch.cat([cls_pos, state.pop("pos_embed")], dim=1)
+    out.update(state)
+    torch.save(out, path)
+
+
+@pytest.mark.parametrize("arch,name,registers", [("vit_small_patch14_dinov2", "dinov2_vits14", False),
+                                                  ("vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg", True)])
+def test_official_dinov2_files_load_and_compute_as_the_model(tmp_path, arch, name, registers):
+    torch.manual_seed(0)
+    model = create_vit(arch).eval()  # the official files' shapes: 12 blocks, 518-px position grid
+    path = tmp_path / f"{name}_pretrain.pth"
+    official_dinov2_file(model, path, registers)
+    state, _ = read_weights(path)
+    assert "mask_token" not in state and "register_tokens" not in state
+    batch = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.forward_features(batch)
+    for ext in (ViTExtractor(None, stride=14, weights=path, device="cpu"),  # architecture from the file
+                ViTExtractor(name, stride=14, weights=path, device="cpu")):  # and with the model named
+        assert ext.num_prefix == (5 if registers else 1) and ext.p == 14
+        with torch.no_grad():
+            got = ext.model.forward_features(batch)
+        # folding the CLS position into the CLS token (cls - r + r) rounds in float32: ~1e-4 after 12 blocks
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-4)
+
+
+def test_dinov2_giant_swiglu_file_is_refused_with_the_file_name(tmp_path):
+    path = tmp_path / "dinov2_vitg14_pretrain.pth"
+    torch.save({"mask_token": torch.zeros(1, 8), "cls_token": torch.zeros(1, 1, 8),
+                "blocks.0.mlp.w12.weight": torch.zeros(16, 8)}, path)
+    with pytest.raises(CheckpointError, match="dinov2_vitg14_pretrain.pth: .*ViT-g"):
+        read_weights(path)
+
+
 def test_file_for_another_architecture_names_the_keys(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "vits16.pth"

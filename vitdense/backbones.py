@@ -206,7 +206,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             state = load_file(str(path))
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-        return _clean_state_dict(state), meta
+        return _clean_state_dict(state, path), meta
     _sniff_torch_file(path)
     try:
         # The official DINO training checkpoints store their argparse Namespace under "args": allow
@@ -227,7 +227,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (keys: {', '.join(list(ckpt)[:8])})")
-    return _clean_state_dict(tensors), meta
+    return _clean_state_dict(tensors, path), meta
 
 
 def _sniff_torch_file(path: Path) -> None:
@@ -256,7 +256,10 @@ def _brief(err: BaseException | str, limit: int = 120) -> str:
     return text
 
 
-def _clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _clean_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Backbone weights in timm's layout: training-wrapper prefixes and heads dropped, and the official
+    DINOv2 layout converted (see :func:`_from_dinov2_layout`)."""
     out = {}
     for key, value in state.items():
         for prefix in ("module.", "backbone.", "_orig_mod."):
@@ -265,7 +268,31 @@ def _clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         if key.startswith("head.") or key.startswith("head_") or key in ("head.weight", "head.bias"):
             continue  # DINO head or classifier: not part of the backbone
         out[key] = value
+    if "mask_token" in out or "register_tokens" in out:
+        out = _from_dinov2_layout(out, path)
     return out
+
+
+def _from_dinov2_layout(state: dict[str, torch.Tensor], path: str | os.PathLike | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2's backbone keys → timm's.
+
+    The official files hold ``mask_token`` (used only by iBOT's masked-image loss: dropped) and, with
+    registers, ``register_tokens`` (1, R, D) and a ``pos_embed`` over CLS + patches. timm's register
+    models add no position embedding to the prefix tokens (``no_embed_class``), so the CLS token's
+    position embedding is folded into the CLS token, which gives the same first-layer input.
+    """
+    state = dict(state)
+    state.pop("mask_token", None)
+    if any(".mlp.w12." in k for k in state):
+        raise CheckpointError(f"{path or 'weights'}: a DINOv2 ViT-g file (SwiGLU MLP): this architecture is "
+                              f"not supported; use ViT-S/B/L")
+    if "register_tokens" in state:
+        state["reg_token"] = state.pop("register_tokens")
+        pos = state["pos_embed"]
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        state["pos_embed"] = pos[:, 1:]
+    return state
 
 
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
