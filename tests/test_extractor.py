@@ -220,3 +220,56 @@ def test_all_facet_layer_combinations_have_expected_dims():
     for facet, layer in itertools.product(["key", "query", "value", "token"], [0, -1]):
         out = ext.extract_descriptors(batch, layer, facet)
         assert out.shape == (1, 1, 16, ext.embed_dim)
+
+
+def _cubic_matrix(n_in: int, n_out: int, scale_factor: float) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D bicubic resampling as PyTorch defines it for align_corners=False and a
+    given scale factor: source x = (i + 0.5) / scale_factor - 0.5, Keys' cubic kernel with a = -0.75,
+    indices clamped at the border."""
+    a = -0.75
+
+    def kernel(d: float) -> float:
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+        if d < 2:
+            return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+        return 0.0
+
+    out = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) / scale_factor - 0.5
+        base = int(np.floor(x))
+        for k in range(base - 1, base + 3):
+            out[i, min(max(k, 0), n_in - 1)] += kernel(x - k)
+    return out
+
+
+def test_overlapping_patches_equal_a_plain_computation_with_dino_position_resampling():
+    """Key facet of layer 0 at stride 4 on a non-square image, computed by hand: a strided convolution, the
+    position embedding resampled as DINO and dino-vit-features do (bicubic, scale (h + 0.1)/√N, written out
+    here with explicit cubic weights), LayerNorm and the qkv projection of the first block."""
+    vit = tiny_vit(img=64).eval()
+    ext = ViTExtractor("custom", stride=4, model=vit, device="cpu")
+    batch = random_batch(56, 76)
+    got = ext.extract(batch, 0, "key").descriptors[0][0]  # (T, D)
+    h, w = 1 + (56 - 8) // 4, 1 + (76 - 8) // 4  # 13 x 18 tokens
+    with torch.no_grad():
+        proj = vit.patch_embed.proj
+        patches = F.conv2d(batch, proj.weight, proj.bias, stride=4)[0].flatten(1).T.numpy()  # (T, D)
+        pos = vit.pos_embed[0].numpy().astype(np.float64)
+        side = int(round((pos.shape[0] - 1) ** 0.5))
+        grid = pos[1:].reshape(side, side, -1)
+        rows = _cubic_matrix(side, h, (h + 0.1) / side)
+        cols = _cubic_matrix(side, w, (w + 0.1) / side)
+        pos_patches = np.einsum("ys,stc,xt->yxc", rows, grid, cols).reshape(h * w, -1)
+        cls = vit.cls_token[0].numpy() + pos[:1]
+        x = torch.from_numpy(np.concatenate([cls, patches + pos_patches]).astype(np.float32))
+        block = vit.blocks[0]
+        y = F.layer_norm(x, (x.shape[-1],), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+        qkv = y @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    dim, heads = x.shape[-1], block.attn.num_heads
+    key = qkv[1:, dim:2 * dim].reshape(h * w, heads, dim // heads)  # patches only, (T, head, component)
+    expected = key.permute(0, 2, 1).reshape(h * w, dim)  # channel = component * heads + head
+    assert got.shape == expected.shape == (13 * 18, dim)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
