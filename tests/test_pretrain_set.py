@@ -2,7 +2,6 @@
 odd containers, on tiny synthetic sources (nothing is downloaded)."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -131,8 +130,9 @@ class Sources:
         self.pictures = pictures
         self.licence = {key: ("CC-BY-NC-SA-1.0" if key == self.nc else "GPL-2+") for key in pictures}
         train_stamps = keys_of("animals/t{}.png", "train", 4, stamp_split)
-        self.cutouts = [cutout(k, i) for i, k in enumerate(train_stamps + keys_of("animals/e{}.png", "eval", 2, stamp_split)
-                                                           + keys_of("animals/r{}.png", "reserved", 2, stamp_split))]
+        others = keys_of("animals/e{}.png", "eval", 2, stamp_split) + keys_of("animals/r{}.png", "reserved", 2,
+                                                                               stamp_split)
+        self.cutouts = [cutout(k, i) for i, k in enumerate(train_stamps + others)]
         self.train_stamps = set(train_stamps)
 
     def photos(self) -> list[SourcePhoto]:
@@ -193,6 +193,8 @@ def test_composites_use_training_stamps_and_backgrounds_only_and_are_determinist
         assert entry["background"] in src.train[:3]
         assert 1 <= len(entry["stamps"]) <= 2 and len(entry["boxes"]) == len(entry["stamps"])
         assert "tuxpaint-stamps-default" in entry["package"] and "GPL-2+" in entry["licence"]
+        for part in [entry["background"]] + [STAMPS_PREFIX + stamp for stamp in entry["stamps"]]:
+            assert manifest["origins"][part]["licence"] == "GPL-2+"  # each part's full origin, once
         with Image.open(tmp_path / "a" / entry["file"]) as im:
             assert im.size == (SIZE, SIZE)
     # same seed: same bytes; fewer composites: a prefix; --sources composites: the same files alone

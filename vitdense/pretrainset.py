@@ -36,9 +36,14 @@ The output folder::
     OUT/manifest.json        {"format": "vitdense-pretrain", "version": 1, "seed", "max_side", "quality",
                               "summary": {SOURCE: {"images", "bytes"}},
                               "images": [{"file", "source", "package", "version", "original", "licence",
-                                          "key", "split"}, ...],   composites add "stamps", "background",
-                                                                   "boxes" and "from" (one origin per part)
-                              "left_out": [{"key", "source", "reason"}, ...]}
+                                          "key", "split", "width", "height"}, ...],
+                              "left_out": [{"key", "source", "reason"}, ...],
+                              "origins": {PART_KEY: {"package", "version", "original", "licence"}}}
+
+A composite's ``package``, ``version`` and ``licence`` join those of its background and cut-outs with
+``" + "`` (licence names only); it adds ``background`` (a key), ``stamps`` (paths under ``stamps/``) and
+``boxes``, and ``origins`` has each part's file and licence with its copyright holders, keyed by the
+background's key and ``STAMPS_PREFIX + stamp``. One line per entry.
     OUT/SOURCE/NAME.jpg      one folder per source (``composites/c00000.jpg`` ...)
 
 Images are RGB JPEGs with the longer side at most ``max_side`` (composites are ``max_side`` square).
@@ -403,6 +408,23 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip("._") or "image"
 
 
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    """JSON with one line per image, left-out photo and origin: greppable, and small enough to travel
+    (indented, the composites' entries alone take 3 MB)."""
+    lines = []
+    for name, value in manifest.items():
+        if isinstance(value, list) and value:
+            body = ",\n".join(json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in value)
+            lines.append(f"{json.dumps(name)}:[\n{body}]")
+        elif isinstance(value, dict) and value and name == "origins":
+            body = ",\n".join(f"{json.dumps(k, ensure_ascii=False)}:{json.dumps(v, ensure_ascii=False)}"
+                               for k, v in value.items())
+            lines.append(f"{json.dumps(name)}:{{\n{body}}}")
+        else:
+            lines.append(f"{json.dumps(name)}:{json.dumps(value, ensure_ascii=False)}")
+    return "{" + ",\n".join(lines) + "}\n"
+
+
 @dataclass
 class _Kept:
     photo: SourcePhoto
@@ -469,6 +491,7 @@ def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutou
     images: list[dict[str, Any]] = []
     summary: dict[str, dict[str, int]] = defaultdict(lambda: {"images": 0, "bytes": 0})
     used_names: set[str] = set()
+    origins: dict[str, dict[str, str]] = {}
 
     def write(source: str, stem: str, data: bytes, entry: dict[str, Any]) -> None:
         rel = f"{source}/{_file_stem(stem)}.jpg"
@@ -495,18 +518,23 @@ def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutou
             for i, comp in enumerate(tqdm(compose_objects(cutouts, scenes, n_composites, seed, max_side),
                                           total=n_composites, desc="composites", disable=not progress)):
                 data, width, height = _jpeg(comp.rgb, max_side, quality)
+                part_keys = [comp.background] + [STAMPS_PREFIX + stamp for stamp in comp.stamps]
                 parts = [o.as_dict() for o in comp.origins]
+                for key, part in zip(part_keys, parts):
+                    origins[key] = part
+                packages = dict.fromkeys((p["package"], p["version"]) for p in parts)
                 write(COMPOSITES, f"c{i:05d}", data,
-                      {"package": " + ".join(p["package"] for p in parts),
-                       "version": " + ".join(p["version"] for p in parts),
-                       "original": " + ".join(p["original"] for p in parts),
-                       "licence": " + ".join(dict.fromkeys(p["licence"] for p in parts)),
+                      {"package": " + ".join(package for package, _ in packages),
+                       "version": " + ".join(version for _, version in packages),
+                       "original": "background + stamps (their files and licences: origins)",
+                       # licence names only; with their copyright holders in "origins"
+                       "licence": " + ".join(dict.fromkeys(p["licence"].split(" (")[0] for p in parts)),
                        "key": f"{COMPOSITES}/c{i:05d}", "split": "train", "width": width, "height": height,
-                       "stamps": comp.stamps, "background": comp.background, "boxes": comp.boxes,
-                       "from": parts})
+                       "stamps": comp.stamps, "background": comp.background, "boxes": comp.boxes})
         manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "max_side": max_side, "quality": quality,
-                    "summary": dict(summary), "images": images, "left_out": left_out}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+                    "summary": dict(summary), "images": images, "left_out": left_out,
+                    "origins": dict(sorted(origins.items()))}
+        (tmp / "manifest.json").write_text(_manifest_text(manifest))
         old = out_dir.parent / f".{out_dir.name}.old"
         if old.exists():
             shutil.rmtree(old)
