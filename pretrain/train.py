@@ -286,7 +286,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     for p in teacher.parameters():
         p.requires_grad_(False)
     loss_fn = DINOLoss(cfg.out_dim, augment.ncrops, cfg.student_temp, cfg.center_momentum).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student))  # lr and weight decay are set every step
+    # lr and weight decay are set every step; the fused kernel on CUDA (one launch for all parameters)
+    optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
     torch.manual_seed(cfg.seed + 1000 * procs.rank + 1)  # drop-path masks differ between processes
 
     # ----- resume
