@@ -135,7 +135,7 @@ def main() -> None:
 
     if not args.data.is_dir():
         run([sys.executable, str(REPO / "apps" / "build_pretrain_set.py"), "--out", str(args.data)])
-    from pretrain.data import find_images
+    from pretrain import find_images
 
     n_images = len(find_images(args.data))
     repeat = args.repeat

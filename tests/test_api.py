@@ -25,13 +25,15 @@ def test_analyses_are_reachable_from_the_package():
 
 
 def test_apps_import_only_the_public_api():
-    """apps/ are examples of the public API: any ``vitdense.<module>`` import there is a name to export."""
+    """apps/ are examples of the public API: any ``vitdense.<module>`` or ``pretrain.<module>`` import there
+    is a name to export."""
     private = []
     for script in sorted(APPS.glob("*.py")):
         for node in ast.walk(ast.parse(script.read_text(), filename=str(script))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vitdense."):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("vitdense.", "pretrain.")):
                 if node.module != "vitdense.cli":  # the command line is public too
                     private.append(f"{script.name}: from {node.module} import ...")
             elif isinstance(node, ast.Import):
-                private += [f"{script.name}: import {a.name}" for a in node.names if a.name.startswith("vitdense.")]
+                private += [f"{script.name}: import {a.name}" for a in node.names
+                            if a.name.startswith(("vitdense.", "pretrain."))]
     assert private == []

@@ -302,13 +302,10 @@ def test_video_frames_every_step(tmp_path):
 
 
 def load_app():
-    import importlib.util
+    """The source lists and readers of apps/build_pretrain_set.py (they live in the library)."""
+    import vitdense.pretrainsources
 
-    path = Path(__file__).resolve().parent.parent / "apps" / "build_pretrain_set.py"
-    spec = importlib.util.spec_from_file_location("build_pretrain_set", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return vitdense.pretrainsources
 
 
 def test_app_lists_are_consistent():

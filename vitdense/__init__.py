@@ -55,6 +55,9 @@ _EXPORTS: dict[str, str] = {
     "prepare_eval_data": "evalset", "load_manifest": "evalset", "eval_data_dir": "evalset:default_data_dir",
     "evaluate_backbones": "evaluate", "Candidate": "evaluate", "EvalSettings": "evaluate",
     "EvalReport": "evaluate:Report", "random_floor": "evaluate", "knn_accuracy": "metrics",
+    "build_pretrain_set": "pretrainset", "select_pretraining": "pretrainset",
+    "PRETRAIN_SOURCES": "pretrainsources:SOURCES", "gather_pretrain_photos": "pretrainsources:gather",
+    "pretrain_cutouts": "pretrainsources:train_cutouts", "left_out_kind": "pretrainsources",
 }
 
 __all__ = [
@@ -87,6 +90,9 @@ __all__ = [
     # the report card (vitdense.evaluate)
     "evaluate_backbones", "Candidate", "EvalSettings", "EvalReport", "prepare_eval_data", "load_manifest",
     "eval_data_dir", "random_floor", "knn_accuracy",
+    # the pretraining set (vitdense.pretrainset, vitdense.pretrainsources)
+    "build_pretrain_set", "select_pretraining", "PRETRAIN_SOURCES", "gather_pretrain_photos", "pretrain_cutouts",
+    "left_out_kind",
     # errors
     "VitdenseError", "ImageError", "CheckpointError", "ConfigError", "DataError",
 ]
