@@ -78,7 +78,7 @@ class ModelSpec:
             parts.append(f"hub: timm '{self.timm_tag}'")
         if self.official_file:
             parts.append(f"or --weights {self.official_file}")
-        return " ".join(parts) if parts else "random init unless --weights is given"
+        return " ".join(parts) if parts else "no published weights: give them with --weights FILE"
 
 
 _DINO = [
