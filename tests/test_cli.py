@@ -66,7 +66,8 @@ def test_pca_png_shows_pca_rgb(weights, images, tmp_path):
         png = np.asarray(Image.open(out / f"{name}_pca.png").convert("RGB")).astype(int)
         assert png.std() > 10, "blank picture"
         (h, w), (height, width) = rgb.shape[:2], png.shape[:2]
-        centres = png[((np.arange(h) + 0.5) * height / h).astype(int)][:, ((np.arange(w) + 0.5) * width / w).astype(int)]
+        rows, cols = ((np.arange(h) + 0.5) * height / h).astype(int), ((np.arange(w) + 0.5) * width / w).astype(int)
+        centres = png[rows][:, cols]
         np.testing.assert_allclose(centres, np.round(rgb * 255), atol=2)
 
 
@@ -88,9 +89,11 @@ def test_default_model_is_auto_and_says_which_weights(images, tmp_path, monkeypa
     result = run_cli("extract", images / "coffee.jpg", "--device", "cpu", "--load-size", 32, "--out", out)
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("weights:")]
-    assert len(notes) == 1 and notes[0].startswith("weights: vitdense_vits8 (bundled): ") and "HF_HUB_OFFLINE" in notes[0]
+    assert len(notes) == 1 and notes[0].startswith("weights: vitdense_vits8 (bundled): ")
+    assert "HF_HUB_OFFLINE" in notes[0]
     assert str(np.load(out)["weights"]) == "vitdense_vits8 (bundled)"
-    assert "--model TEXT" in run_cli("extract", "--help").output and "[default: auto]" in run_cli("extract", "--help").output
+    help_text = run_cli("extract", "--help").output
+    assert "--model TEXT" in help_text and "[default: auto]" in help_text
 
 
 def test_named_model_and_a_file_of_another_architecture(weights, images, tmp_path):
