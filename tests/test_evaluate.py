@@ -192,6 +192,10 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
     # 96-px frames on a 12x12 token grid: coarse boundaries (random features track flat colours too)
     assert good["video"].scores["jf"] > 0.6
     assert set(good["correspond"].scores) == {"pck@0.01", "pck@0.02", "pck@0.05", "epe_px", "buddies"}
+    # marking every pixel scores the objects' share of the images (disks of radius 16-23 in 96x96 images)
+    shares = [[np.mean(np.asarray(Image.open(data / m)) > 0) for m in g["masks"]]
+              for g in json.loads((data / "manifest.json").read_text())["coseg"]]
+    assert report.data["whole_image_jaccard"] == pytest.approx(np.mean([np.mean(s) for s in shares]))
     # the detail rows are the per-image scores the means come from
     rows = good["coseg"].detail
     assert len(rows) == 6

@@ -209,6 +209,15 @@ class TaskResult:
     seconds: float = 0.0
 
 
+def whole_image_jaccard(root: Path, manifest: dict, settings: EvalSettings) -> float:
+    """The co-segmentation Jaccard of a mask that covers every image whole (the object's share of the
+    image, mean over images and groups): what marking everything scores, for reading the table."""
+    groups = _coseg_groups(manifest, settings)
+    if not groups:
+        return float("nan")
+    return float(np.mean([np.mean([_read_mask(root / m).mean() for m in g["masks"]]) for g in groups]))
+
+
 def _coseg_groups(manifest: dict, settings: EvalSettings) -> list[dict]:
     groups = manifest.get("coseg", [])
     return groups[:settings.quick_groups] if settings.quick else groups
@@ -505,7 +514,8 @@ class Report:
         lines = ["# vitdense report card", "",
                  f"Data: `{self.data.get('dir')}` (format {self.data.get('version')}, seed "
                  f"{self.data.get('seed')}){' — quick subset' if self.settings.quick else ''}. "
-                 f"Higher is better except `epe_px` and `empty_masks`.", "",
+                 f"Higher is better except `epe_px` and `empty_masks`. A mask of the whole image would score "
+                 f"co-segmentation Jaccard {self.data.get('whole_image_jaccard', float('nan')):.3f}.", "",
                  head, "|---|---|" + "---|" * len(labels)]
         for task, metric in self.rows():
             cells = []
@@ -648,5 +658,6 @@ def evaluate_backbones(candidates: Sequence[Candidate], data_dir: str | Path, se
                   "params_m": round(sum(p.numel() for p in c.extractor.model.parameters()) / 1e6, 2)}
                  for c in candidates]
     data = {"dir": str(root), "version": manifest.get("version"), "seed": manifest.get("seed"),
-            "coseg_groups": len(_coseg_groups(manifest, settings))}
+            "coseg_groups": len(_coseg_groups(manifest, settings)),
+            "whole_image_jaccard": whole_image_jaccard(root, manifest, settings)}
     return Report(backbones, results, settings, data, time.perf_counter() - start)
