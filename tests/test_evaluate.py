@@ -196,6 +196,7 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
     shares = [[np.mean(np.asarray(Image.open(data / m)) > 0) for m in g["masks"]]
               for g in json.loads((data / "manifest.json").read_text())["coseg"]]
     assert report.data["whole_image_jaccard"] == pytest.approx(np.mean([np.mean(s) for s in shares]))
+    assert report.data["knn_majority_top1"] == 50.0  # two classes, three queries each
     # the detail rows are the per-image scores the means come from
     rows = good["coseg"].detail
     assert len(rows) == 6

@@ -218,6 +218,18 @@ def whole_image_jaccard(root: Path, manifest: dict, settings: EvalSettings) -> f
     return float(np.mean([np.mean([_read_mask(root / m).mean() for m in g["masks"]]) for g in groups]))
 
 
+def majority_top1(manifest: dict, settings: EvalSettings) -> float:
+    """k-NN top-1 (%) of always answering each labelled set's most common query class, mean over sets (the
+    floor of any classifier, for reading the table)."""
+    rates = []
+    for spec in manifest.get("knn", {}).values():
+        query = _knn_subset(spec["query"], settings.quick, settings.quick_knn_query, settings.seed)
+        if query:
+            counts = np.bincount([int(c) for _, c in query])
+            rates.append(100.0 * counts.max() / len(query))
+    return float(np.mean(rates)) if rates else float("nan")
+
+
 def _coseg_groups(manifest: dict, settings: EvalSettings) -> list[dict]:
     groups = manifest.get("coseg", [])
     return groups[:settings.quick_groups] if settings.quick else groups
@@ -515,7 +527,9 @@ class Report:
                  f"Data: `{self.data.get('dir')}` (format {self.data.get('version')}, seed "
                  f"{self.data.get('seed')}){' — quick subset' if self.settings.quick else ''}. "
                  f"Higher is better except `epe_px` and `empty_masks`. A mask of the whole image would score "
-                 f"co-segmentation Jaccard {self.data.get('whole_image_jaccard', float('nan')):.3f}.", "",
+                 f"co-segmentation Jaccard {self.data.get('whole_image_jaccard', float('nan')):.3f}; always "
+                 f"answering the most common class, k-NN top-1 {self.data.get('knn_majority_top1', float('nan')):.1f}.",
+                 "",
                  head, "|---|---|" + "---|" * len(labels)]
         for task, metric in self.rows():
             cells = []
@@ -659,5 +673,6 @@ def evaluate_backbones(candidates: Sequence[Candidate], data_dir: str | Path, se
                  for c in candidates]
     data = {"dir": str(root), "version": manifest.get("version"), "seed": manifest.get("seed"),
             "coseg_groups": len(_coseg_groups(manifest, settings)),
-            "whole_image_jaccard": whole_image_jaccard(root, manifest, settings)}
+            "whole_image_jaccard": whole_image_jaccard(root, manifest, settings),
+            "knn_majority_top1": majority_top1(manifest, settings)}
     return Report(backbones, results, settings, data, time.perf_counter() - start)
