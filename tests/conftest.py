@@ -66,3 +66,14 @@ def assert_user_error(result, *fragments):
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def keys_of(pattern: str, want: str, n: int, rule) -> list[str]:
+    """The first ``n`` keys ``pattern.format(i)`` whose split under ``rule`` is ``want``."""
+    out, i = [], 0
+    while len(out) < n:
+        key = pattern.format(i)
+        if rule(key) == want:
+            out.append(key)
+        i += 1
+    return out

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import keys_of
 from vitdense import DataError, is_reserved_stamp, photo_split, stamp_split
 from vitdense import evalset
 from vitdense.evalset import (Cutout, LabelledPhoto, Origin, Photo, StereoPair, build_eval_set, default_data_dir,
@@ -26,16 +27,6 @@ N_FRAMES = 20
 def sha_digit(key: str) -> str:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()[0]
 
-
-def keys_of(pattern: str, want: str, n: int, rule) -> list[str]:
-    """The first ``n`` keys ``pattern.format(i)`` whose split under ``rule`` is ``want``."""
-    out, i = [], 0
-    while len(out) < n:
-        key = pattern.format(i)
-        if rule(key) == want:
-            out.append(key)
-        i += 1
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import keys_of
+
 from vitdense import DataError, photo_split, stamp_split
 from vitdense.evalset import Cutout, Origin, Photo
 from vitdense.pretrainset import (STAMPS_PREFIX, SourcePhoto, build_pretrain_set, compose_objects, pretraining_split,
@@ -17,16 +19,6 @@ from vitdense.pretrainset import (STAMPS_PREFIX, SourcePhoto, build_pretrain_set
 
 SIZE = 64  # composite side in these tests
 
-
-def keys_of(pattern: str, want: str, n: int, rule) -> list[str]:
-    """The first ``n`` keys ``pattern.format(i)`` whose split under ``rule`` is ``want``."""
-    out, i = [], 0
-    while len(out) < n:
-        key = pattern.format(i)
-        if rule(key) == want:
-            out.append(key)
-        i += 1
-    return out
 
 
 def texture(seed: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:

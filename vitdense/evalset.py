@@ -919,6 +919,18 @@ def _compose_videos(writer: _Writer, pool: list[Cutout], deck: _Deck, rng: np.ra
     return entries, previews
 
 
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put the finished folder ``new`` in the place of ``dest`` (which may exist): the old one is moved aside
+    first and removed only once the new one is in place, so an interruption never leaves half a folder."""
+    old = dest.parent / f".{dest.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_eval_set(out_dir: Path | str, cutouts: Sequence[Cutout], backgrounds: Sequence[Photo],
                    labelled: Sequence[LabelledPhoto], seed: int = 0, stereo: StereoPair | None = None,
                    progress: bool = False, max_groups: int = 8, group_size: int = 6, n_homographies: int = 6,
@@ -1010,13 +1022,7 @@ def build_eval_set(out_dir: Path | str, cutouts: Sequence[Cutout], backgrounds: 
         manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "coseg": coseg, "knn": knn,
                     "pairs": pairs, "video": video, "sources": writer.sources}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        old = out_dir.parent / f".{out_dir.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

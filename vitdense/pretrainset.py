@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from .errors import DataError
 from .evalset import (Cutout, Origin, Photo, _longer_for_area, _paste, _resize_cutout, _to_uint8, _trim,
-                      is_non_commercial)
+                      is_non_commercial, replace_folder)
 from .splits import photo_split, stamp_split
 
 log = logging.getLogger(__name__)
@@ -535,13 +535,7 @@ def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutou
                     "summary": dict(summary), "images": images, "left_out": left_out,
                     "origins": dict(sorted(origins.items()))}
         (tmp / "manifest.json").write_text(_manifest_text(manifest))
-        old = out_dir.parent / f".{out_dir.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
