@@ -31,13 +31,7 @@ composites          photographic Tux Paint cut-outs (tuxpaint-stamps-default) pa
                     photos among the above: one object, or two, in a context
 =================== ===================================================================================
 
-The rules of :mod:`vitdense.pretrainset` decide what may be used: training-split keys only (a video by
-its file's key, Tux Paint stamps by the stamp rule; reserved stamps are never opened), never a
-non-commercial licence, never a copy of an eval-split picture. ``--sources`` writes a subset
-(to measure what each source adds on the report card); the subset's files are the same as in the full set.
-
-    python apps/build_pretrain_set.py --out data/pretrain_set                   # the travel pack, ~15 MiB
-    python apps/build_pretrain_set.py --out data/no_comp --sources wallpapers,gcompris-qt-data --composites 0
+What may be used is decided by :mod:`vitdense.pretrainset`'s rules (see ``apps/build_pretrain_set.py``).
 """
 
 from __future__ import annotations
