@@ -17,7 +17,8 @@ from typing import Any
 # Exports are imported on first use (PEP 562), so that `vitdense --help` can read pretrain.config (the
 # options of `vitdense pretrain`) without importing torch. To add one: name -> submodule here, and __all__.
 _EXPORTS: dict[str, str] = {
-    "PretrainConfig": "config", "MultiCropAugmentation": "data", "find_images": "data", "DINOHead": "heads", "MultiCropWrapper": "heads",
+    "PretrainConfig": "config", "MultiCropAugmentation": "data", "find_images": "data", "DINOHead": "heads",
+    "MultiCropWrapper": "heads",
     "knn_accuracy": "knn", "knn_scores": "knn", "DINOLoss": "loss", "Schedules": "schedules",
     "TrainResult": "train", "train": "train",
 }

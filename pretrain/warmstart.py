@@ -9,7 +9,6 @@ given; when given they must agree. Exports of a warm-started run record the chai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,10 +51,10 @@ def load_warm_start(source: str) -> WarmStart:
     :func:`vitdense.load_backbone`; a backbone without a CLS token or position embedding cannot be a DINO
     student.
     """
-    from vitdense.backbones import infer_arch, load_backbone, read_weights
+    from vitdense.backbones import infer_arch, load_backbone, name_or_file, read_weights
 
-    is_file = Path(source).is_file() or source.endswith((".pth", ".pt", ".safetensors"))
-    backbone = load_backbone(None if is_file else source, source if is_file else None)
+    name, weights = name_or_file(source)
+    backbone = load_backbone(name, weights)
     model = backbone.model
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     if getattr(model, "cls_token", None) is None or "pos_embed" not in state:
@@ -64,8 +63,8 @@ def load_warm_start(source: str) -> WarmStart:
     arch, kwargs = infer_arch(state, source)
     kwargs["num_heads"] = int(model.blocks[0].attn.num_heads)  # not visible in the weights' shapes
     chain: list[dict[str, Any]] = []
-    if is_file:
-        _, meta = read_weights(source)
+    if weights is not None:
+        _, meta = read_weights(weights)
         chain = list((meta or {}).get("chain", []))
     return WarmStart(source, arch, kwargs, state, backbone.weights or source, tuple(backbone.mean),
                      tuple(backbone.std), chain)

@@ -157,7 +157,7 @@ def test_random_like_reinitialises_every_parameter_and_is_seeded():
     assert not torch.equal(next(random_like(model, seed=2).parameters()), next(a.parameters()))
 
 
-# ---------------------------------------------------------------------------------------------- a backbone that sees the objects
+# ---------------------------------------------------------------------------------- a backbone that sees the objects
 
 class ColourExtractor(ViTExtractor):
     """A 'backbone' whose descriptors are the mean colour of each patch and whose saliency is how red and

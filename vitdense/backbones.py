@@ -130,6 +130,14 @@ def default_model_name() -> str:
     return AUTO
 
 
+def name_or_file(value: str) -> tuple[str | None, str | None]:
+    """``(model name, None)`` or ``(None, weights file)`` for an option that takes either (``--compare``,
+    ``--init``): an existing file, or anything named like a weights file, is a file."""
+    if Path(value).is_file() or value.endswith((".pth", ".pt", ".safetensors")):
+        return None, value
+    return value, None
+
+
 def bundled_model_name() -> str | None:
     """The backbone shipped with the package (the offline fallback of ``auto``), or None when absent."""
     bundled = [s.name for s in MODELS.values() if s.bundled_file]

@@ -741,18 +741,12 @@ class _Deck:
 
 def _preview(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """A label map (H, W) over an RGB image for the preview: tinted in the DAVIS colours, outlined in white."""
-    colours = davis_palette().astype(np.float32)
+    from .viz import label_edges, overlay  # (viz imports torch: only here)
+
     labels = np.asarray(labels).astype(np.int64)
-    out = rgb.astype(np.float32)
-    fg = labels > 0
-    out[fg] = 0.65 * out[fg] + 0.35 * colours[labels[fg]]
-    edge = np.zeros(labels.shape, bool)
-    edge[1:] |= labels[1:] != labels[:-1]
-    edge[:-1] |= labels[1:] != labels[:-1]
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
-    out[edge] = 255
-    return _to_uint8(out)
+    out = overlay(rgb, labels, alpha=0.35, colors=davis_palette())
+    out[label_edges(labels)] = 255
+    return out
 
 
 def _stage_rng(seed: int, stage: str) -> np.random.Generator:

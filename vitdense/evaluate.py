@@ -174,23 +174,17 @@ def _rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels on the border of a (H, W) mask (inside, 4-neighbourhood, 2 px)."""
-    from scipy.ndimage import binary_erosion
-
-    mask = np.asarray(mask, bool)
-    return mask & ~binary_erosion(mask, iterations=2)
-
-
 def _draw(image: np.ndarray, pred: np.ndarray | None, gt: np.ndarray | None) -> np.ndarray:
     """The image with a predicted mask tinted red (and outlined) and the ground truth outlined in green."""
-    out = np.asarray(image).astype(np.float32).copy()
+    from .viz import label_edges, overlay
+
+    out = np.asarray(image).copy()
     if pred is not None and pred.any():
-        out[pred] = 0.5 * out[pred] + 0.5 * np.array([255, 40, 40], np.float32)
-        out[_outline(pred)] = (255, 40, 40)
+        out = overlay(out, pred.astype(np.int64), alpha=0.5, colors=np.array([[0, 0, 0], [255, 40, 40]]))
+        out[label_edges(pred)] = (255, 40, 40)
     if gt is not None:
-        out[_outline(gt)] = (40, 255, 40)
-    return out.round().astype(np.uint8)
+        out[label_edges(gt)] = (40, 255, 40)
+    return out
 
 
 def _slug(label: str) -> str:
@@ -225,9 +219,13 @@ def majority_top1(manifest: dict, settings: EvalSettings) -> float:
     for spec in manifest.get("knn", {}).values():
         query = _knn_subset(spec["query"], settings.quick, settings.quick_knn_query, settings.seed)
         if query:
-            counts = np.bincount([int(c) for _, c in query])
-            rates.append(100.0 * counts.max() / len(query))
+            rates.append(_majority_rate([int(c) for _, c in query]))
     return float(np.mean(rates)) if rates else float("nan")
+
+
+def _majority_rate(labels: Sequence[int]) -> float:
+    """Top-1 (%) of always answering the most common of ``labels``."""
+    return 100.0 * np.bincount(labels).max() / len(labels)
 
 
 def _coseg_groups(manifest: dict, settings: EvalSettings) -> list[dict]:
@@ -375,7 +373,7 @@ def run_knn(ext: Any, root: Path, manifest: dict, settings: EvalSettings, progre
             acc = knn_accuracy(b, bank_y, q, query_y, n_classes, settings.knn_k, settings.knn_temperature)
             scores[f"{name}_{kind}_top1"] = acc["top1"]
             row[f"{kind}_top1"] = acc["top1"]
-        row["chance_top1"] = 100.0 * max(np.bincount(query_y.numpy(), minlength=n_classes)) / len(query)
+        row["chance_top1"] = _majority_rate(query_y.tolist())
         detail.append(row)
     if detail:
         scores["cls_top1"] = float(np.mean([r["cls_top1"] for r in detail]))
@@ -417,11 +415,10 @@ def run_correspond(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
                                    seed=settings.seed)
         buddies = res.buddies
         targets, valid = pair_targets(pair, root, buddies.points_a, res.size_b)
-        dist = np.linalg.norm(buddies.points_b - targets, axis=1) if len(buddies) else np.zeros(0)
+        dist = np.linalg.norm(buddies.points_b - targets, axis=1)
         row: dict[str, Any] = {"pair": pair["name"], "buddies": len(buddies), "evaluated": int(valid.sum())}
         ref = keypoint_threshold(size=res.size_b)
-        scored = pck(buddies.points_b, targets, ref, settings.pck_alphas, valid) if len(buddies) else \
-            {a: float("nan") for a in settings.pck_alphas}
+        scored = pck(buddies.points_b, targets, ref, settings.pck_alphas, valid)
         for alpha, value in scored.items():
             # no buddy at all scores 0: finding nothing is not a perfect score
             row[f"pck@{alpha:g}"] = 0.0 if not valid.any() else value

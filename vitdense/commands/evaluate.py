@@ -72,6 +72,7 @@ def evaluate_command(model: str | None, weights: str | None, compare: tuple[str,
     floor). Prints the time per task; writes OUT/report.json, OUT/report.md, OUT/charts/*.png and
     OUT/examples/*.png.
     """
+    from ..backbones import name_or_file
     from ..evalset import default_data_dir, load_manifest, prepare_eval_data
     from ..evaluate import TASKS, EvalSettings, evaluate_backbones
 
@@ -97,8 +98,7 @@ def evaluate_command(model: str | None, weights: str | None, compare: tuple[str,
     stride = settings.stride
     candidates = [_candidate(model, weights, device, stride)]
     for item in compare:
-        is_file = Path(item).is_file() or item.endswith((".pth", ".pt", ".safetensors"))
-        candidates.append(_candidate(None if is_file else item, item if is_file else None, device, stride))
+        candidates.append(_candidate(*name_or_file(item), device, stride))
     for cand, label in zip(candidates, _unique([c.label for c in candidates])):
         cand.label = label
 
