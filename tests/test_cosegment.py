@@ -120,18 +120,51 @@ def test_elbow_finds_the_number_of_clusters_of_a_mixture():
     centres = rng.standard_normal((5, 32)) * 3
     points = np.concatenate([c + 0.2 * rng.standard_normal((300, 32)) for c in centres]).astype(np.float32)
     points = cs.unit(points[rng.permutation(len(points))])
-    result = cs.fit_clusters(points[::2], points[1::2], elbow=0.975, seed=0, niter=30, nredo=3)
-    assert result.k == 5
-    assert len(result.objectives) == 6  # k = 6 was tried and rejected
-    assert result.objectives[5] > 0.975 * result.objectives[4]
-    assert result.objectives[4] < 0.975 * result.objectives[3]
+    train, heldout = points[::2], points[1::2]
+
+    def on_heldout(centroids):
+        return float((((heldout[:, None] - centroids[None]) ** 2).sum(-1)).min(1).mean())
+
+    before = cs.fit_clusters(train, on_heldout, elbow=0.975, seed=0, niter=30, nredo=3, elbow_k="before")
+    assert before.k == 5
+    assert len(before.objectives) == 6  # k = 6 was tried and rejected
+    assert before.objectives[5] > 0.975 * before.objectives[4]
+    assert before.objectives[4] < 0.975 * before.objectives[3]
+    # dino-vit-features keeps the k = 6 its loop stopped at: one cluster more than the mixture has
+    after = cs.fit_clusters(train, on_heldout, elbow=0.975, seed=0, niter=30, nredo=3, elbow_k="after")
+    assert after.k == 6 and after.objectives == before.objectives
 
 
 def test_choose_k_rule():
-    assert cs.choose_k([10, 5, 4.9, 1], 0.975) == 2  # 4.9 > 0.975 * 5: stop before the 3rd cluster
-    assert cs.choose_k([10, 5, 2], 0.975) == 3  # never stalls: the largest k tried
-    assert cs.choose_k([10, 9.8], 0.975) == 1
-    assert cs.choose_k([0.0, 0.0], 0.975) == 1  # identical descriptors: one cluster
+    assert cs.choose_k([10, 5, 4.9, 1], 0.975, "before") == 2  # 4.9 > 0.975 * 5: stop before the 3rd cluster
+    assert cs.choose_k([10, 5, 4.9, 1], 0.975, "after") == 3  # ... or keep the 3rd, as the reference does
+    for rule in cs.ELBOW_KS:
+        assert cs.choose_k([10, 5, 2], 0.975, rule) == 3  # never stalls: the largest k tried
+    assert cs.choose_k([10, 9.8], 0.975, "before") == 1
+    assert cs.choose_k([10, 9.8], 0.975, "after") == 2
+    assert cs.choose_k([0.0, 0.0], 0.975, "before") == 1  # identical descriptors: one cluster
+    with pytest.raises(ValueError, match="elbow_k"):
+        cs.choose_k([10, 5], 0.975, "middle")
+
+
+def test_elbow_objective_over_all_descriptors_or_a_heldout_sample():
+    rng = np.random.default_rng(3)
+    descs = [rng.standard_normal((37, 6)).astype(np.float16), rng.standard_normal((20, 6)).astype(np.float16)]
+    masks = [rng.random(37) < 0.5, None]
+    centroids = cs.unit(rng.standard_normal((3, 6)))
+    first, second = descs[0][masks[0]].astype(np.float64), descs[1].astype(np.float64)
+    first /= np.linalg.norm(first, axis=1, keepdims=True)
+    second /= np.linalg.norm(second, axis=1, keepdims=True)
+
+    def mean_nearest(rows):
+        return (((rows[:, None] - centroids[None]) ** 2).sum(-1)).min(1).mean()
+
+    every = cs.elbow_objective(descs, [0, 1], 4, "all", masks)
+    assert every(centroids) == pytest.approx(mean_nearest(np.concatenate([first, second])), rel=1e-5)
+    # the held-out sample: every 4th token of each image, from the 3rd (half an interval after the training one)
+    heldout = cs.elbow_objective(descs, [0, 1], 4, "heldout", masks)
+    assert heldout(centroids) == pytest.approx(mean_nearest(np.concatenate([first[2::4], second[2::4]])), rel=1e-5)
+    assert cs.elbow_objective(descs, [0, 1], 1, "heldout") is None  # interval 1: the training sample itself
 
 
 def test_sq_distances_and_assign_match_brute_force():

@@ -257,3 +257,31 @@ def test_extract_set_batches_match_single_images(tmp_path, photos, make_extracto
         assert data.original == [(64, 96)] * 3 + [(96, 64)]
         # crops: 95 % of the resized image, resized back to a shorter side of 40
         assert all(min(s) == 40 for s in data.sizes[4:])
+
+
+def test_low_res_saliency_is_the_references_half_size_pass(tmp_path, photos, make_extractor):
+    """dino-vit-features' saliency for co-segmentation, computed here as its script does: the original image
+    resized to half the descriptors' input size, a second extractor at stride = patch size, the map resized
+    to the descriptors' grid with PIL's NEAREST."""
+    from vitdense import ViTExtractor
+    from vitdense.commands.cosegment import extract_set
+    from vitdense.cosegment import low_res_saliency
+
+    path = tmp_path / "coffee.png"
+    Image.fromarray(photos["coffee"]).resize((150, 100)).save(path)
+    extractor = make_extractor()
+    batch, _ = extractor.preprocess(path, 64)
+    feats = extractor.extract(batch, [-1], "key")
+    (hgt, wid), (h, w) = feats.load_size, feats.num_patches
+    coarse = ViTExtractor("custom", stride=8, model=extractor.model, device="cpu")
+    small, _ = coarse.preprocess(path, (hgt // 2, wid // 2))
+    sal = coarse.extract_saliency_maps(small)[0].numpy()
+    grid = (1 + (hgt // 2 - 8) // 8, 1 + (wid // 2 - 8) // 8)
+    want = np.asarray(Image.fromarray(sal.reshape(grid).astype(np.float32)).resize((w, h), Image.NEAREST))
+    got = low_res_saliency(extractor, path, feats.load_size, feats.num_patches)
+    assert got.shape == (h * w,) and grid != (h, w)
+    np.testing.assert_allclose(got, want.reshape(-1), atol=1e-6)
+    data = extract_set(extractor, [path, path], 64, -1, "key", use_bin=False, need_cls=False, saliency_res="low",
+                       progress=False)
+    with data.store:
+        np.testing.assert_allclose(data.saliency[0], want.reshape(-1), atol=1e-6)

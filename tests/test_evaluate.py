@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import assert_user_error, run_cli, save_tiny_weights, tiny_vit
 
-from vitdense import ViTExtractor
+from vitdense import ConfigError, ViTExtractor
 from vitdense.evaluate import (Candidate, EvalSettings, evaluate_backbones, mask_scores, pair_targets,
                                random_like)
 from vitdense.extractor import Features
@@ -202,6 +202,32 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
     assert len(rows) == 6
     assert good["coseg"].scores["jaccard"] == pytest.approx(
         np.mean([np.mean([r["jaccard"] for r in rows if r["group"] == g]) for g in ("g0", "g1")]))
+
+
+def test_coseg_variants_share_one_extraction_and_match_separate_report_cards(data):
+    from dataclasses import replace
+
+    from vitdense.evaluate import compare_coseg_settings
+
+    ext = ColourExtractor("colour", stride=4, model=tiny_vit(depth=12), device="cpu")
+    variants = {"reference": {"refine": "grabcut", "coseg_saliency": "low", "elbow_k": "after",
+                              "elbow_objective": "all", "min_sample": 0},
+                "ours": {"refine": "crf", "coseg_saliency": "full", "elbow_k": "before",
+                         "elbow_objective": "heldout", "min_sample": 1000}}
+    table = compare_coseg_settings([Candidate("colour", ext, "test")], data, variants, TINY, progress=False,
+                                   add_floor=False)
+    assert list(table) == ["colour"] and list(table["colour"]) == ["reference", "ours"]
+    for name, options in variants.items():
+        alone = evaluate_backbones([Candidate("colour", ext, "test")], data,
+                                   replace(TINY, tasks=("coseg",), **options), progress=False, add_floor=False)
+        scores = alone.results["colour"]["coseg"]
+        assert {k: table["colour"][name][k] for k in scores.scores} == pytest.approx(scores.scores), name
+        assert table["colour"][name]["mean_k"] == pytest.approx(np.mean([r["k"] for r in scores.detail]))
+        assert table["colour"][name]["jaccard"] > 0.7, name  # both pipelines find the objects it sees
+    with pytest.raises(ConfigError, match="only co-segmentation options, not load_size"):
+        compare_coseg_settings([Candidate("colour", ext, "test")], data, {"x": {"load_size": 32}}, TINY)
+    with pytest.raises(ConfigError, match="elbow_k 'middle'"):
+        compare_coseg_settings([Candidate("colour", ext, "test")], data, {"x": {"elbow_k": "middle"}}, TINY)
 
 
 # ---------------------------------------------------------------------------------------------- the command

@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "prepare_eval_data": "evalset", "load_manifest": "evalset", "eval_data_dir": "evalset:default_data_dir",
     "evaluate_backbones": "evaluate", "Candidate": "evaluate", "EvalSettings": "evaluate",
     "EvalReport": "evaluate:Report", "random_floor": "evaluate", "knn_accuracy": "metrics",
+    "compare_coseg_settings": "evaluate", "low_res_saliency": "cosegment",
     "build_pretrain_set": "pretrainset", "select_pretraining": "pretrainset",
     "PRETRAIN_SOURCES": "pretrainsources:SOURCES", "gather_pretrain_photos": "pretrainsources:gather",
     "pretrain_cutouts": "pretrainsources:train_cutouts", "left_out_kind": "pretrainsources",
@@ -72,7 +73,7 @@ __all__ = [
     "build_inspect_page", "InspectImage", "InspectView", "InspectPage", "compress_descriptors",
     "CompressedDescriptors", "similarity_error", "SimilarityError",
     # co-segmentation
-    "cosegment_objects", "part_cosegment", "refine_objects", "CosegResult", "PartResult",
+    "cosegment_objects", "part_cosegment", "refine_objects", "low_res_saliency", "CosegResult", "PartResult",
     "jaccard", "precision", "part_scores", "nmi", "ari",
     # correspondences
     "find_correspondences", "Correspondences", "CorrespondenceResult", "draw_correspondences", "describe_image",
@@ -89,7 +90,7 @@ __all__ = [
     "is_non_commercial",
     # the report card (vitdense.evaluate)
     "evaluate_backbones", "Candidate", "EvalSettings", "EvalReport", "prepare_eval_data", "load_manifest",
-    "eval_data_dir", "random_floor", "knn_accuracy",
+    "eval_data_dir", "random_floor", "knn_accuracy", "compare_coseg_settings",
     # the pretraining set (vitdense.pretrainset, vitdense.pretrainsources)
     "build_pretrain_set", "select_pretraining", "PRETRAIN_SOURCES", "gather_pretrain_photos", "pretrain_cutouts",
     "left_out_kind",

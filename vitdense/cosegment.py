@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -48,6 +48,15 @@ MAX_CLUSTERS = 14        # the elbow search tries k = 1 .. 14
 OUTLIER_THRESH = 0.7     # cosine similarity of an image's CLS descriptor to the mean below which it is an outlier
 SINGLE_THREAD_WORK = 2_000_000  # k-means with fewer points x clusters runs on one thread (see kmeans)
 MAX_SQDIST = 4.0         # largest squared distance between unit vectors: the energy of "no such cluster"
+MIN_SAMPLE = 1000        # the sample interval is lowered so k-means sees at least this many descriptors
+ELBOW_K = "before"       # which k the elbow rule keeps (see choose_k)
+ELBOW_OBJECTIVE = "heldout"  # what the elbow rule's objective is measured on (see elbow_objective)
+SALIENCY_RES = "full"    # saliency from the descriptors' own pass, or dino-vit-features' low-resolution one
+REFINE = "crf"           # refinement of the object masks at image resolution (see refine_objects)
+REFINEMENTS = ("crf", "grabcut", "none")
+ELBOW_KS = ("after", "before")           # see choose_k
+ELBOW_OBJECTIVES = ("all", "heldout")    # see elbow_objective
+SALIENCY_RESOLUTIONS = ("low", "full")   # see low_res_saliency
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -181,17 +190,28 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 300, nredo: int = 
     return np.asarray(km.centroids, dtype=np.float32).copy()
 
 
-def choose_k(objectives: Sequence[float], elbow: float) -> int:
-    """Elbow rule: the number of clusters after which one more no longer pays.
+def first_stall(objectives: Sequence[float], elbow: float) -> int | None:
+    """The first k > 1 that improves the objective by less than 1 − elbow on k − 1, i.e.
+    ``objectives[k - 1] > elbow * objectives[k - 2]`` (objectives[j]: the k-means objective with j + 1
+    clusters); None when every k tried still paid."""
+    for k in range(2, len(objectives) + 1):
+        if objectives[k - 2] <= 1e-12 or objectives[k - 1] > elbow * objectives[k - 2]:
+            return k
+    return None
 
-    objectives[j] is the k-means objective with j + 1 clusters. Returns the first k whose successor fails
-    ``objectives[k] <= elbow * objectives[k - 1]`` (i.e. improves by less than 1 − elbow); the largest k
-    tried when all succeed. dino-vit-features keeps the failing successor (one cluster more).
+
+def choose_k(objectives: Sequence[float], elbow: float, elbow_k: str = "after") -> int:
+    """Elbow rule: the number of clusters from the objectives of k = 1, 2, ... (see :func:`first_stall`).
+
+    elbow_k "after": the stalling k itself (dino-vit-features: its loop stops there and keeps what it
+    fitted); "before": k − 1, the last k that still paid. The largest k tried when nothing stalls.
     """
-    for j in range(1, len(objectives)):
-        if objectives[j - 1] <= 1e-12 or objectives[j] > elbow * objectives[j - 1]:
-            return j
-    return len(objectives)
+    if elbow_k not in ELBOW_KS:
+        raise ValueError(f"elbow_k {elbow_k!r}: choose from {', '.join(ELBOW_KS)}")
+    stall = first_stall(objectives, elbow)
+    if stall is None:
+        return len(objectives)
+    return stall if elbow_k == "after" else stall - 1
 
 
 @dataclass
@@ -208,29 +228,57 @@ class Clustering:
         return len(self.centroids)
 
 
-def fit_clusters(train: np.ndarray, heldout: np.ndarray | None = None, n_clusters: int | None = None,
-                 elbow: float = ELBOW, max_clusters: int = MAX_CLUSTERS, seed: int = 0, niter: int = 300,
-                 nredo: int = 10) -> Clustering:
+def fit_clusters(train: np.ndarray, objective: Callable[[np.ndarray], float] | None = None,
+                 n_clusters: int | None = None, elbow: float = ELBOW, max_clusters: int = MAX_CLUSTERS,
+                 seed: int = 0, niter: int = 300, nredo: int = 10, elbow_k: str = "after") -> Clustering:
     """k-means of train (M, D) with k given or chosen by :func:`choose_k`.
 
-    The elbow objective is measured on ``heldout`` (M', D) (default: ``train``): a disjoint sample of the
-    same images, an unbiased stand-in for the objective over all descriptors at 1/interval of the cost.
+    objective(centroids) → the mean squared distance the elbow rule compares (default: over ``train``);
+    see :func:`mean_sq_distance` for the descriptors of a whole set, one image at a time.
     """
-    heldout = train if heldout is None or len(heldout) == 0 else heldout
+    objective = objective or (lambda centroids: float(assign(train, centroids)[1].mean()))
     if n_clusters is not None:
         k = max(1, min(n_clusters, len(train)))
         centroids = kmeans(train, k, seed, niter, nredo)
-        return Clustering(centroids, [float(assign(heldout, centroids)[1].mean())], len(train))
+        return Clustering(centroids, [objective(centroids)], len(train))
     objectives: list[float] = []
     fitted: list[np.ndarray] = []
     for k in range(1, min(max_clusters, len(train)) + 1):
-        centroids = kmeans(train, k, seed, niter, nredo)
-        fitted.append(centroids)
-        objectives.append(float(assign(heldout, centroids)[1].mean()))
-        chosen = choose_k(objectives, elbow)
-        if chosen < k:
-            return Clustering(fitted[chosen - 1], objectives, len(train))
+        fitted.append(kmeans(train, k, seed, niter, nredo))
+        objectives.append(objective(fitted[-1]))
+        if first_stall(objectives, elbow) is not None:
+            return Clustering(fitted[choose_k(objectives, elbow, elbow_k) - 1], objectives, len(train))
     return Clustering(fitted[-1], objectives, len(train))
+
+
+def mean_sq_distance(descriptors: Sequence[np.ndarray], centroids: np.ndarray, images: Sequence[int],
+                     masks: Sequence[np.ndarray | None] | None = None) -> float:
+    """Mean squared distance of every (masked) descriptor of ``images`` to its nearest centroid, read one
+    image at a time: the k-means objective over the whole set, which dino-vit-features' elbow rule uses."""
+    total, count = 0.0, 0
+    for i in images:
+        desc = np.asarray(descriptors[i])
+        if masks is not None and masks[i] is not None:
+            desc = desc[np.asarray(masks[i], dtype=bool).reshape(-1)]
+        if len(desc):
+            total += float(assign(unit(desc), centroids)[1].sum(dtype=np.float64))
+            count += len(desc)
+    return total / max(count, 1)
+
+
+def elbow_objective(descriptors: Sequence[np.ndarray], images: Sequence[int], interval: int, mode: str,
+                    masks: Sequence[np.ndarray | None] | None = None) -> Callable[[np.ndarray], float] | None:
+    """The objective :func:`fit_clusters` compares: "all" descriptors (:func:`mean_sq_distance`), or a
+    "heldout" sample, every ``interval``-th descriptor half an interval after the training sample (an
+    unbiased estimate at 1/interval of the cost; None = the training sample itself when interval is 1)."""
+    if mode not in ELBOW_OBJECTIVES:
+        raise ValueError(f"elbow objective {mode!r}: choose from {', '.join(ELBOW_OBJECTIVES)}")
+    if mode == "all":
+        return lambda centroids: mean_sq_distance(descriptors, centroids, images, masks)
+    if interval == 1:
+        return None
+    heldout = subsample(descriptors, interval, interval // 2, masks, images)
+    return lambda centroids: float(assign(heldout, centroids)[1].mean())
 
 
 def order_by_count(counts: np.ndarray) -> np.ndarray:
@@ -240,6 +288,30 @@ def order_by_count(counts: np.ndarray) -> np.ndarray:
     in every run, whatever order k-means returned its centroids in.
     """
     return np.lexsort((np.arange(len(counts)), -np.asarray(counts)))
+
+
+# ---------------------------------------------------------------------------------------------- saliency
+
+def low_res_saliency(extractor: Any, image: Any, size: tuple[int, int] | None, grid: tuple[int, int]
+                     ) -> np.ndarray:
+    """dino-vit-features' co-segmentation saliency of one image → (h * w,) float32 on the descriptors' grid.
+
+    The image (a path, PIL image or array) is resized to half of ``size`` (H, W), the size the descriptors
+    were extracted at (None: its own size, unhalved, as the reference does without a load size), run
+    through the same model at stride = patch size, and its saliency map is resized to ``grid`` (h, w)
+    by nearest neighbour (PIL's NEAREST, as the reference). About 1/16 of the
+    tokens of a stride-4 pass: cheap, and coarser than the stride-4 saliency.
+    """
+    from PIL import Image
+
+    view = extractor.at_stride(None)
+    half = None if size is None else tuple(max(view.p, s // 2) for s in size)
+    batch, _ = view.preprocess(image, half)
+    sal = view.extract_saliency_maps(batch.to(view.device))[0].float().cpu().numpy()
+    coarse = view.grid_size(tuple(batch.shape[-2:]))
+    # PIL itself: its NEAREST differs from torch's "nearest-exact" where a pixel centre falls on a boundary
+    out = Image.fromarray(sal.reshape(coarse).astype(np.float32)).resize((grid[1], grid[0]), Image.NEAREST)
+    return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- voting
@@ -313,17 +385,19 @@ class CosegResult:
 def cosegment(descriptors: Sequence[np.ndarray], saliency: Sequence[np.ndarray], grids: Sequence[tuple[int, int]],
               n_clusters: int | None = None, elbow: float = ELBOW, thresh: float = SALIENCY_THRESH,
               votes_percentage: float = VOTES_PERCENTAGE, sample_interval: int = SAMPLE_INTERVAL,
-              min_sample: int = 1000, max_clusters: int = MAX_CLUSTERS, inliers: np.ndarray | None = None,
+              min_sample: int = MIN_SAMPLE, max_clusters: int = MAX_CLUSTERS, inliers: np.ndarray | None = None,
               voters: np.ndarray | None = None, seed: int = 0, niter: int = 300, nredo: int = 10,
-              progress: bool = False) -> CosegResult:
+              elbow_k: str = ELBOW_K, elbow_objective_on: str = ELBOW_OBJECTIVE, progress: bool = False
+              ) -> CosegResult:
     """Common-object masks on the token grids of N images.
 
     descriptors: per image (T_i, D) (any sequence; read one image at a time); saliency: per image (T_i,);
     grids: per image (h_i, w_i). n_clusters: k, or None for the elbow rule with ``elbow``. The k-means
     sample is every ``sample_interval``-th descriptor (fewer when that would give under ``min_sample``);
-    the elbow objective uses the descriptors half an interval further on. inliers: (N,) bool, images to
-    segment (others get empty masks; see :func:`cls_inliers`); voters: (N,) bool, images that vote
-    (default: the inliers; crop augmentations should not vote).
+    ``elbow_k`` and ``elbow_objective_on`` ("all" descriptors or a "heldout" sample) choose the variant of
+    the elbow rule (:func:`choose_k`, :func:`elbow_objective`). inliers: (N,) bool, images to segment
+    (others get empty masks; see :func:`cls_inliers`); voters: (N,) bool, images that vote (default: the
+    inliers; crop augmentations should not vote).
     """
     n = len(descriptors)
     assert len(saliency) == n and len(grids) == n, (n, len(saliency), len(grids))
@@ -333,8 +407,8 @@ def cosegment(descriptors: Sequence[np.ndarray], saliency: Sequence[np.ndarray],
     total = sum(int(np.prod(grids[i])) for i in members)
     interval = effective_interval(total, sample_interval, min_sample)
     train = subsample(descriptors, interval, 0, images=members)
-    heldout = subsample(descriptors, interval, interval // 2, images=members) if interval > 1 else None
-    clustering = fit_clusters(train, heldout, n_clusters, elbow, max_clusters, seed, niter, nredo)
+    objective = elbow_objective(descriptors, members, interval, elbow_objective_on)
+    clustering = fit_clusters(train, objective, n_clusters, elbow, max_clusters, seed, niter, nredo, elbow_k)
     LOG.info("k-means: k=%d from %d sampled descriptors (interval %d)", clustering.k, len(train), interval)
 
     labels: list[np.ndarray] = []
@@ -364,28 +438,33 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def refine_objects(images: Sequence[np.ndarray | None], result: CosegResult, method: str = "crf",
+def refine_objects(images: Sequence[np.ndarray | None], result: CosegResult, method: str = REFINE,
                    confidence: float = 0.7, progress: bool = False) -> list[np.ndarray]:
     """Object masks at image resolution: per image (H_i, W_i) bool.
 
     images: per image (H_i, W_i, 3) uint8, the resized image the descriptors came from (None: skip that
     image, its mask is upsampled only). method: "crf" (dense CRF of the bilinearly upsampled mask,
-    :func:`vitdense.crf.refine_mask`), "grabcut" (dino-vit-features' refinement) or "none" (upsampling and
-    a 0.5 threshold). Outlier images get empty masks.
+    :func:`vitdense.crf.refine_mask`), "grabcut" (dino-vit-features' refinement: GrabCut of the mask
+    upsampled by nearest neighbour) or "none" (bilinear upsampling and a 0.5 threshold). Outlier images get
+    empty masks.
     """
-    if method not in ("crf", "grabcut", "none"):
+    from PIL import Image
+
+    if method not in REFINEMENTS:
         raise ValueError(f"unknown refinement {method!r}")
     out = []
     for i, image in enumerate(tqdm(images, desc=method if method != "none" else "upsample", unit="img",
                                    disable=not progress)):
         size = tuple(np.asarray(image).shape[:2]) if image is not None else result.grids[i]
+        if method == "grabcut":  # as the reference: the token mask resized by nearest neighbour
+            mask = np.asarray(Image.fromarray(result.masks[i]).resize(size[::-1], Image.NEAREST), bool)
+            out.append(grabcut_mask(image, mask) if result.inliers[i] and image is not None else mask)
+            continue
         soft = upsample_mask(result.masks[i], size)
         if not result.inliers[i] or image is None or method == "none" or not result.masks[i].any():
             out.append(soft >= 0.5)
-        elif method == "crf":
-            out.append(refine_mask(image, soft, confidence))
         else:
-            out.append(grabcut_mask(image, soft >= 0.5))
+            out.append(refine_mask(image, soft, confidence))
     return out
 
 
@@ -455,7 +534,8 @@ def part_cosegment(descriptors: Sequence[np.ndarray], saliency: Sequence[np.ndar
                    n_parts: int | None = 4, three_stages: bool = False, part_elbow: float = PART_ELBOW,
                    crf: CrfParams | None = CrfParams(), coseg: CosegResult | None = None, seed: int = 0,
                    niter: int = 300, nredo: int = 10, sample_interval: int = SAMPLE_INTERVAL,
-                   min_sample: int = 1000, max_clusters: int = MAX_CLUSTERS, progress: bool = False,
+                   min_sample: int = MIN_SAMPLE, max_clusters: int = MAX_CLUSTERS, elbow_k: str = ELBOW_K,
+                   elbow_objective_on: str = ELBOW_OBJECTIVE, progress: bool = False,
                    **coseg_options: object) -> PartResult:
     """Common parts of the common object.
 
@@ -470,7 +550,8 @@ def part_cosegment(descriptors: Sequence[np.ndarray], saliency: Sequence[np.ndar
     images = [None] * n if images is None else list(images)
     if coseg is None:
         coseg = cosegment(descriptors, saliency, grids, sample_interval=sample_interval, min_sample=min_sample,
-                          max_clusters=max_clusters, seed=seed, niter=niter, nredo=nredo, progress=progress,
+                          max_clusters=max_clusters, seed=seed, niter=niter, nredo=nredo, elbow_k=elbow_k,
+                          elbow_objective_on=elbow_objective_on, progress=progress,
                           **coseg_options)  # type: ignore[arg-type]
     fg = [m.reshape(-1) for m in coseg.masks]
     members = np.flatnonzero(coseg.inliers)
@@ -481,8 +562,8 @@ def part_cosegment(descriptors: Sequence[np.ndarray], saliency: Sequence[np.ndar
             raise ValueError("no foreground tokens to cluster into parts")
         interval = effective_interval(total, sample_interval, min_sample)
         train = subsample(descriptors, interval, 0, masks, members)
-        heldout = subsample(descriptors, interval, interval // 2, masks, members) if interval > 1 else None
-        return fit_clusters(train, heldout, k, elbow, max_clusters, seed, niter, nredo)
+        objective = elbow_objective(descriptors, members, interval, elbow_objective_on, masks)
+        return fit_clusters(train, objective, k, elbow, max_clusters, seed, niter, nredo, elbow_k)
 
     bg_centroids = coseg.bg_centroids
     stage2, common = None, None

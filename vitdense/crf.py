@@ -104,7 +104,8 @@ def grabcut_mask(image: np.ndarray, mask: np.ndarray, erode: int = 7, iterations
 
     As dino-vit-features' object co-segmentation: the mask eroded by ``erode`` × ``erode`` is certain
     foreground, the eroded complement certain background, the band between them is left to GrabCut's colour
-    models. An empty or full mask is returned unchanged (GrabCut needs both classes).
+    models. An empty or full mask is returned unchanged (GrabCut needs both classes). Deterministic
+    (the reference is not: it leaves OpenCV's random generator where earlier calls left it).
     """
     import cv2
 
@@ -118,6 +119,7 @@ def grabcut_mask(image: np.ndarray, mask: np.ndarray, erode: int = 7, iterations
     labels[sure_bg] = cv2.GC_BGD
     labels[sure_fg] = cv2.GC_FGD
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's global generator: the same mask every run
     try:
         cv2.grabCut(np.ascontiguousarray(np.asarray(image, np.uint8)[..., :3]), labels, None, bgd, fgd,
                     iterations, cv2.GC_INIT_WITH_MASK)

@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 
 from .attention import keep_mass
+from .cosegment import (ELBOW_K, ELBOW_KS, ELBOW_OBJECTIVE, ELBOW_OBJECTIVES, MIN_SAMPLE, REFINE, REFINEMENTS,
+                        SALIENCY_RES, SALIENCY_RESOLUTIONS)
 from .errors import ConfigError
 
 LOG = logging.getLogger("vitdense.evaluate")
@@ -62,7 +64,13 @@ class EvalSettings:
     layer: int = 11  # co-segmentation / saliency descriptors
     facet: str = "key"
     coseg_bin: bool = False
-    refine: str = "crf"
+    # co-segmentation options (vitdense cosegment's --refine, --saliency-res, --elbow-k, --elbow-objective,
+    # --min-sample)
+    refine: str = REFINE
+    coseg_saliency: str = SALIENCY_RES
+    elbow_k: str = ELBOW_K
+    elbow_objective: str = ELBOW_OBJECTIVE
+    min_sample: int = MIN_SAMPLE
     saliency_keep: float = 0.6  # fraction of the attention mass kept (DINO paper)
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -87,6 +95,12 @@ class EvalSettings:
             raise ConfigError(f"--tasks {','.join(self.tasks)}: choose from {', '.join(TASKS)}")
         if not 0 < self.saliency_keep <= 1:
             raise ConfigError(f"saliency_keep {self.saliency_keep}: must be in (0, 1]")
+        for name, value, allowed in (("refine", self.refine, REFINEMENTS),
+                                     ("coseg_saliency", self.coseg_saliency, SALIENCY_RESOLUTIONS),
+                                     ("elbow_k", self.elbow_k, ELBOW_KS),
+                                     ("elbow_objective", self.elbow_objective, ELBOW_OBJECTIVES)):
+            if value not in allowed:
+                raise ConfigError(f"{name} {value!r}: choose from {', '.join(allowed)}")
 
 
 @dataclass
@@ -130,17 +144,6 @@ def floor_candidate(first: Candidate, seed: int = 0) -> Candidate:
     """The random-initialisation floor of the first backbone (see :func:`random_floor`)."""
     return Candidate(FLOOR_LABEL, random_floor(first.extractor, seed),
                      f"random initialisation of {first.label}'s architecture (seed {seed})")
-
-
-def at_stride(extractor: Any, stride: int | None) -> Any:
-    """A view of ``extractor`` (same model) at another patch-embedding stride (None: the patch size)."""
-    stride = extractor.p if stride is None else stride
-    if extractor.stride == (stride, stride):
-        return extractor
-    view = copy.copy(extractor)
-    view.stride = (stride, stride)
-    view._pos_cache = {}
-    return view
 
 
 def mask_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
@@ -234,27 +237,40 @@ def _coseg_groups(manifest: dict, settings: EvalSettings) -> list[dict]:
 
 
 def run_coseg_and_saliency(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
-                           progress: bool = True) -> dict[str, TaskResult]:
-    """Co-segmentation and saliency masks of every group; one forward pass per image serves both."""
+                           progress: bool = True, variants: dict[str, EvalSettings] | None = None
+                           ) -> dict[str, TaskResult]:
+    """Co-segmentation and saliency masks of every group; one forward pass per image serves both.
+
+    variants: co-segmentation settings to score on the same descriptors (name → settings; their
+    extraction fields must equal ``settings``'); returned as "coseg:NAME" besides "coseg" and "saliency".
+    """
     from tqdm import tqdm
 
-    from .cosegment import cosegment, refine_objects
+    from .cosegment import low_res_saliency
 
     groups = _coseg_groups(manifest, settings)
-    want_coseg, want_sal = "coseg" in settings.tasks, "saliency" in settings.tasks
-    coseg_rows, sal_rows, coseg_pics, sal_pics = [], [], [], []
-    t_extract = t_coseg = 0.0
+    runs = ({"coseg": settings} if "coseg" in settings.tasks else {}) | \
+        {f"coseg:{name}": v for name, v in (variants or {}).items()}
+    want_sal = "saliency" in settings.tasks
+    low_res = any(v.coseg_saliency == "low" for v in runs.values())
+    rows: dict[str, list[dict]] = {name: [] for name in runs}
+    pics: dict[str, list] = {name: [] for name in runs}
+    seconds = dict.fromkeys(runs, 0.0)
+    sal_rows, sal_pics = [], []
+    t_extract = 0.0
     total = sum(len(g["images"]) for g in groups)
     bar = tqdm(total=total, desc="co-segmentation", unit="img", disable=not progress)
     for gi, group in enumerate(groups):
         start = time.perf_counter()
-        descs, sals, grids, resized, gts, images = [], [], [], [], [], []
+        descs, sals, lows, grids, resized, gts, images = [], [], [], [], [], [], []
         for rel, mask_rel in zip(group["images"], group["masks"]):
             batch, pil = ext.preprocess(root / rel, settings.load_size)
             feats = ext.extract(batch, [settings.layer], settings.facet, bin=settings.coseg_bin, saliency=True)
             descs.append(feats.descriptors[settings.layer][0].cpu().numpy())
             sals.append(feats.saliency[0].cpu().numpy().astype(np.float32))
             grids.append(tuple(feats.num_patches))
+            if low_res:
+                lows.append(low_res_saliency(ext, root / rel, feats.load_size, feats.num_patches))
             resized.append(np.asarray(pil))
             gts.append(_read_mask(root / mask_rel))
             images.append(_rgb(root / rel))
@@ -267,29 +283,38 @@ def run_coseg_and_saliency(ext: Any, root: Path, manifest: dict, settings: EvalS
                 sal_rows.append({"group": name, "image": group["images"][i], **mask_scores(pred, gt)})
                 if gi == 0:
                     sal_pics.append((_draw(images[i], pred, gt), Path(group["images"][i]).stem))
-        if want_coseg:
+        for run, run_settings in runs.items():
             start = time.perf_counter()
-            result = cosegment(descs, sals, grids, seed=settings.seed)
-            masks = refine_objects(resized, result, settings.refine)
-            t_coseg += time.perf_counter() - start
+            masks, k = cosegment_masks(descs, lows if run_settings.coseg_saliency == "low" else sals, grids,
+                                       resized, run_settings)
+            seconds[run] += time.perf_counter() - start
             for i, (mask, gt) in enumerate(zip(masks, gts)):
                 pred = _resize_mask(mask, gt.shape)
-                coseg_rows.append({"group": name, "image": group["images"][i], "k": result.clustering.k,
-                                   **mask_scores(pred, gt)})
+                rows[run].append({"group": name, "image": group["images"][i], "k": k, **mask_scores(pred, gt)})
                 if gi == 0:
-                    coseg_pics.append((_draw(images[i], pred, gt), Path(group["images"][i]).stem))
+                    pics[run].append((_draw(images[i], pred, gt), Path(group["images"][i]).stem))
     bar.close()
     out = {}
-    if want_coseg:
-        out["coseg"] = TaskResult(_group_means(coseg_rows, ("jaccard", "precision", "recall")), coseg_rows,
-                                  coseg_pics, t_extract + t_coseg)
-        out["coseg"].scores["empty_masks"] = float(np.mean([r["precision"] == 0 for r in coseg_rows])) \
-            if coseg_rows else float("nan")
+    for run in runs:
+        # the forward passes are counted once, under coseg
+        out[run] = TaskResult(_group_means(rows[run], ("jaccard", "precision", "recall")), rows[run], pics[run],
+                              seconds[run] + (t_extract if run == "coseg" else 0.0))
+        out[run].scores["empty_masks"] = float(np.mean([r["precision"] == 0 for r in rows[run]])) \
+            if rows[run] else float("nan")
     if want_sal:
-        # the forward passes are counted once, under coseg when both run
         out["saliency"] = TaskResult(_group_means(sal_rows, ("jaccard", "precision", "recall")), sal_rows,
-                                     sal_pics, 0.0 if want_coseg else t_extract)
+                                     sal_pics, 0.0 if "coseg" in runs else t_extract)
     return out
+
+
+def cosegment_masks(descs: Sequence[np.ndarray], saliency: Sequence[np.ndarray], grids: Sequence[tuple[int, int]],
+                    resized: Sequence[np.ndarray], settings: EvalSettings) -> tuple[list[np.ndarray], int]:
+    """Object masks at the resized images' size with the settings' co-segmentation options → (masks, k)."""
+    from .cosegment import cosegment, refine_objects
+
+    result = cosegment(descs, saliency, grids, seed=settings.seed, min_sample=settings.min_sample,
+                       elbow_k=settings.elbow_k, elbow_objective_on=settings.elbow_objective)
+    return refine_objects(resized, result, settings.refine), result.clustering.k
 
 
 def _group_means(rows: list[dict], keys: Sequence[str]) -> dict[str, float]:
@@ -321,7 +346,7 @@ def embed_global(ext: Any, paths: Sequence[Path], load_size: int, batch_size: in
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CLS (N, D), mean patch token (N, D)) of the last layer after the final LayerNorm, at the patch
     size as stride. Images of one size share a forward pass."""
-    net = at_stride(ext, None)
+    net = ext.at_stride(None)
     norm = getattr(net.model, "norm", None)
     layer = net.depth - 1
     cls_out, mean_out = [], []
@@ -451,7 +476,7 @@ def run_video(ext: Any, root: Path, manifest: dict, settings: EvalSettings, prog
     seqs = manifest.get("video", [])
     if settings.quick:
         seqs = seqs[:settings.quick_videos]
-    net = at_stride(ext, None)
+    net = ext.at_stride(None)
     rows, pics = [], []
     for seq in tqdm(seqs, desc="video", unit="seq", disable=not progress):
         frames_rel, masks_rel = seq["frames"], seq["masks"]
@@ -649,7 +674,7 @@ def evaluate_backbones(candidates: Sequence[Candidate], data_dir: str | Path, se
     start = time.perf_counter()
     results: dict[str, dict[str, TaskResult]] = {}
     for cand in candidates:
-        ext = at_stride(cand.extractor, settings.stride)
+        ext = cand.extractor.at_stride(settings.stride)
         per_task: dict[str, TaskResult] = {}
         if "coseg" in settings.tasks or "saliency" in settings.tasks:
             torch.manual_seed(settings.seed)
@@ -673,3 +698,37 @@ def evaluate_backbones(candidates: Sequence[Candidate], data_dir: str | Path, se
             "whole_image_jaccard": whole_image_jaccard(root, manifest, settings),
             "knn_majority_top1": majority_top1(manifest, settings)}
     return Report(backbones, results, settings, data, time.perf_counter() - start)
+
+
+def compare_coseg_settings(candidates: Sequence[Candidate], data_dir: str | Path,
+                           variants: dict[str, dict[str, Any]], settings: EvalSettings | None = None,
+                           progress: bool = True, add_floor: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """The report card's co-segmentation task under several settings, each backbone's descriptors
+    extracted once: label → variant name → scores (jaccard, precision, recall, empty_masks, mean_k).
+
+    variants: name → :class:`EvalSettings` fields that differ from ``settings`` (co-segmentation options
+    only: refine, coseg_saliency, elbow_k, elbow_objective, min_sample), e.g. ``{"grabcut": {"refine":
+    "grabcut"}}``; the floor (random initialisation of the first backbone) is added unless ``add_floor``
+    is False.
+    """
+    from dataclasses import replace
+
+    from .evalset import load_manifest
+
+    base = replace(settings or EvalSettings(), tasks=("coseg",))
+    extraction = ("load_size", "stride", "layer", "facet", "coseg_bin", "quick", "seed")
+    bad = sorted({key for kw in variants.values() for key in kw if key in extraction or not hasattr(base, key)})
+    if bad:
+        raise ConfigError(f"co-segmentation variants may change only co-segmentation options, not {', '.join(bad)}")
+    runs = {name: replace(base, **kw) for name, kw in variants.items()}
+    root = Path(data_dir)
+    manifest = load_manifest(root)
+    candidates = list(candidates) + ([floor_candidate(candidates[0], base.seed)] if add_floor else [])
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for cand in candidates:
+        results = run_coseg_and_saliency(cand.extractor.at_stride(base.stride), root, manifest,
+                                         replace(base, tasks=("saliency",)), progress, runs)
+        table[cand.label] = {name: {**results[f"coseg:{name}"].scores,
+                                    "mean_k": float(np.mean([r["k"] for r in results[f"coseg:{name}"].detail]))}
+                             for name in runs}
+    return table

@@ -24,6 +24,7 @@ token, row-major, centre skipped. Cells that fall outside the grid take the near
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -211,6 +212,19 @@ class ViTExtractor:
         self._warned_upscale: set[str] = set()
 
     # ------------------------------------------------------------------ preprocessing
+    def at_stride(self, stride: int | None) -> "ViTExtractor":
+        """A view of this extractor (the same model, nothing copied) at another patch-embedding stride
+        (None: the patch size); itself when the stride is already that."""
+        stride = self.p if stride is None else stride
+        if not isinstance(stride, int) or stride <= 0 or self.p % stride != 0:
+            raise ConfigError(f"--stride {stride}: must be a positive divisor of the patch size {self.p}")
+        if self.stride == (stride, stride):
+            return self
+        view = copy.copy(self)
+        view.stride = (stride, stride)
+        view._pos_cache = {}
+        return view
+
     def preprocess(self, image_path: ImageLike, load_size: int | Sequence[int] | None = None,
                    name: str | None = None) -> tuple[torch.Tensor, Image.Image]:
         """Load, resize (LANCZOS) and normalise one image → ((1, 3, H, W) tensor, resized PIL image).

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cosegment import REFINE, REFINEMENTS, SALIENCY_RES
 from ..errors import ConfigError, DataError, ImageError
 
 # Longer side of the overlay pictures: a 12-megapixel photo's overlay was an 8.6 MB PNG. Masks keep the
@@ -72,7 +73,8 @@ class ResizedImages(Sequence):
 
 def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, layer: int, facet: str,
                 use_bin: bool, need_cls: bool, crops: int = 0, seed: int = 0, strict: bool = False,
-                ram_mb: float = 1024.0, batch_size: int = 4, progress: bool = True) -> ExtractedSet:
+                ram_mb: float = 1024.0, batch_size: int = 4, saliency_res: str = SALIENCY_RES,
+                progress: bool = True) -> ExtractedSet:
     """Descriptors, saliency (and CLS) of every image; one forward pass gives all three.
 
     Consecutive images of the same resized size share a forward pass (up to ``batch_size``: on a CPU that
@@ -80,13 +82,15 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
     the first one raises ImageError). ``crops``: per image that many random 95 % crops of the resized image
     and of its mirror image (dino-vit-features' crop augmentation, seeded), each resized back to
     ``load_size``; they are clustered but do not vote. Only crop boxes are kept; the crops are cut from the
-    re-read image when their turn comes, so memory does not grow with them.
+    re-read image when their turn comes, so memory does not grow with them. ``saliency_res`` "full": the
+    saliency of the descriptors' own pass; "low": dino-vit-features' half-size pass at stride = patch
+    (:func:`vitdense.cosegment.low_res_saliency`).
     """
     import torch
     from PIL import Image
     from tqdm import tqdm
 
-    from ..cosegment import DescriptorStore
+    from ..cosegment import DescriptorStore, low_res_saliency
     from ..extractor import log_bin
 
     rng = np.random.default_rng(seed)
@@ -94,12 +98,14 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
     boxes: list[tuple[Path, bool, tuple[int, int, int, int]]] = []
     cls: list[np.ndarray] = []
     pending: list[Any] = []  # (1, 3, H, W) tensors of one size, waiting for a forward pass
+    sources: list[Any] = []  # the image (path or PIL crop) of each pending tensor
+    low_res = saliency_res == "low"
 
     def flush(augmented: bool) -> None:
         if not pending:
             return
         feats = extractor.extract(torch.cat(pending), [layer], facet, include_cls=need_cls and not augmented,
-                                  saliency=True)
+                                  saliency=not low_res)
         desc = feats.descriptors[layer]
         if need_cls and not augmented:
             cls.extend(desc[:, 0].cpu().numpy())
@@ -108,16 +114,19 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
             desc = log_bin(desc, feats.num_patches)
         for j in range(len(pending)):
             out.store.append(desc[j].cpu().numpy())
-            out.saliency.append(feats.saliency[j].cpu().numpy().astype(np.float32))
+            out.saliency.append(low_res_saliency(extractor, sources[j], feats.load_size, feats.num_patches)
+                                if low_res else feats.saliency[j].cpu().numpy().astype(np.float32))
             out.grids.append(tuple(feats.num_patches))
             out.sizes.append(tuple(feats.load_size))
             out.augmented.append(augmented)
         pending.clear()
+        sources.clear()
 
-    def push(batch: Any, augmented: bool) -> None:
+    def push(batch: Any, source: Any, augmented: bool) -> None:
         if pending and (pending[0].shape != batch.shape or len(pending) >= batch_size):
             flush(augmented)
         pending.append(batch)
+        sources.append(source)
 
     try:
         for path in tqdm(paths, desc="extract", unit="img", disable=not progress or len(paths) < 2):
@@ -129,7 +138,7 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
                     raise
                 out.skipped.append((Path(path), str(err).split(": ", 1)[-1]))
                 continue
-            push(batch, False)
+            push(batch, path, False)
             out.paths.append(Path(path))
             out.original.append(original)
             for _ in range(crops):
@@ -143,7 +152,8 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
             pil = extractor.preprocess(path, load_size)[1]
             if flip:
                 pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            push(extractor.preprocess(pil.crop(box), load_size)[0], True)
+            crop = pil.crop(box)
+            push(extractor.preprocess(crop, load_size)[0], crop, True)
         flush(True)
     except BaseException:
         out.store.close()
@@ -165,7 +175,8 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def coseg_options(fn: Callable) -> Callable:
     """Options shared by ``cosegment`` and ``part-cosegment`` (defaults: dino-vit-features)."""
-    from ..cosegment import ELBOW, OUTLIER_THRESH, SALIENCY_THRESH, SAMPLE_INTERVAL, VOTES_PERCENTAGE
+    from ..cosegment import (ELBOW, ELBOW_K, ELBOW_KS, ELBOW_OBJECTIVE, ELBOW_OBJECTIVES, MIN_SAMPLE, OUTLIER_THRESH,
+                             SALIENCY_RESOLUTIONS, SALIENCY_THRESH, SAMPLE_INTERVAL, VOTES_PERCENTAGE)
 
     opts = [
         click.argument("images", nargs=-1, required=True, type=click.Path()),
@@ -180,8 +191,22 @@ def coseg_options(fn: Callable) -> Callable:
                      help="Mean saliency above which a cluster counts as salient in an image."),
         click.option("--votes-percentage", type=float, default=VOTES_PERCENTAGE, show_default=True,
                      help="Percentage of images that must find a cluster salient for it to be foreground."),
+        click.option("--elbow-k", type=click.Choice(ELBOW_KS), default=ELBOW_K, show_default=True,
+                     help="Which k the elbow rule keeps: 'after', the first k that improved the objective by "
+                          "less than 1 - ELBOW (dino-vit-features), or 'before', the k before it."),
+        click.option("--elbow-objective", type=click.Choice(ELBOW_OBJECTIVES), default=ELBOW_OBJECTIVE,
+                     show_default=True,
+                     help="What the elbow rule's objective is measured on: all descriptors (dino-vit-features) "
+                          "or a held-out sample."),
+        click.option("--saliency-res", type=click.Choice(SALIENCY_RESOLUTIONS), default=SALIENCY_RES,
+                     show_default=True,
+                     help="Saliency for the votes: 'low', a half-size pass at stride = patch size "
+                          "(dino-vit-features), or 'full', the descriptors' own pass."),
         click.option("--sample-interval", type=int, default=SAMPLE_INTERVAL, show_default=True,
-                     help="k-means trains on every i-th descriptor (lowered to keep at least 1000 in all)."),
+                     help="k-means trains on every i-th descriptor."),
+        click.option("--min-sample", type=int, default=MIN_SAMPLE, show_default=True,
+                     help="Lower the sample interval so that k-means sees at least this many descriptors "
+                          "(0: the interval as given, as dino-vit-features)."),
         click.option("--remove-outliers", is_flag=True,
                      help="Leave out images whose CLS descriptor is far from the mean (empty masks)."),
         click.option("--outliers-thresh", type=float, default=OUTLIER_THRESH, show_default=True,
@@ -212,6 +237,8 @@ def _check(opts: dict[str, Any]) -> None:
         raise ConfigError(f"--votes-percentage {opts['votes_percentage']}: must be in (0, 100]")
     if opts["sample_interval"] < 1:
         raise ConfigError(f"--sample-interval {opts['sample_interval']}: must be at least 1")
+    if opts["min_sample"] < 0:
+        raise ConfigError(f"--min-sample {opts['min_sample']}: must be 0 or more")
     if opts["niter"] < 1 or opts["nredo"] < 1:
         raise ConfigError("--niter and --nredo must be at least 1")
     if opts["batch_size"] < 1:
@@ -233,7 +260,7 @@ def _prepare(opts: dict[str, Any], need_cls: bool, crops: int = 0) -> tuple[Any,
     start = time.perf_counter()
     data = extract_set(extractor, paths, load_size_arg(opts["load_size"]), opts["layer"], opts["facet"],
                        opts["use_bin"], need_cls, crops, opts["seed"], opts["strict"], opts["ram_mb"],
-                       opts["batch_size"])
+                       opts["batch_size"], opts["saliency_res"])
     if data.n_images < 2:
         data.store.close()
         listed = "; ".join(f"{p}: {why}" for p, why in data.skipped[:3])
@@ -341,7 +368,7 @@ def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
 
 @main.command("cosegment")
 @coseg_options
-@click.option("--refine", type=click.Choice(["crf", "grabcut", "none"]), default="crf", show_default=True,
+@click.option("--refine", type=click.Choice(REFINEMENTS), default=REFINE, show_default=True,
               help="Refinement of the masks at image resolution: dense CRF, GrabCut (as dino-vit-features), or none.")
 def cosegment_command(images: tuple[str, ...], out_dir: str, refine: str, **opts: Any) -> None:
     """Find the object common to IMAGES (files or folders; at least 2) without labels.
@@ -356,8 +383,10 @@ def cosegment_command(images: tuple[str, ...], out_dir: str, refine: str, **opts
         start = time.perf_counter()
         result = cosegment(data.store, data.saliency, data.grids, n_clusters=opts["clusters"],
                            elbow=opts["elbow"], thresh=opts["thresh"], votes_percentage=opts["votes_percentage"],
-                           sample_interval=opts["sample_interval"], inliers=_inliers(data, opts),
-                           seed=opts["seed"], niter=opts["niter"], nredo=opts["nredo"], progress=True)
+                           sample_interval=opts["sample_interval"], min_sample=opts["min_sample"],
+                           inliers=_inliers(data, opts), seed=opts["seed"], niter=opts["niter"],
+                           nredo=opts["nredo"], elbow_k=opts["elbow_k"],
+                           elbow_objective_on=opts["elbow_objective"], progress=True)
         t_cluster = time.perf_counter() - start
         start = time.perf_counter()
         resized = ResizedImages(extractor, data.paths, load_size_arg(opts["load_size"]), data.n_images)
@@ -418,8 +447,10 @@ def part_cosegment_command(images: tuple[str, ...], out_dir: str, parts: str, pa
         voters = np.array([not a for a in data.augmented])
         coseg = cosegment(data.store, data.saliency, data.grids, n_clusters=opts["clusters"],
                           elbow=opts["elbow"], thresh=opts["thresh"], votes_percentage=opts["votes_percentage"],
-                          sample_interval=opts["sample_interval"], inliers=_inliers(data, opts), voters=voters,
-                          seed=opts["seed"], niter=opts["niter"], nredo=opts["nredo"], progress=True)
+                          sample_interval=opts["sample_interval"], min_sample=opts["min_sample"],
+                          inliers=_inliers(data, opts), voters=voters, seed=opts["seed"], niter=opts["niter"],
+                          nredo=opts["nredo"], elbow_k=opts["elbow_k"], elbow_objective_on=opts["elbow_objective"],
+                          progress=True)
         t_cluster = time.perf_counter() - start
         if not coseg.salient.any():
             raise DataError("no cluster is salient in enough images: no common object to split into parts "
@@ -430,7 +461,8 @@ def part_cosegment_command(images: tuple[str, ...], out_dir: str, parts: str, pa
                                 three_stages=three_stages, part_elbow=part_elbow,
                                 crf=CrfParams() if use_crf else None, coseg=coseg, seed=opts["seed"],
                                 niter=opts["niter"], nredo=opts["nredo"], sample_interval=opts["sample_interval"],
-                                progress=True)
+                                min_sample=opts["min_sample"], elbow_k=opts["elbow_k"],
+                                elbow_objective_on=opts["elbow_objective"], progress=True)
         t_parts = time.perf_counter() - start
     summary = {"command": "part-cosegment",
                "settings": {**_settings(opts, extractor), "parts": parts, "part_elbow": part_elbow,
