@@ -192,7 +192,27 @@ def test_bad_input_errors(tmp_path, images, weights):
                       "--parts x")
     assert_user_error(run_cli("cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--elbow", 1.5),
                       "--elbow")
+    assert_user_error(run_cli("cosegment", images, "--out", tmp_path / "o", "--weights", weights, "--min-sample", -1),
+                      "--min-sample")
     assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_options_reach_the_clustering(tmp_path, images, weights):
+    """--elbow-k after keeps the k at which the elbow search stopped, one more than --elbow-k before (the
+    objectives are the same: same sample, same seed); every option is recorded in summary.json."""
+    summaries = {}
+    for rule in ("after", "before"):
+        out = tmp_path / rule
+        result = run_cli("cosegment", images, "--out", out, "--weights", weights, "--elbow-k", rule,
+                         "--elbow-objective", "all", "--saliency-res", "low", "--min-sample", 0, "--refine",
+                         "grabcut", *FAST)
+        assert result.exit_code == 0, result.output
+        summaries[rule] = json.loads((out / "summary.json").read_text())
+    after, before = summaries["after"], summaries["before"]
+    assert after["elbow_objectives"] == before["elbow_objectives"]
+    assert after["k"] == before["k"] + 1 == len(after["elbow_objectives"])
+    assert {k: after["settings"][k] for k in ("elbow_k", "elbow_objective", "saliency_res", "min_sample", "refine")} \
+        == {"elbow_k": "after", "elbow_objective": "all", "saliency_res": "low", "min_sample": 0, "refine": "grabcut"}
 
 
 def test_eval_app_scores_predictions(tmp_path, images, weights):
