@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_user_error, run_cli, save_tiny_weights, tiny_extractor
+from vitdense import ViTExtractor
 from vitdense.correspond import CorrespondenceResult, Correspondences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,22 @@ def pair(tmp_path, photos):
     return tmp_path / "a.png", tmp_path / "b.png"
 
 
+def _descriptors(weights, path):
+    """Layer-3 log-binned key descriptors (T, D) and saliency (T,) of an image at its own size, as
+    `vitdense correspond --load-size 0` computes them."""
+    ext = ViTExtractor(None, stride=4, weights=weights, device="cpu")
+    batch, _ = ext.preprocess(path, None)
+    out = ext.extract(batch, [3], "key", bin=True, saliency=True)
+    return out.descriptors[3][0].numpy(), out.saliency[0].numpy()
+
+
+def _token(point):
+    """Token index of a written point of a 64x96 image: patch 8, stride 4 → centres 4k + 3.5, grid 15x23."""
+    row, col = (point["y"] - 3.5) / 4, (point["x"] - 3.5) / 4
+    assert row == int(row) and col == int(col) and 0 <= row < 15 and 0 <= col < 23, point
+    return int(row) * 23 + int(col)
+
+
 def test_cli_writes_png_and_json(weights, pair, tmp_path):
     out = tmp_path / "out"
     result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0,
@@ -48,11 +65,17 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "correspondences.json").read_text())
     assert len(data["pairs"]) == 5 and data["size_a"] == [64, 96] and data["settings"]["layer"] == 3
+    # recomputed here: cosine similarities of the layer-3 descriptors, best buddies by argmax both ways
+    (desc_a, sal_a), (desc_b, sal_b) = (_descriptors(weights, path) for path in pair)
+    unit_a, unit_b = (d / np.linalg.norm(d, axis=1, keepdims=True) for d in (desc_a, desc_b))
+    sim = unit_a @ unit_b.T  # (15 * 23 tokens of A, 15 * 23 of B)
     for p in data["pairs"]:
-        for key in ("a", "b"):
-            assert 0 <= p[key]["x"] <= 95 and 0 <= p[key]["y"] <= 63
         assert p["b"]["x"] - p["a"]["x"] == pytest.approx(16) and p["b"]["y"] == p["a"]["y"]
-        assert -1 <= p["similarity"] <= 1 and 0 <= p["saliency_a"] <= 1
+        ta, tb = _token(p["a"]), _token(p["b"])
+        assert sim[ta].argmax() == tb and sim[:, tb].argmax() == ta
+        assert p["similarity"] == pytest.approx(sim[ta, tb], abs=1e-4)
+        assert p["saliency_a"] == pytest.approx(sal_a[ta], abs=1e-4)
+        assert p["saliency_b"] == pytest.approx(sal_b[tb], abs=1e-4)
     with Image.open(out / "correspondences.png") as im:
         assert im.size == (96 + 8 + 96, 64)
     assert data["settings"]["weights_used"] == str(weights)
@@ -66,6 +89,9 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
     assert result.exit_code == 0, result.output
     data_all = json.loads((out_all / "correspondences.json").read_text())
     assert len(data_all["pairs"]) == data_all["num_salient_buddies"] > 5
+    buddies = {(ta, int(sim[ta].argmax())) for ta in range(len(sim)) if sim[:, sim[ta].argmax()].argmax() == ta}
+    salient = {(ta, tb) for ta, tb in buddies if sal_a[ta] > 0 and sal_b[tb] > 0}  # --thresh 0
+    assert {(_token(p["a"]), _token(p["b"])) for p in data_all["pairs"]} == salient
     every = {(p["a"]["x"], p["a"]["y"]) for p in data_all["pairs"]}
     assert {(p["a"]["x"], p["a"]["y"]) for p in data["pairs"]} <= every
 
@@ -244,9 +270,37 @@ def test_eval_script_end_to_end(app, weights, pair, tmp_path):
         app.main(["spair", str(tmp_path / "missing"), "--weights", str(weights), "--out", str(out)])
 
 
-def test_evaluate_motorcycle_keys(app, tmp_path):
-    scores = app.evaluate_motorcycle(tiny_extractor(), load_size=48, out_dir=tmp_path)
-    assert {"pck@0.01", "pck@0.05", "pck@0.10", "pck@0.15", "pairs_pck@0.10", "identity_pck@0.05",
-            "epe_px", "buddies"} <= set(scores)
-    assert 0 <= scores["pck@0.05"] <= 1 and scores["evaluated"] <= scores["buddies"]
-    assert (tmp_path / "motorcycle.png").is_file()
+def test_motorcycle_pck_recomputed_from_the_written_matches(app, weights, tmp_path):
+    """The script's motorcycle PCK equals the PCK computed here, from the Middlebury disparity map, of the
+    matches `vitdense correspond` writes for the same pair and settings (all buddies, and the 10 pairs)."""
+    from skimage import data
+
+    left, right, disparity = data.stereo_motorcycle()
+    Image.fromarray(left).save(tmp_path / "left.png")
+    Image.fromarray(right).save(tmp_path / "right.png")
+    common = ["--weights", weights, "--device", "cpu", "--load-size", 48]
+    written = {}
+    for name, extra in (("buddies", ["--all"]), ("pairs", ["--num-pairs", 10])):
+        result = run_cli("correspond", tmp_path / "left.png", tmp_path / "right.png", *common, *extra,
+                         "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        written[name] = json.loads((tmp_path / name / "correspondences.json").read_text())["pairs"]
+    report = app.main(["motorcycle", *map(str, common), "--out", str(tmp_path / "eval")])
+    scores = report["scores"]
+    assert (tmp_path / "eval" / "motorcycle.png").is_file()
+    assert scores["buddies"] == len(written["buddies"]) > 10
+
+    length = 741  # the longer side of the right image
+    for prefix, pairs in (("", written["buddies"]), ("pairs_", written["pairs"])):
+        ya, xa, yb, xb = (np.array([p[k][c] for p in pairs]) for k, c in (("a", "y"), ("a", "x"), ("b", "y"),
+                                                                          ("b", "x")))
+        # left (y, x) ↔ right (y, x - d), d read at the nearest pixel; inf = unknown
+        d = disparity[np.round(ya).astype(int), np.round(xa).astype(int)]
+        known = np.isfinite(d)
+        err = np.hypot(yb - ya, xb - (xa - d))[known]
+        assert scores[f"{prefix}evaluated"] == known.sum() > 0
+        assert scores[f"{prefix}epe_px"] == pytest.approx(err.mean(), abs=0.01)
+        for alpha in (0.01, 0.02, 0.05, 0.10, 0.15):
+            assert scores[f"{prefix}pck@{alpha:.2f}"] == pytest.approx(np.mean(err <= alpha * length)), alpha
+            if not prefix:  # the zero-motion guess b = a is off by the disparity itself
+                assert scores[f"identity_pck@{alpha:.2f}"] == pytest.approx(np.mean(d[known] <= alpha * length))

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,10 @@ def test_toy_extract_part_writes_its_files(tmp_path):
     sizes = device_suite.plan(True)["extract"]["sizes"]
     cases = {(r["size"], r["bin"], r["dtype"]) for r in data["rows"] if r["impl"] == "ours"}
     assert cases == {(z, b, d) for z in sizes for b in (False, True) for d in ("float32", "bfloat16")}
-    assert all(r["status"] == "ok" and r["images_per_s"] > 0 and r["tokens"] > 0 for r in data["rows"])
+    # chelsea (300x451) with its shorter side at 32, 48, 64 px → width 48, 72, 96; patch 8, stride 4
+    tokens = {32: 7 * 11, 48: 11 * 17, 64: 15 * 23}
+    for r in data["rows"]:
+        assert r["status"] == "ok" and r["tokens"] == tokens[r["size"]], r
+        assert r["images_per_s"] == pytest.approx(1 / np.median(r["seconds"])), r
     assert "| size | bin | tokens |" in (tmp_path / "extract.md").read_text()
     assert "## 2. Extraction" in proc.stdout

@@ -192,6 +192,7 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
     # 96-px frames on a 12x12 token grid: coarse boundaries (random features track flat colours too)
     assert good["video"].scores["jf"] > 0.6
     assert set(good["correspond"].scores) == {"pck@0.01", "pck@0.02", "pck@0.05", "epe_px", "buddies"}
+    assert good["correspond"].scores == pytest.approx(_correspond_scores_by_hand(ext, data))
     # marking every pixel scores the objects' share of the images (disks of radius 16-23 in 96x96 images)
     shares = [[np.mean(np.asarray(Image.open(data / m)) > 0) for m in g["masks"]]
               for g in json.loads((data / "manifest.json").read_text())["coseg"]]
@@ -202,6 +203,28 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
     assert len(rows) == 6
     assert good["coseg"].scores["jaccard"] == pytest.approx(
         np.mean([np.mean([r["jaccard"] for r in rows if r["group"] == g]) for g in ("g0", "g1")]))
+
+
+def _correspond_scores_by_hand(ext, data: Path) -> dict[str, float]:
+    """The report card's correspondence scores recomputed from the best buddies of the two pairs: B is A
+    moved 4 px left (rows 0-5 unknown), and A rotated by 0.2 rad and moved by (12, -6); true positions that
+    fall outside B's 96x96 pixels are not scored; PCK at α · 96 px, averaged over the two pairs."""
+    from vitdense import find_correspondences
+
+    disparity_b = lambda y, x: (np.round(y) >= 6, y, x - 4)
+    c, s = np.cos(0.2), np.sin(0.2)
+    rotated_b = lambda y, x: (np.ones(len(y), bool), s * x + c * y - 6, c * x - s * y + 12)
+    rows = []
+    for name, truth in (("disp", disparity_b), ("h00", rotated_b)):
+        res = find_correspondences(ext, data / "pairs" / name / "a.png", data / "pairs" / name / "b.png",
+                                   load_size=64, bin=True, thresh=0.05, seed=0)
+        (ya, xa), (yb, xb) = res.buddies.points_a.T, res.buddies.points_b.T
+        known, ty, tx = truth(ya, xa)
+        known &= (ty >= 0) & (ty <= 95) & (tx >= 0) & (tx <= 95)
+        err = np.hypot(yb - ty, xb - tx)[known]
+        rows.append({**{f"pck@{a:g}": np.mean(err <= a * 96) for a in (0.01, 0.02, 0.05)}, "epe_px": err.mean(),
+                     "buddies": len(ya)})
+    return {key: np.mean([r[key] for r in rows]) for key in rows[0]}
 
 
 def test_coseg_variants_share_one_extraction_and_match_separate_report_cards(data):

@@ -48,13 +48,15 @@ def photo_dir(tmp_path_factory, photos) -> Path:
 
 @pytest.fixture(scope="session")
 def labelled_dir(tmp_path_factory, photos) -> Path:
-    """Two classes (cat, coffee), 4 crops each, for the k-NN evaluation."""
+    """Two classes of 4 crops for the k-NN evaluation: class "a" holds 3 crops of the cat and 1 of the coffee
+    cup, class "b" the other way round: a leave-one-out vote that is neither always right nor always wrong."""
     folder = tmp_path_factory.mktemp("labelled")
-    for name in ("chelsea", "coffee"):
-        (folder / name).mkdir()
+    for cls, odd in (("a", 3), ("b", 0)):
+        (folder / cls).mkdir()
         for i in range(4):
+            name = ("chelsea" if i != odd else "coffee") if cls == "a" else ("coffee" if i != odd else "chelsea")
             img = photos[name][i * 20:i * 20 + 250, i * 30:i * 30 + 250]
-            Image.fromarray(img).resize((64, 64)).save(folder / name / f"{i}.png")
+            Image.fromarray(img).resize((64, 64)).save(folder / cls / f"{i}.png")
     return folder
 
 
@@ -75,10 +77,18 @@ def test_two_step_run_writes_everything_and_export_loads(photo_dir, labelled_dir
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "kl"):
-        assert all(np.isfinite(r[key]) for r in steps), key
+    # The schedules of a 2-step run (both shorter than their warm-ups, which then span the run), by hand: lr
+    # warms up from 0 to 0.0005 * 12 / 256, the teacher temperature from 0.04 to 0.07; weight decay (0.04 →
+    # 0.4) and teacher momentum (0.996 → 1) follow a cosine, halfway at the second of the two steps.
+    expected = {"lr": [0.0, 0.0005 * 12 / 256 / 2], "weight_decay": [0.04, 0.22], "momentum": [0.996, 0.998],
+                "teacher_temp": [0.04, 0.055]}
+    for key, values in expected.items():
+        assert [r[key] for r in steps] == pytest.approx(values, rel=1e-6), key
+    for r in steps:  # KL(P_t || P_s) = H(P_t, P_s) - H(P_t)
+        assert np.isfinite(r["loss"]) and r["kl"] == pytest.approx(r["loss"] - r["teacher_entropy"], abs=1e-5)
     knn = json.loads((out / "knn.json").read_text())
-    assert knn["k"] == 20 and 0.0 <= knn["top1"] <= 100.0 and any("knn_top1" in r for r in records)
+    assert knn["k"] == 20 and knn["step"] == 2 and knn["top5"] == 100.0  # two classes: always in the top 5
+    assert [r["knn_top1"] for r in records if "knn_top1" in r] == [knn["top1"]]
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG" and im.width > 200
 
@@ -108,6 +118,31 @@ def test_two_step_run_writes_everything_and_export_loads(photo_dir, labelled_dir
         torch.testing.assert_close(got, want_tokens, atol=1e-5, rtol=1e-5)
         with torch.no_grad():
             torch.testing.assert_close(extractor.model(batch), want_cls, atol=1e-5, rtol=1e-5)
+
+    # The reported k-NN top-1 equals a leave-one-out weighted vote computed here on the teacher's CLS output
+    # of the 8 labelled images, resized to 36 px (32 · 256/224) and centre-cropped to 32 as DINO's eval_knn.
+    assert knn["top1"] == pytest.approx(_knn_top1_by_hand(teacher, labelled_dir))
+    assert 0 < knn["top1"] < 100  # a vote that can go either way: a score that tells rules apart
+
+
+def _knn_top1_by_hand(backbone, folder: Path) -> float:
+    files = sorted(folder.glob("*/*.png"))
+    labels = np.array([f.parent.name == "b" for f in files], int)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    crops = [(np.asarray(Image.open(f).convert("RGB").resize((36, 36), Image.BILINEAR).crop((2, 2, 34, 34)))
+              / 255 - mean) / std for f in files]
+    batch = torch.tensor(np.stack(crops), dtype=torch.float32).permute(0, 3, 1, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the run's --precision bf16
+        feats = backbone(batch).float().numpy().astype(np.float64)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    correct = []
+    for i in range(len(files)):
+        votes = np.zeros(2)
+        for j in range(len(files)):  # k = 20 > the 7 others: every other image votes, weight exp(cos / 0.07)
+            if j != i:
+                votes[labels[j]] += np.exp(feats[i] @ feats[j] / 0.07)
+        correct.append(votes.argmax() == labels[i])
+    return 100 * np.mean(correct)
 
 
 def test_loss_goes_down_in_a_few_dozen_steps(photo_dir, tmp_path):
@@ -287,8 +322,8 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, photo_dir):
     # A JPEG whose header is fine and whose data is cut off: it fails only when decoded, inside the loop.
     (data / "truncated.jpg").write_bytes(sorted(photo_dir.rglob("*.jpg"))[0].read_bytes()[:1500])
     result = train(PretrainConfig(data_dir=str(data), out=str(tmp_path / "run"), **TINY, batch_size=9, epochs=1))
-    assert result.steps == 1 and np.isfinite(result.last_loss)
     record = json.loads(result.log.read_text().splitlines()[-1])
+    assert result.steps == 1 and np.isfinite(result.last_loss) and result.last_loss == record["loss"]
     assert result.skipped_files == 2 and record["skipped_files"] == 2
 
 

@@ -437,13 +437,36 @@ def test_cli_evaluations(tmp_path, photos, weights):
     confusion = np.array(report["confusion"])
     assert confusion.sum() == 4 and (tmp_path / "knn" / "knn_confusion.png").is_file()
     assert report["top1"] == pytest.approx(100 * np.trace(confusion) / confusion.sum())  # the table's diagonal
-    # copy detection
+    # copy detection: the scores equal those of a ranking computed here from independently embedded copies
     imgs = tmp_path / "imgs"
-    _write_photos(imgs, photos, ["chelsea", "coffee", "astronaut"])
-    res = run("retrieval-eval", "copy", imgs, "--copies", 1, "--out", tmp_path / "cd", *common)
+    paths = _write_photos(imgs, photos, ["astronaut", "chelsea", "coffee", "rocket"])
+    res = run("retrieval-eval", "copy", imgs, "--copies", 2, "--out", tmp_path / "cd", *common)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "cd" / "copy_detection.json").read_text())
-    assert report["queries"] == 3 and 0 <= report["mAP"] <= 1
+    assert report["queries"] == 8 and report["database"] == 4
+
+    from vitdense.extractor import ViTExtractor
+
+    ext = ViTExtractor(None, stride=8, weights=w, device="cpu")  # as the CLI builds it
+    cfg = DescriptorConfig("gem", load_size=48, stride=8)
+    originals = [Image.open(p).convert("RGB") for p in paths]
+    rng = np.random.default_rng(0)  # the CLI's --seed: two copies of each image in turn
+    copies = [strong_augment(im, rng, 1.0, 1.0) for im in originals for _ in range(2)]
+    db = embed_images(ext, originals, cfg, progress=False).vectors
+    qv = embed_images(ext, copies, cfg, progress=False).vectors
+    sources = [0, 0, 1, 1, 2, 2, 3, 3]
+    ranks = [int(np.flatnonzero(np.argsort(-(q @ db.T)) == s)[0]) for q, s in zip(qv, sources)]  # 0-based
+    # one positive at rank r: precision 1 before it when r = 0 (else 0), 1 / (r + 1) at it; AP = the mean
+    aps = [(1.0 + 1.0) / 2 if r == 0 else (0.0 + 1 / (r + 1)) / 2 for r in ranks]
+    assert [q["first_hit_rank"] for q in report["per_query"]] == [r + 1 for r in ranks]
+    assert report["mAP"] == pytest.approx(np.mean(aps)) and report["top1"] == pytest.approx(np.mean(np.equal(ranks, 0)))
+    assert 0 < report["top1"] < 1, ranks  # the strong copies are not all found first: a ranking to score
+    # copies that are the originals, JPEG re-compressed and maybe mirrored, all rank their source first
+    res = run("retrieval-eval", "copy", imgs, "--copies", 2, "--strength", 0, "--color", 0, "--out",
+              tmp_path / "cd0", *common)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "cd0" / "copy_detection.json").read_text())
+    assert report["mAP"] == 1.0 and report["top1"] == 1.0
     assert_user_error(run("retrieval-eval", "revisited", tmp_path, "--gnd", tmp_path / "nope.pkl", *common),
                       "nope.pkl")
 
