@@ -11,6 +11,7 @@ architecture. Writes OUT/ablation.json and OUT/ablation.md and prints the table.
     python apps/ablate_cosegment.py --out runs/ablation                       # the default backbone
     python apps/ablate_cosegment.py --weights teacher.pth --compare vitdense_vits8 --out runs/ablation
     python apps/ablate_cosegment.py --quick --out /tmp/ablation               # 2 groups, for a smoke test
+    python apps/ablate_cosegment.py --seeds 3 --variants "--min-sample 1000" --out runs/noise   # k-means spread
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import vitdense
 
@@ -42,6 +45,15 @@ def variants() -> dict[str, dict]:
     return out
 
 
+def pick(names: list[str] | None) -> dict[str, dict]:
+    """The named variants (all by default), the reference first; an unknown name is a ConfigError."""
+    every = variants()
+    unknown = [n for n in names or [] if n not in every]
+    if unknown:
+        raise vitdense.ConfigError(f"unknown variant {unknown[0]!r}: choose from {', '.join(map(repr, every))}")
+    return {n: every[n] for n in every if names is None or n == "reference" or n in names}
+
+
 def candidate(spec: str | None, weights: str | None, device: str) -> vitdense.Candidate:
     if weights is not None or (spec is not None and Path(spec).is_file()):
         path = weights or spec
@@ -51,23 +63,37 @@ def candidate(spec: str | None, weights: str | None, device: str) -> vitdense.Ca
     return vitdense.Candidate(ext.model_type, ext, f"model {ext.model_type}")
 
 
-def markdown(table: dict[str, dict[str, dict[str, float]]], seconds: float) -> str:
-    labels = list(table)
-    names = list(next(iter(table.values())))
+def aggregate(table: dict[str, dict[str, dict[str, float]]], names: list[str], seeds: int
+              ) -> dict[str, dict[str, dict[str, float]]]:
+    """label → variant → mean of each score over the k-means seeds, plus jaccard_std (0 for one seed)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, runs in table.items():
+        out[label] = {}
+        for name in names:
+            per_seed = [runs[f"{name} @{s}"] for s in range(seeds)]
+            means = {key: float(np.mean([r[key] for r in per_seed])) for key in per_seed[0]}
+            out[label][name] = {**means, "jaccard_std": float(np.std([r["jaccard"] for r in per_seed]))}
+    return out
+
+
+def markdown(scores: dict[str, dict[str, dict[str, float]]], seeds: int, seconds: float) -> str:
+    labels = list(scores)
+    names = list(next(iter(scores.values())))
     lines = ["| variant | " + " | ".join(f"{label}: Jaccard (prec., rec., k)" for label in labels) + " |",
              "|---|" + "---|" * len(labels)]
     for name in names:
         cells = []
         for label in labels:
-            sc = table[label][name]
-            base = table[label]["reference"]["jaccard"]
-            delta = "" if name == "reference" else f" ({sc['jaccard'] - base:+.3f})"
-            cells.append(f"{sc['jaccard']:.3f}{delta}; {sc['precision']:.2f}, {sc['recall']:.2f}, "
+            sc = scores[label][name]
+            spread = f" ± {sc['jaccard_std']:.3f}" if seeds > 1 else ""
+            delta = "" if name == "reference" else f" ({sc['jaccard'] - scores[label]['reference']['jaccard']:+.3f})"
+            cells.append(f"{sc['jaccard']:.3f}{spread}{delta}; {sc['precision']:.2f}, {sc['recall']:.2f}, "
                          f"{sc['mean_k']:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Co-segmentation task of the report card, mean over groups of the per-image Jaccard; in brackets "
-                 f"the change against the reference pipeline. {seconds / 60:.1f} min.")
+    seed_note = f"mean ± standard deviation over {seeds} k-means seeds; " if seeds > 1 else ""
+    lines.append(f"Co-segmentation task of the report card, mean over groups of the per-image Jaccard "
+                 f"({seed_note}in brackets the change against the reference pipeline). {seconds / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", default=None, help="evaluation data (default: vitdense's cache, built if absent)")
     parser.add_argument("--quick", action="store_true", help="the first 2 groups only")
+    parser.add_argument("--seeds", type=int, default=1, help="k-means seeds per variant (mean and spread)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="a subset of the variants (default: all; 'reference' is always run)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
@@ -87,19 +116,22 @@ def main(argv: list[str] | None = None) -> int:
             vitdense.prepare_eval_data(data)
         candidates = [candidate(args.model, args.weights, args.device)]
         candidates += [candidate(spec, None, args.device) for spec in args.compare]
+        chosen = pick(args.variants)
+        runs = {f"{name} @{seed}": {**options, "seed": seed} for name, options in chosen.items()
+                for seed in range(args.seeds)}
         start = time.perf_counter()
-        table = vitdense.compare_coseg_settings(candidates, data, variants(),
-                                                vitdense.EvalSettings(quick=args.quick))
+        table = vitdense.compare_coseg_settings(candidates, data, runs, vitdense.EvalSettings(quick=args.quick))
     except vitdense.VitdenseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
+    scores = aggregate(table, list(chosen), args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(table, seconds)
+    text = markdown(scores, args.seeds, seconds)
     (args.out / "ablation.md").write_text(text)
     (args.out / "ablation.json").write_text(json.dumps(
-        {"variants": variants(), "scores": table, "seconds": seconds, "quick": args.quick,
-         "backbones": {c.label: c.source for c in candidates}}, indent=1))
+        {"variants": chosen, "seeds": args.seeds, "scores": scores, "per_seed": table, "seconds": seconds,
+         "quick": args.quick, "backbones": {c.label: c.source for c in candidates}}, indent=1))
     print(text)
     return 0
 

@@ -317,3 +317,30 @@ def test_bad_input(tmp_path, data, weights):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert_user_error(run_cli("evaluate", "--weights", weights, "--data", broken, "--out", out, *FAST), "99")
     assert not out.exists()  # nothing half-written
+
+
+def test_ablation_app_runs_each_variant_per_seed(tmp_path, data, weights):
+    """apps/ablate_cosegment.py: the reference plus the chosen variants, each over k-means seeds; the table's
+    means and spreads are those of the per-seed scores it also writes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "apps" / "ablate_cosegment.py"
+    spec = importlib.util.spec_from_file_location("ablate_cosegment", path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    out = tmp_path / "ablation"
+    assert app.main(["--weights", str(weights), "--data", str(data), "--out", str(out), "--seeds", "2",
+                     "--variants", "--elbow-k before"]) == 0
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["variants"]) == ["reference", "--elbow-k before"]
+    assert result["variants"]["--elbow-k before"] == {**app.REFERENCE, "elbow_k": "before"}
+    for label in ("tiny", "random init"):
+        assert set(result["per_seed"][label]) == {"reference @0", "reference @1", "--elbow-k before @0",
+                                                  "--elbow-k before @1"}
+        runs = [result["per_seed"][label][f"reference @{s}"]["jaccard"] for s in (0, 1)]
+        assert result["scores"][label]["reference"]["jaccard"] == pytest.approx(np.mean(runs))
+        assert result["scores"][label]["reference"]["jaccard_std"] == pytest.approx(np.std(runs))
+    assert "| --elbow-k before |" in (out / "ablation.md").read_text()
+    assert app.main(["--weights", str(weights), "--data", str(data), "--out", str(tmp_path / "x"),
+                     "--variants", "--elbow-k sideways"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -707,8 +707,8 @@ def compare_coseg_settings(candidates: Sequence[Candidate], data_dir: str | Path
     extracted once: label → variant name → scores (jaccard, precision, recall, empty_masks, mean_k).
 
     variants: name → :class:`EvalSettings` fields that differ from ``settings`` (co-segmentation options
-    only: refine, coseg_saliency, elbow_k, elbow_objective, min_sample), e.g. ``{"grabcut": {"refine":
-    "grabcut"}}``; the floor (random initialisation of the first backbone) is added unless ``add_floor``
+    only: refine, coseg_saliency, elbow_k, elbow_objective, min_sample, and seed, the k-means seed), e.g.
+    ``{"grabcut": {"refine": "grabcut"}}``; the floor (random initialisation of the first backbone) is added unless ``add_floor``
     is False.
     """
     from dataclasses import replace
@@ -716,7 +716,7 @@ def compare_coseg_settings(candidates: Sequence[Candidate], data_dir: str | Path
     from .evalset import load_manifest
 
     base = replace(settings or EvalSettings(), tasks=("coseg",))
-    extraction = ("load_size", "stride", "layer", "facet", "coseg_bin", "quick", "seed")
+    extraction = ("load_size", "stride", "layer", "facet", "coseg_bin", "quick")
     bad = sorted({key for kw in variants.values() for key in kw if key in extraction or not hasattr(base, key)})
     if bad:
         raise ConfigError(f"co-segmentation variants may change only co-segmentation options, not {', '.join(bad)}")
