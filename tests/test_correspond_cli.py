@@ -62,9 +62,10 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
 
     out_all = tmp_path / "all"
     result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0, "--all",
-                 "--thresh", 0, "--out", out_all, "--backend", "faiss")
+                 "--thresh", 0, "--out", out_all, "--backend", "faiss", "--salient", "both", "--kmeans", "torch")
     assert result.exit_code == 0, result.output
     data_all = json.loads((out_all / "correspondences.json").read_text())
+    assert (data_all["settings"]["salient"], data_all["settings"]["kmeans"]) == ("both", "torch")
     assert len(data_all["pairs"]) == data_all["num_salient_buddies"] > 5
     every = {(p["a"]["x"], p["a"]["y"]) for p in data_all["pairs"]}
     assert {(p["a"]["x"], p["a"]["y"]) for p in data["pairs"]} <= every
