@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import assert_user_error, run_cli, save_tiny_weights, tiny_vit
 
 from vitdense import ViTExtractor
+from vitdense.errors import ConfigError
 from vitdense.evaluate import (Candidate, EvalSettings, evaluate_backbones, mask_scores, pair_targets,
                                random_like)
 from vitdense.extractor import Features
@@ -133,6 +134,14 @@ def test_mask_scores_on_known_masks():
     assert mask_scores(np.zeros_like(gt), gt)["precision"] == 0.0
 
 
+def test_settings_reject_unknown_variants():
+    for field, option in (("correspond_salient", "--correspond-salient"),
+                          ("correspond_kmeans", "--correspond-kmeans"),
+                          ("video_normalization", "--video-normalization")):
+        with pytest.raises(ConfigError, match=option):
+            EvalSettings(**{field: "nope"})
+
+
 def test_pair_targets_disparity_and_homography(tmp_path):
     np.save(tmp_path / "d.npy", np.array([[2.0, np.inf], [3.0, 1.0]], np.float32))
     pts = np.array([[0, 0], [0, 1], [1, 1], [1, 0]], float)  # (y, x)
@@ -191,7 +200,12 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
     assert good["knn"].scores["cls_top1"] == 100.0
     # 96-px frames on a 12x12 token grid: coarse boundaries (random features track flat colours too)
     assert good["video"].scores["jf"] > 0.6
-    assert set(good["correspond"].scores) == {"pck@0.01", "pck@0.02", "pck@0.05", "epe_px", "buddies"}
+    assert set(good["correspond"].scores) == {"pck@0.01", "pck@0.02", "pck@0.05", "epe_px", "buddies",
+                                              "pairs_pck@0.05"}
+    # the shown pairs are some of the buddies: their PCK is the mean over pairs of a fraction of <= 10
+    picked = [r["pairs_pck@0.05"] for r in good["correspond"].detail]
+    assert all(0 <= v <= 1 for v in picked)
+    assert good["correspond"].scores["pairs_pck@0.05"] == pytest.approx(np.mean(picked))
     # marking every pixel scores the objects' share of the images (disks of radius 16-23 in 96x96 images)
     shares = [[np.mean(np.asarray(Image.open(data / m)) > 0) for m in g["masks"]]
               for g in json.loads((data / "manifest.json").read_text())["coseg"]]
@@ -238,10 +252,14 @@ def test_evaluate_command_writes_the_report_and_is_reproducible(tmp_path, data, 
 def test_quick_and_task_subset(tmp_path, data, weights):
     out = tmp_path / "quick"
     result = run_cli("evaluate", "--weights", weights, "--data", data, "--out", out, "--quick", "--tasks",
-                     "coseg,knn", *FAST)
+                     "coseg,knn", "--correspond-salient", "both", "--correspond-kmeans", "torch",
+                     "--video-normalization", "model", *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert set(report["scores"]["tiny"]) == {"coseg", "knn"}
+    settings = report["settings"]
+    assert (settings["correspond_salient"], settings["correspond_kmeans"], settings["video_normalization"]) == \
+        ("both", "torch", "model")
     assert [r["group"] for r in report["detail"]["tiny"]["coseg"]] == ["g0"] * 3 + ["g1"] * 3
     knn = report["detail"]["tiny"]["knn"][0]
     assert (knn["bank"], knn["query"]) == (8, 4)  # quick keeps up to 4 bank and 2 query images per class
