@@ -5,9 +5,10 @@ threshold 0.05, 10 pairs (the peer's defaults). The pair is the motorcycle stere
 centre-cropped square so that 448 px gives 111 × 111 = 12,321 tokens per image (224 px: 3,025). Every case
 runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own; each is warmed up once at
 64 px, then one pair is timed end to end (loading, both forward passes, matching, k-means, coordinates).
-"agree" is the share of our 10 selected pairs that the peer also selected: both take the best-saliency pair
-of each k-means cluster, but the peer runs scikit-learn's KMeans and a looser saliency filter, so the
-clusters (and hence the picks) differ; the best buddies themselves are the same computation.
+"agree" is the share of our 10 selected pairs that the peer also selected: by default both keep the same
+buddies (the peer's saliency filter) and take the best-saliency pair of each cluster of scikit-learn's
+KMeans, but we run it with 10 starts, as the scikit-learn of the peer's time did, where scikit-learn >= 1.4
+runs the peer's call with one, so picks can differ; the best buddies themselves are the same computation.
 
     python benchmarks/bench_correspond.py                          # vitdense only
     python benchmarks/bench_correspond.py --peer /path/to/dino-vit-features

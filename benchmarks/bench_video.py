@@ -10,8 +10,8 @@ first-frame mask in the DAVIS layout) is segmented by
   propagation loop and PNG writer). On a CPU-only machine ``Tensor.cuda`` is made a no-op, because the
   reference calls it unconditionally; nothing else of it is changed.
 
-Both use the same random-weight ViT and the reference's colour normalisation (std 0.228 for red), so the
-masks can be compared pixel for pixel. Two modes:
+Both use the same random-weight ViT and the reference's colour normalisation (std 0.228 for red, vitdense's
+default ``normalization="reference"``), so the masks can be compared pixel for pixel. Two modes:
 
 * ``e2e``  -- read frames, extract features, propagate, write PNGs; frames/s over the whole video, the
   one-time setup included (for the reference that includes building its neighbourhood mask with four
@@ -49,9 +49,6 @@ from _isolated import run_isolated  # noqa: E402  (benchmarks/ is the script's f
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-# The reference normalises with std 0.228 for the red channel (0.229 elsewhere in DINO); both sides use
-# its values here so that their features, and hence their masks, can be compared exactly.
-REF_MEAN, REF_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 SEQ = "synth"
 
 
@@ -108,9 +105,7 @@ def build_vit(tiny: bool) -> nn.Module:
 def our_extractor(args: argparse.Namespace, vit: nn.Module):
     from vitdense import ViTExtractor
 
-    extractor = ViTExtractor("custom", stride=8, model=vit, device=torch.device(args.device))
-    extractor.mean, extractor.std = REF_MEAN, REF_STD
-    return extractor
+    return ViTExtractor("custom", stride=8, model=vit, device=torch.device(args.device))
 
 
 def frame_files(args: argparse.Namespace) -> list[Path]:
@@ -201,12 +196,13 @@ def peak_mb() -> float:
 def run_features(args: argparse.Namespace) -> dict:
     """Subprocess: features of every frame with our extractor, saved for the ``prop`` cases."""
     from vitdense.io import load_image
-    from vitdense.video import frame_features, preprocess_frame, read_mask, video_load_size
+    from vitdense.video import frame_features, frame_normalization, preprocess_frame, read_mask, video_load_size
 
     extractor = our_extractor(args, build_vit(args.tiny))
     size = video_load_size(read_mask(mask_file(args))[0].shape, args.load_size)
-    feats = torch.stack([frame_features(extractor, preprocess_frame(np.asarray(load_image(p)), size, REF_MEAN,
-                                                                    REF_STD)[None])[0].cpu()
+    mean, std = frame_normalization(extractor.mean, extractor.std)  # the default: the reference's
+    feats = torch.stack([frame_features(extractor, preprocess_frame(np.asarray(load_image(p)), size, mean,
+                                                                    std)[None])[0].cpu()
                          for p in frame_files(args)])
     torch.save({"feats": feats, "grid": list(extractor.num_patches)}, Path(args.work) / "features.pt")
     return {"frames": len(feats), "grid": list(extractor.num_patches)}

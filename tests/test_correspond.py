@@ -58,9 +58,71 @@ def test_bad_backend(descriptors):
 def test_salient_filter_keeps_pairs_with_both_points_salient():
     ia, ib = torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])
     sal_a, sal_b = torch.tensor([0.9, 0.01, 0.5, 0.7]), torch.tensor([0.02, 0.6, 0.8, 0.9])
-    keep = salient_buddies(ia, ib, sal_a, sal_b, 0.05)
+    keep = salient_buddies(ia, ib, sal_a, sal_b, 0.05, rule="both")
     # pair (0, 3): 0.9 / 0.9 kept; (1, 2): A not salient; (2, 1): kept; (3, 0): B 0.02 not salient
     assert keep.tolist() == [True, False, True, False]
+
+
+def reference_rule_buddies(a: np.ndarray, b: np.ndarray, sal_a: np.ndarray, sal_b: np.ndarray,
+                           thresh: float) -> set[tuple[int, int]]:
+    """dino-vit-features' filter written plainly: a best buddy (i, j) is kept when A token i is salient and
+    some salient B token k has i as its nearest A token (k need not be j)."""
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    nn_ba = (an @ bn.T).argmax(axis=0)
+    kept = set()
+    for i, j in brute_force_buddies(a, b):
+        pointed_at = any(sal_b[k] > thresh and nn_ba[k] == i for k in range(len(b)))
+        if sal_a[i] > thresh and pointed_at:
+            kept.add((i, j))
+    return kept
+
+
+def test_reference_saliency_rule_by_hand():
+    """A = e0..e3; B = e0, e1, 0.9 e1 + 0.1 e2, e2, e3. Buddies (0,0), (1,1), (2,3), (3,4). B1 is background
+    but the salient B2 also has A1 as nearest neighbour: the reference keeps (1,1), "both" drops it. (2,3)
+    has a background B3 and no salient B token pointing at A2; (3,4) has a background A3: both rules drop
+    them."""
+    a = np.eye(4, dtype=np.float32)
+    b = np.stack([a[0], a[1], 0.9 * a[1] + 0.1 * a[2], a[2], a[3]])
+    sal_a = np.array([0.9, 0.8, 0.7, 0.01])
+    sal_b = np.array([0.9, 0.01, 0.9, 0.02, 0.9])
+    geom = Geometry((2, 2), (4, 4), 8, (12, 12), (12, 12))
+    found = {}
+    for rule in ("both", "reference"):
+        _, buddies, mutual = match_descriptors(torch.from_numpy(a), torch.from_numpy(b), torch.tensor(sal_a),
+                                               torch.tensor(sal_b), geom, geom, thresh=0.05, salient=rule)
+        assert mutual == 4
+        found[rule] = set(zip(buddies.tokens_a.tolist(), buddies.tokens_b.tolist()))
+    assert found["both"] == {(0, 0)}
+    assert found["reference"] == {(0, 0), (1, 1)} == reference_rule_buddies(a, b, sal_a, sal_b, 0.05)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_saliency_rule_equals_plain_computation(descriptors, seed):
+    a, b = descriptors
+    rng = np.random.default_rng(seed)
+    sal_a, sal_b = rng.uniform(size=len(a)), rng.uniform(size=len(b))
+    geom_a = Geometry((3, 19), (4, 4), 8, (16, 80), (16, 80))
+    geom_b = Geometry((7, 7), (4, 4), 8, (32, 32), (32, 32))
+    found = {}
+    for rule in ("both", "reference"):
+        _, buddies, _ = match_descriptors(torch.from_numpy(a), torch.from_numpy(b), torch.tensor(sal_a),
+                                          torch.tensor(sal_b), geom_a, geom_b, thresh=0.5, salient=rule,
+                                          chunk_size=6)
+        found[rule] = set(zip(buddies.tokens_a.tolist(), buddies.tokens_b.tolist()))
+    assert found["reference"] == reference_rule_buddies(a, b, sal_a, sal_b, 0.5)
+    both = {(i, j) for i, j in brute_force_buddies(a, b) if sal_a[i] > 0.5 and sal_b[j] > 0.5}
+    assert found["both"] == both and both < found["reference"]  # the reference keeps more here
+
+
+def test_unknown_rules_are_user_errors(descriptors):
+    a, b = (torch.from_numpy(x) for x in descriptors)
+    geom = Geometry((1, 57), (4, 4), 8, (8, 232), (8, 232))
+    with pytest.raises(ConfigError, match="--salient"):
+        match_descriptors(a, b, torch.ones(57), torch.ones(49), geom, geom, salient="either")
+    with pytest.raises(ConfigError, match="--kmeans"):
+        select_pairs(np.zeros((5, 2)), np.zeros(5), 2, kmeans_impl="faiss")
 
 
 def test_select_pairs_takes_best_score_per_cluster():
@@ -103,18 +165,26 @@ def test_pipeline_picks_the_most_salient_buddy_of_each_cluster():
 
 
 def test_defaults_follow_dino_vit_features():
-    """Key facet, layer 9 of 12, log-binning, stride 4, saliency threshold 0.05, 10 pairs, 224 px."""
+    """Key facet, layer 9 of 12, log-binning, stride 4, saliency threshold 0.05, its saliency filter and
+    scikit-learn k-means, 10 pairs, 224 px."""
     import inspect
 
     from vitdense.commands.correspond import correspond
 
     params = inspect.signature(find_correspondences).parameters
-    assert {k: params[k].default for k in ("num_pairs", "load_size", "layer", "facet", "bin", "thresh")} == \
-        dict(num_pairs=10, load_size=224, layer=None, facet="key", bin=True, thresh=0.05)
+    assert {k: params[k].default for k in ("num_pairs", "load_size", "layer", "facet", "bin", "thresh", "salient",
+                                           "kmeans_impl")} == \
+        dict(num_pairs=10, load_size=224, layer=None, facet="key", bin=True, thresh=0.05, salient="reference",
+             kmeans_impl="sklearn")
+    for fn in (match_descriptors, select_pairs):
+        assert inspect.signature(fn).parameters["kmeans_impl"].default == "sklearn"
+    assert inspect.signature(match_descriptors).parameters["salient"].default == "reference"
     assert default_layer(12) == 9
     cli = {p.name: p.default for p in correspond.params}
-    assert {k: cli[k] for k in ("num_pairs", "load_size", "layer", "facet", "use_bin", "thresh", "stride")} == \
-        dict(num_pairs=10, load_size=224, layer=None, facet="key", use_bin=True, thresh=0.05, stride=4)
+    assert {k: cli[k] for k in ("num_pairs", "load_size", "layer", "facet", "use_bin", "thresh", "stride",
+                                "salient", "kmeans_impl")} == \
+        dict(num_pairs=10, load_size=224, layer=None, facet="key", use_bin=True, thresh=0.05, stride=4,
+             salient="reference", kmeans_impl="sklearn")
 
 
 def test_empty_reason_names_what_is_missing():
@@ -130,7 +200,7 @@ def test_empty_reason_names_what_is_missing():
     pairs, buddies, mutual = match_descriptors(a, a.clone(), sal_a, sal_b, geom, geom)
     assert len(pairs) == len(buddies) == 0 and mutual == 4 and buddies.points_a.shape == (0, 2)
     message = empty_reason(sal_a, sal_b, 0.05, mutual, len(buddies))
-    assert message.startswith("no best buddy with both points salient (4 mutual")
+    assert message.startswith("no best buddy passed the saliency filter (4 mutual")
 
 
 def test_kmeans_finds_separated_blobs_and_lloyd_fixed_point():
@@ -148,10 +218,29 @@ def test_kmeans_finds_separated_blobs_and_lloyd_fixed_point():
     assert torch.equal(kmeans(torch.from_numpy(x), 4, seed=3), kmeans(torch.from_numpy(x), 4, seed=3))
 
 
-def test_select_pairs_with_duplicate_points():
+def test_select_pairs_with_sklearn_kmeans_as_the_reference():
+    """kmeans_impl="sklearn": scikit-learn's KMeans (random_state = seed, 10 starts, as dino-vit-features
+    ran it), then the reference's pick: in each cluster the first pair of highest score."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(40, 6)).astype(np.float32)  # no clear clusters: the initialisation matters
+    score = rng.integers(0, 4, size=40).astype(np.float64)  # ties: the first index of a cluster wins
+    chosen = select_pairs(feats, score, 5, seed=0, kmeans_impl="sklearn")
+    labels = KMeans(n_clusters=5, random_state=0, n_init=10).fit(feats).labels_
+    best, pick = np.full(5, -np.inf), np.zeros(5, np.int64)
+    for i, (label, rank) in enumerate(zip(labels, score)):
+        if rank > best[label]:
+            best[label], pick[label] = rank, i
+    assert chosen.tolist() == pick.tolist()
+    assert select_pairs(feats[:3], score[:3], 5, kmeans_impl="sklearn").tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("impl", ["sklearn", "torch"])
+def test_select_pairs_with_duplicate_points(impl):
     feats = np.zeros((6, 4))  # one distinct point, 3 clusters asked: one pair, the best one
     score = np.array([0.1, 0.5, 0.9, 0.3, 0.9, 0.2])
-    assert select_pairs(feats, score, 3).tolist() == [2]
+    assert select_pairs(feats, score, 3, kmeans_impl=impl).tolist() == [2]
 
 
 def test_token_pixel_maps_by_hand():
@@ -209,7 +298,7 @@ def test_pipeline_equals_brute_force_on_extracted_descriptors(photos):
     pairs, buddies, mutual = match_descriptors(da, db, sa, sb, ga, gb, 4, 0.3, chunk_size=7)
     expected = brute_force_buddies(da.numpy(), db.numpy())
     assert mutual == len(expected)
-    salient = {(i, j) for i, j in expected if sa[i] > 0.3 and sb[j] > 0.3}
+    salient = reference_rule_buddies(da.numpy(), db.numpy(), sa.numpy(), sb.numpy(), 0.3)  # the default rule
     assert set(zip(buddies.tokens_a.tolist(), buddies.tokens_b.tolist())) == salient
     np.testing.assert_allclose(buddies.saliency_a, sa[buddies.tokens_a].numpy())
     np.testing.assert_allclose(buddies.points_a, token_to_pixel(buddies.tokens_a, fa.num_patches, 4, 8,

@@ -85,9 +85,10 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
 
     out_all = tmp_path / "all"
     result = run_cli("correspond", *pair, "--weights", weights, "--device", "cpu", "--load-size", 0, "--all",
-                 "--thresh", 0, "--out", out_all, "--backend", "faiss")
+                 "--thresh", 0, "--out", out_all, "--backend", "faiss", "--salient", "both", "--kmeans", "torch")
     assert result.exit_code == 0, result.output
     data_all = json.loads((out_all / "correspondences.json").read_text())
+    assert (data_all["settings"]["salient"], data_all["settings"]["kmeans"]) == ("both", "torch")
     assert len(data_all["pairs"]) == data_all["num_salient_buddies"] > 5
     buddies = {(ta, int(sim[ta].argmax())) for ta in range(len(sim)) if sim[:, sim[ta].argmax()].argmax() == ta}
     salient = {(ta, tb) for ta, tb in buddies if sal_a[ta] > 0 and sal_b[tb] > 0}  # --thresh 0

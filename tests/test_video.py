@@ -11,10 +11,10 @@ from PIL import Image
 
 from conftest import tiny_extractor
 from vitdense.davis import region_similarity
-from vitdense.errors import DataError, ImageError
-from vitdense.video import (LabelPropagator, PropagationConfig, VideoFrames, frame_features, neighborhood_mask,
-                            one_hot, plan_tiles, preprocess_frame, read_mask, segment_video, soft_to_labels,
-                            video_load_size)
+from vitdense.errors import ConfigError, DataError, ImageError
+from vitdense.video import (LabelPropagator, PropagationConfig, VideoFrames, frame_features, frame_normalization,
+                            neighborhood_mask, one_hot, plan_tiles, preprocess_frame, read_mask, segment_video,
+                            soft_to_labels, video_load_size)
 
 
 # ------------------------------------------------------------------------------ independent references
@@ -308,6 +308,46 @@ def test_a_0_255_mask_is_one_object_as_cheap_as_a_0_1_mask():
     assert seen == [2, 2]
     for a, b in zip(ones, full):
         np.testing.assert_array_equal(b, a.astype(np.uint8) * 255)
+
+
+def test_reference_normalization_is_dinos_video_script():
+    """DINO's eval_video_segmentation.py: mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225); the default."""
+    import inspect
+    imagenet = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert frame_normalization(*imagenet, "reference") == ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225))
+    assert frame_normalization(*imagenet) == frame_normalization(*imagenet, "reference")
+    assert inspect.signature(segment_video).parameters["normalization"].default == "reference"
+    assert frame_normalization(*imagenet, "model") == imagenet
+    other = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # a model trained with other statistics keeps them
+    assert frame_normalization(*other, "reference") == other
+    with pytest.raises(ConfigError, match="--normalization"):
+        frame_normalization(*imagenet, "dino")
+
+
+def test_segment_video_with_the_reference_normalization():
+    """normalization="reference" gives what an extractor patched to red std 0.228 gives (the old benchmark
+    patch), and other first-frame features than the model's statistics."""
+    import copy
+
+    frames, masks = synthetic_video(n=4)
+    ex = tiny_extractor(stride=8)
+    assert ex.std == (0.229, 0.224, 0.225)
+    patched = copy.copy(ex)
+    patched.std = (0.228, 0.224, 0.225)
+    firsts = []
+
+    class Spy(LabelPropagator):
+        def start(self, features, labels, grid):
+            firsts.append(features.clone())
+            super().start(features, labels, grid)
+
+    runs = [[o.labels for o in segment_video(e, frames, masks[0], load_size=None, propagator=Spy(),
+                                             normalization=norm)]
+            for e, norm in ((ex, "reference"), (patched, "model"), (ex, "model"))]
+    for a, b in zip(runs[0], runs[1]):
+        np.testing.assert_array_equal(a, b)
+    torch.testing.assert_close(firsts[0], firsts[1], rtol=0, atol=0)
+    assert not torch.allclose(firsts[0], firsts[2])
 
 
 def test_an_all_zero_mask_is_an_error():

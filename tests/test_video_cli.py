@@ -65,6 +65,7 @@ def test_propagate_frame_folder(tmp_path, video, weights):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["topk"] == 5 and summary["settings"]["neighborhood"] == 12
     assert summary["settings"]["stride"] == 8 and summary["settings"]["facet"] == "token"
+    assert summary["settings"]["normalization"] == "reference"  # DINO's video evaluation's colour statistics
     entry = summary["videos"]["frames"]
     assert entry["n_frames"] == 6 and entry["objects"] == [1]
     assert entry["object_pixels_per_frame"][0] == [int(masks[0].sum())]
@@ -83,11 +84,11 @@ def test_propagate_video_file(tmp_path, video, weights):
     out = tmp_path / "out"
     result = run_cli("propagate", path, "--mask", tmp_path / "first.png", "--out", out, "--weights", weights,
                  "--no-overlay", "--n-last-frames", 2, "--topk", 3, "--neighborhood", 4, "--temperature", 0.05,
-                 "--facet", "key", "--layer", -2, *FAST)
+                 "--facet", "key", "--layer", -2, "--normalization", "model", *FAST)
     assert result.exit_code == 0, result.output
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert (settings["n_last_frames"], settings["topk"], settings["neighborhood"], settings["temperature"],
-            settings["facet"], settings["layer"]) == (2, 3, 4, 0.05, "key", -2)
+            settings["facet"], settings["layer"], settings["normalization"]) == (2, 3, 4, 0.05, "key", -2, "model")
     written = sorted(p.name for p in out.glob("*.png"))
     assert written == [f"{i:05d}.png" for i in range(6)]
     assert not (out / "overlay.gif").exists()

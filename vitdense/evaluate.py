@@ -17,7 +17,8 @@ Tasks and what they report (all per backbone):
   labelled set.
 - ``correspond``: best buddies (``vitdense correspond``'s defaults) on image pairs with known geometry
   (a rectified stereo pair with disparity, homographies); PCK@0.01/0.02/0.05 of the image's longer side,
-  end-point error in pixels, number of buddies.
+  end-point error in pixels, number of buddies, all over every salient best buddy; and ``pairs_pck@0.05``,
+  the PCK of the 10 well-spread pairs the command shows (what its k-means picks).
 - ``video``: label propagation (``vitdense propagate``'s defaults at the frames' own size) on synthetic
   sequences; the DAVIS J&F of :mod:`vitdense.davis`.
 
@@ -79,8 +80,11 @@ class EvalSettings:
     knn_load_size: int = 128
     correspond_bin: bool = True
     correspond_thresh: float = 0.05
+    correspond_salient: str = "reference"  # saliency filter of the buddies (vitdense.correspond.salient_buddies)
+    correspond_kmeans: str = "sklearn"  # k-means that picks the well-spread pairs (select_pairs)
     pck_alphas: tuple[float, ...] = (0.01, 0.02, 0.05)
     video_load_size: int | None = None  # None: the frames' own size
+    video_normalization: str = "reference"  # frames' colour statistics (vitdense.video.frame_normalization)
     # --quick subset
     quick_groups: int = 2
     quick_pairs: int = 2
@@ -95,10 +99,16 @@ class EvalSettings:
             raise ConfigError(f"--tasks {','.join(self.tasks)}: choose from {', '.join(TASKS)}")
         if not 0 < self.saliency_keep <= 1:
             raise ConfigError(f"saliency_keep {self.saliency_keep}: must be in (0, 1]")
+        from .correspond import KMEANS_IMPLS, SALIENT_RULES
+        from .video import NORMALIZATIONS
+
         for name, value, allowed in (("refine", self.refine, REFINEMENTS),
                                      ("coseg_saliency", self.coseg_saliency, SALIENCY_RESOLUTIONS),
                                      ("elbow_k", self.elbow_k, ELBOW_KS),
-                                     ("elbow_objective", self.elbow_objective, ELBOW_OBJECTIVES)):
+                                     ("elbow_objective", self.elbow_objective, ELBOW_OBJECTIVES),
+                                     ("--correspond-salient", self.correspond_salient, SALIENT_RULES),
+                                     ("--correspond-kmeans", self.correspond_kmeans, KMEANS_IMPLS),
+                                     ("--video-normalization", self.video_normalization, NORMALIZATIONS)):
             if value not in allowed:
                 raise ConfigError(f"{name} {value!r}: choose from {', '.join(allowed)}")
 
@@ -437,7 +447,8 @@ def run_correspond(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
     for pair in tqdm(pairs, desc="correspondences", unit="pair", disable=not progress):
         res = find_correspondences(ext, root / pair["a"], root / pair["b"], load_size=settings.load_size,
                                    bin=settings.correspond_bin, thresh=settings.correspond_thresh,
-                                   seed=settings.seed)
+                                   seed=settings.seed, salient=settings.correspond_salient,
+                                   kmeans_impl=settings.correspond_kmeans)
         buddies = res.buddies
         targets, valid = pair_targets(pair, root, buddies.points_a, res.size_b)
         dist = np.linalg.norm(buddies.points_b - targets, axis=1)
@@ -448,6 +459,13 @@ def run_correspond(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
             # no buddy at all scores 0: finding nothing is not a perfect score
             row[f"pck@{alpha:g}"] = 0.0 if not valid.any() else value
         row["epe_px"] = float(dist[valid].mean()) if valid.any() else float("nan")
+        # the selected pairs are a subset of the buddies (find the rows by token pair)
+        index = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(buddies.tokens_a, buddies.tokens_b))}
+        chosen = np.array([index[(int(a), int(b))] for a, b in zip(res.pairs.tokens_a, res.pairs.tokens_b)],
+                          dtype=np.int64)
+        alpha = max(settings.pck_alphas)
+        picked = pck(buddies.points_b[chosen], targets[chosen], ref, (alpha,), valid[chosen])[float(alpha)]
+        row[f"pairs_pck@{alpha:g}"] = 0.0 if not valid[chosen].any() else picked
         rows.append(row)
         if len(pics) < 2 and len(buddies):
             order = np.random.default_rng(settings.seed).permutation(len(buddies))[:40]
@@ -462,6 +480,8 @@ def run_correspond(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
     epes = [r["epe_px"] for r in rows if np.isfinite(r["epe_px"])]
     scores["epe_px"] = float(np.mean(epes)) if epes else float("nan")
     scores["buddies"] = float(np.mean([r["buddies"] for r in rows])) if rows else float("nan")
+    picked_key = f"pairs_pck@{max(settings.pck_alphas):g}"
+    scores[picked_key] = float(np.mean([r[picked_key] for r in rows])) if rows else float("nan")
     return TaskResult(scores, rows, pics, time.perf_counter() - start)
 
 
@@ -486,7 +506,8 @@ def run_video(ext: Any, root: Path, manifest: dict, settings: EvalSettings, prog
         frames = (_rgb(root / f) for f in frames_rel)
         preds, shown = [], []
         keep = {0, len(frames_rel) // 3, 2 * len(frames_rel) // 3, len(frames_rel) - 2}
-        for out in segment_video(net, frames, gt[0], load_size=settings.video_load_size):
+        for out in segment_video(net, frames, gt[0], load_size=settings.video_load_size,
+                                 normalization=settings.video_normalization):
             if 0 < out.index < len(frames_rel) - 1:
                 preds.append(out.labels)
             if out.index in keep and len(pics) < 1:

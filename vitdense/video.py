@@ -26,6 +26,9 @@ What differs from the reference, keeping its results:
   normalised but without overflow or underflow at small temperatures;
 * the context lives in a ring buffer of 1 + n_last_frames slots (the order of context frames does not
   matter for the result), so memory is bounded for long videos.
+
+Frames are normalised as the reference does (red std 0.228, where DINO trained with 0.229); pass
+``normalization="model"`` for the model's own statistics (:func:`frame_normalization`).
 """
 from __future__ import annotations
 
@@ -40,9 +43,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError, DataError, ImageError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+NORMALIZATIONS = ("model", "reference")  # see frame_normalization
+# DINO's eval_video_segmentation.py (color_normalize) divides red by 0.228; DINO trained with 0.229.
+REFERENCE_STD = (0.228, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,21 @@ def _floor_to(value: float, multiple: int) -> int:
     return int(value // multiple) * multiple or int(value)
 
 
+def frame_normalization(mean: Sequence[float], std: Sequence[float], normalization: str = "reference"
+                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the frames are normalised with. "reference": those of DINO's eval_video_segmentation.py,
+    i.e. ImageNet statistics with red std 0.228 instead of 0.229, for a model trained with ImageNet
+    statistics (any other model keeps its own: the reference only runs DINO models); "model": the model's
+    own statistics (``mean``, ``std``). The report card's video J&F is the same with either (±0.0003), so
+    the reference's is the default."""
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"--normalization {normalization}: choose one of {', '.join(NORMALIZATIONS)}")
+    mean, std = tuple(mean), tuple(std)
+    if normalization == "reference" and np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD):
+        return mean, REFERENCE_STD
+    return mean, std
+
+
 def preprocess_frame(frame: np.ndarray, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
                      ) -> torch.Tensor:
     """(H0, W0, 3) uint8 RGB → (3, H, W) normalised float tensor; bilinear resizing with OpenCV (as the
@@ -339,16 +361,19 @@ class SegmentedFrame:
 def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarray,
                   config: PropagationConfig | None = None, layer: int = -1, facet: str = "token",
                   load_size: int | None = 480, batch_size: int = 1,
-                  propagator: LabelPropagator | None = None) -> Iterator[SegmentedFrame]:
+                  propagator: LabelPropagator | None = None, normalization: str = "reference"
+                  ) -> Iterator[SegmentedFrame]:
     """Segment every frame of a video given the first frame's labels.
 
     frames: (H0, W0, 3) uint8 RGB arrays, the first one annotated by ``first_mask`` (H0, W0) integer labels
     (0 = background). Only the ids present are propagated (C = their number, background included), so
     ids need not be contiguous: a 0/255 mask is one object, as cheap as a 0/1 mask, and its outputs keep
     the id 255. Yields a :class:`SegmentedFrame` per frame, the first with ``first_mask`` itself. Features
-    are extracted ``batch_size`` frames per forward pass; propagation is sequential. Raises ImageError
-    when a frame's size differs from the mask's, DataError when the mask has no object.
+    are extracted ``batch_size`` frames per forward pass; propagation is sequential. ``normalization``:
+    the frames' colour statistics, see :func:`frame_normalization`. Raises ImageError when a frame's size
+    differs from the mask's, DataError when the mask has no object.
     """
+    mean, std = frame_normalization(extractor.mean, extractor.std, normalization)
     propagator = propagator or LabelPropagator(config)
     first_mask = np.asarray(first_mask).astype(np.int64)
     if first_mask.min() < 0 or first_mask.max() > 255:
@@ -367,8 +392,7 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
     except StopIteration:
         raise DataError("the video has no frames") from None
     _check_size(first, size0, 0)
-    first_feats = frame_features(extractor, preprocess_frame(first, size, extractor.mean, extractor.std)[None],
-                                 layer, facet)[0]
+    first_feats = frame_features(extractor, preprocess_frame(first, size, mean, std)[None], layer, facet)[0]
     grid = extractor.num_patches
     labels0 = one_hot(downsample_mask(compact[first_mask], grid), len(ids))
     propagator.start(first_feats, labels0.to(first_feats.device), grid)
@@ -383,7 +407,7 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
                 break
         if not batch:
             return
-        tensors = torch.stack([preprocess_frame(f, size, extractor.mean, extractor.std) for f in batch])
+        tensors = torch.stack([preprocess_frame(f, size, mean, std) for f in batch])
         feats = frame_features(extractor, tensors, layer, facet)
         for frame, frame_feats in zip(batch, feats):
             soft = propagator.step(frame_feats)

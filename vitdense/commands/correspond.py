@@ -75,7 +75,16 @@ def _record(result, path_a: Path, path_b: Path, keep_all: bool) -> dict[str, Any
 @click.option("--num-pairs", type=int, default=10, show_default=True, help="Well-spread pairs to keep.")
 @click.option("--all", "keep_all", is_flag=True, help="Keep (write and draw) every salient best buddy.")
 @click.option("--thresh", type=float, default=0.05, show_default=True,
-              help="Saliency threshold: both points of a pair must be above it (negative: keep every best buddy).")
+              help="Saliency threshold of the --salient filter (negative: keep every best buddy).")
+@click.option("--salient", type=click.Choice(["reference", "both"]), default="reference", show_default=True,
+              help="Which best buddies the saliency filter keeps. reference (dino-vit-features): the point in "
+                   "A is above --thresh and some salient point of B (not necessarily its buddy) has it as "
+                   "nearest neighbour; both: both points are above --thresh.")
+@click.option("--kmeans", "kmeans_impl", type=click.Choice(["sklearn", "torch"]), default="sklearn",
+              show_default=True,
+              help="k-means that spreads the --num-pairs pairs: sklearn (scikit-learn's KMeans as "
+                   "dino-vit-features runs it, 10 starts, CPU) or torch (one k-means++ start on the device, "
+                   "10-20x faster).")
 @click.option("--layer", type=int, default=None,
               help="Transformer layer; default 9 of a 12-block model (3/4 of the depth otherwise).")
 @click.option("--bin/--no-bin", "use_bin", default=True, show_default=True, help="Log-binned descriptors.")
@@ -83,7 +92,8 @@ def _record(result, path_a: Path, path_b: Path, keep_all: bool) -> dict[str, Any
               help="Nearest-neighbour search: chunked torch matmul (auto) or faiss.")
 @extractor_options(stride=4, layer=None, facet="key", load_size=224)
 def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, num_pairs: int, keep_all: bool,
-               thresh: float, layer: int | None, use_bin: bool, backend: str, facet: str, **opts: Any) -> None:
+               thresh: float, salient: str, kmeans_impl: str, layer: int | None, use_bin: bool, backend: str,
+               facet: str, **opts: Any) -> None:
     """Semantic point correspondences (best buddies) between image pairs.
 
     \b
@@ -131,7 +141,8 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         try:
             result = find_correspondences(extractor, path_a, path_b, num_pairs=num_pairs,
                                           load_size=load_size_arg(opts["load_size"]), layer=layer, facet=facet,
-                                          bin=use_bin, thresh=thresh, backend=backend, progress=not batch)
+                                          bin=use_bin, thresh=thresh, backend=backend, progress=not batch,
+                                          salient=salient, kmeans_impl=kmeans_impl)
         except ImageError as err:
             if not batch:
                 raise
@@ -154,6 +165,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         if written == 0:  # nothing to show: fail without leaving a summary of failures behind
             raise DataError(f"{summary[0]['error']} (no pair of {len(pairs)} could be processed)")
         save_json(out / "summary.json", {"settings": {"num_pairs": num_pairs, "all": keep_all, "thresh": thresh,
+                                                      "salient": salient, "kmeans": kmeans_impl,
                                                       "model": extractor.model_type,
                                                       "weights_used": extractor.weights_used},
                                          "pairs": summary})

@@ -62,9 +62,16 @@ def _unique(labels: list[str]) -> list[str]:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of k-means, the random floor and the --quick subset.")
+@click.option("--correspond-salient", type=click.Choice(["reference", "both"]), default="reference",
+              show_default=True, help="`vitdense correspond --salient` for the correspond task.")
+@click.option("--correspond-kmeans", type=click.Choice(["sklearn", "torch"]), default="sklearn",
+              show_default=True, help="`vitdense correspond --kmeans` for the correspond task.")
+@click.option("--video-normalization", type=click.Choice(["reference", "model"]), default="reference",
+              show_default=True, help="`vitdense propagate --normalization` for the video task.")
 def evaluate_command(model: str | None, weights: str | None, compare: tuple[str, ...], out_dir: str | None,
                      data_dir: str | None, prepare: bool, quick: bool, tasks: str, load_size: int, knn_size: int,
-                     device: str, seed: int) -> None:
+                     device: str, seed: int, correspond_salient: str, correspond_kmeans: str,
+                     video_normalization: str) -> None:
     """Grade backbones on ground truth: co-segmentation, saliency, k-NN, correspondences, video.
 
     Every backbone named (--model/--weights, then each --compare) is graded on the same data with the
@@ -80,8 +87,9 @@ def evaluate_command(model: str | None, weights: str | None, compare: tuple[str,
     for name, value in (("--load-size", load_size), ("--knn-size", knn_size)):
         if value < 16:
             raise ConfigError(f"{name} {value}: must be at least 16 px")
-    settings = EvalSettings(tasks=chosen, quick=quick, seed=seed, load_size=load_size,
-                            knn_load_size=knn_size)  # checks --tasks
+    settings = EvalSettings(tasks=chosen, quick=quick, seed=seed, load_size=load_size, knn_load_size=knn_size,
+                            correspond_salient=correspond_salient, correspond_kmeans=correspond_kmeans,
+                            video_normalization=video_normalization)  # checks --tasks
     if out_dir is None and not prepare:
         raise ConfigError("--out DIR is required (or pass --prepare alone to build the data folder)")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():

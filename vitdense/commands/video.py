@@ -120,7 +120,7 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
     start = time.perf_counter()
     stream = segment_video(extractor, frames, mask, layer=opts["layer"], facet=opts["facet"],
                            load_size=load_size_arg(opts["load_size"]), batch_size=opts["batch_size"],
-                           propagator=propagator)
+                           propagator=propagator, normalization=opts["normalization"])
     for seg in tqdm(stream, total=len(frames), desc=job.label or "propagate", unit="frame"):
         name = frames.names[seg.index]
         save_png(job.out_dir / f"{name}.png", seg.labels, palette=pal)
@@ -146,7 +146,7 @@ def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, An
             "facet": opts["facet"],
             "stride": extractor.stride[0], "load_size": opts["load_size"], "n_last_frames": config.n_last_frames,
             "topk": config.topk, "neighborhood": config.radius, "temperature": config.temperature,
-            "batch_size": opts["batch_size"]}
+            "batch_size": opts["batch_size"], "normalization": opts["normalization"]}
 
 
 @main.command("propagate")
@@ -168,6 +168,11 @@ def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, An
 @click.option("--temperature", type=float, default=0.1, show_default=True, help="Affinity exp(cos / temperature).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="Frames per feature-extraction forward pass (propagation stays sequential).")
+@click.option("--normalization", type=click.Choice(["reference", "model"]), default="reference",
+              show_default=True,
+              help="Colour statistics of the frames. reference: DINO's eval_video_segmentation.py (red std "
+                   "0.228 instead of the 0.229 of training; models trained with ImageNet statistics only); "
+                   "model: those the model was trained with.")
 @click.option("--overlay/--no-overlay", "write_overlay", default=True, show_default=True,
               help="Write an overlay GIF and a contact sheet per video.")
 @click.option("--evaluate", is_flag=True, help="DAVIS: run eval-davis on the results afterwards.")
@@ -178,8 +183,9 @@ def propagate_command(frames: str | None, mask_path: str | None, davis_root: str
     """Segment the objects of a video's first-frame mask in every frame by label propagation (DINO protocol).
 
     FRAMES is a folder of frames (natural order) or a video file, annotated by --mask. Frames are resized
-    to --load-size on the shorter side (longer side floored to a multiple of 64, as DINO's evaluation); the
-    token facet is taken after the model's final norm. Use --stride equal to the patch size for the
+    to --load-size on the shorter side (longer side floored to a multiple of 64) and normalised with the
+    colour statistics of DINO's evaluation (--normalization); the token facet is taken after the model's
+    final norm. Use --stride equal to the patch size for the
     reference protocol.
     """
     from ..io import save_json
