@@ -48,8 +48,12 @@ def object_set(n: int = 4, seed: int = 0):
 
 def test_cosegment_finds_common_object_and_ignores_distractor():
     descs, sals, truths = object_set()
-    result = cs.cosegment(descs, sals, [GRID] * 4, seed=0, niter=20, nredo=5)
-    assert result.clustering.k == 3  # object, background, distractor
+    result = cs.cosegment(descs, sals, [GRID] * 4, sample_interval=1, seed=0, niter=20, nredo=5)
+    # object, background, distractor, and the 4th cluster at which the elbow search stalled: dino-vit-features
+    # keeps it (--elbow-k after); --elbow-k before stops at the three regions
+    assert result.clustering.k == 4
+    assert cs.cosegment(descs, sals, [GRID] * 4, sample_interval=1, seed=0, niter=20, nredo=5,
+                        elbow_k="before").clustering.k == 3
     for mask, truth in zip(result.masks, truths):
         np.testing.assert_array_equal(mask, truth)
     # the distractor's cluster is salient in one image only: 1 vote < ceil(4 * 0.75) = 3
@@ -61,7 +65,7 @@ def test_cosegment_finds_common_object_and_ignores_distractor():
 def test_cosegment_given_k_and_outlier_and_voters():
     descs, sals, truths = object_set(5)
     inliers = np.array([True, True, True, True, False])
-    result = cs.cosegment(descs, sals, [GRID] * 5, n_clusters=3, inliers=inliers, seed=1, niter=20, nredo=2)
+    result = cs.cosegment(descs, sals, [GRID] * 5, sample_interval=1, n_clusters=3, inliers=inliers, seed=1, niter=20, nredo=2)
     assert result.clustering.k == 3 and len(result.clustering.objectives) == 1
     assert not result.masks[4].any() and (result.labels[4] == -1).all()
     assert np.isnan(result.mean_saliency[4]).all()
@@ -69,7 +73,7 @@ def test_cosegment_given_k_and_outlier_and_voters():
         np.testing.assert_array_equal(mask, truth)
     # with only images 1 and 2 voting (need ceil(2 * .75) = 2 votes), the object is still the only winner
     voters = np.array([False, True, True, False, False])
-    again = cs.cosegment(descs, sals, [GRID] * 5, n_clusters=3, inliers=inliers, voters=voters, seed=1, niter=20,
+    again = cs.cosegment(descs, sals, [GRID] * 5, sample_interval=1, n_clusters=3, inliers=inliers, voters=voters, seed=1, niter=20,
                          nredo=2)
     assert again.votes.max() == 2 and again.salient.sum() == 1
 
@@ -78,8 +82,8 @@ def test_cosegment_is_deterministic_for_a_seed():
     descs, sals, _ = object_set()
     rng = np.random.default_rng(3)
     noisy = [d + 0.4 * rng.standard_normal(d.shape).astype(np.float32) for d in descs]
-    a = cs.cosegment(noisy, sals, [GRID] * 4, n_clusters=5, seed=7, niter=10, nredo=2)
-    b = cs.cosegment(noisy, sals, [GRID] * 4, n_clusters=5, seed=7, niter=10, nredo=2)
+    a = cs.cosegment(noisy, sals, [GRID] * 4, sample_interval=1, n_clusters=5, seed=7, niter=10, nredo=2)
+    b = cs.cosegment(noisy, sals, [GRID] * 4, sample_interval=1, n_clusters=5, seed=7, niter=10, nredo=2)
     np.testing.assert_array_equal(a.clustering.centroids, b.clustering.centroids)
     for x, y in zip(a.labels, b.labels):
         np.testing.assert_array_equal(x, y)
@@ -240,8 +244,8 @@ def expected_parts(regions: np.ndarray) -> np.ndarray:
 
 def test_part_cosegment_on_the_grid_labels_parts_consistently():
     descs, sals, truths = part_set()
-    result = cs.part_cosegment(descs, sals, [GRID] * 4, n_parts=2, seed=0, niter=20, nredo=2)
-    assert result.k == 2 and result.coseg.clustering.k == 3
+    result = cs.part_cosegment(descs, sals, [GRID] * 4, sample_interval=1, n_parts=2, seed=0, niter=20, nredo=2)
+    assert result.k == 2 and result.coseg.clustering.k == 4  # 3 regions + the k where the elbow stalled
     for parts, regions in zip(result.parts, truths):
         np.testing.assert_array_equal(parts, expected_parts(regions))
 
@@ -255,8 +259,11 @@ def test_part_cosegment_auto_parts_and_crf_at_image_resolution():
         for r, col in colours.items():
             img[np.kron(regions == r, np.ones((4, 4), bool))] = col
         images.append(img)
-    result = cs.part_cosegment(descs, sals, [GRID] * 4, images, n_parts=None, seed=0, niter=20, nredo=2)
-    assert result.k == 2  # elbow with 0.94 finds the two parts
+    result = cs.part_cosegment(descs, sals, [GRID] * 4, images, sample_interval=1, n_parts=None, seed=0, niter=20,
+                               nredo=2, elbow_k="before")
+    assert result.k == 2  # elbow with 0.94 finds the two parts (dino-vit-features' rule keeps a third)
+    assert cs.part_cosegment(descs, sals, [GRID] * 4, sample_interval=1, n_parts=None, crf=None, seed=0, niter=20,
+                             nredo=2, elbow_k="after").k == 3
     for parts, regions in zip(result.parts, truths):
         assert parts.shape == (32, 40)
         want = np.kron(expected_parts(regions), np.ones((4, 4), int))
@@ -268,8 +275,8 @@ def test_part_cosegment_auto_parts_and_crf_at_image_resolution():
 
 def test_three_stages_drop_a_non_common_foreground_cluster():
     descs, sals, truths = part_set(with_extra=True)
-    result = cs.part_cosegment(descs, sals, [GRID] * 4, n_parts=2, three_stages=True, crf=None, seed=0,
-                               niter=20, nredo=2)
+    result = cs.part_cosegment(descs, sals, [GRID] * 4, sample_interval=1, n_parts=2, three_stages=True, crf=None,
+                               seed=0, niter=20, nredo=2, elbow_k="before")
     # region 4 is salient in 3 of 4 images (enough votes for the object stage) ...
     assert result.coseg.masks[1][0, 8] and result.stage2.k == 3
     # ... but absent from image 0, so the second stage drops it and the parts are the two common ones
@@ -339,16 +346,17 @@ def test_crf_labels_without_crf_is_upsampled_argmin_and_mask_energies():
 
 def test_refine_objects_methods():
     descs, sals, truths = object_set()
-    result = cs.cosegment(descs, sals, [GRID] * 4, n_clusters=3, seed=0, niter=20, nredo=2)
+    result = cs.cosegment(descs, sals, [GRID] * 4, sample_interval=1, n_clusters=3, seed=0, niter=20, nredo=2)
     images = [np.where(np.kron(t, np.ones((4, 4), bool))[..., None], 220, 20).astype(np.uint8).repeat(3, -1)
               for t in truths]
-    for method in ("none", "crf"):
+    for method in ("none", "crf", "grabcut"):
         masks = cs.refine_objects(images, result, method)
         for m, t in zip(masks, truths):
             assert m.shape == (32, 40)
             assert (m != np.kron(t, np.ones((4, 4), bool))).mean() < 0.02, method
     # no image → grid resolution; bad method → ValueError
     assert cs.refine_objects([None] * 4, result, "crf")[0].shape == GRID
+    np.testing.assert_array_equal(cs.refine_objects([None] * 4, result, "grabcut")[0], result.masks[0])
     with pytest.raises(ValueError):
         cs.refine_objects(images, result, "magic")
 

@@ -260,7 +260,7 @@ def test_extract_set_batches_match_single_images(tmp_path, photos, make_extracto
     paths = sorted(folder.glob("*.png"))
     extractor = make_extractor()
     data = extract_set(extractor, paths, 40, -1, "key", use_bin=False, need_cls=True, crops=1, seed=0,
-                       batch_size=4, progress=False)
+                       batch_size=4, saliency_res="full", progress=False)
     with data.store:
         assert data.n_images == 4 and len(data.store) == 4 + 4 * 2
         assert data.augmented == [False] * 4 + [True] * 8

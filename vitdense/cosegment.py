@@ -48,12 +48,14 @@ MAX_CLUSTERS = 14        # the elbow search tries k = 1 .. 14
 OUTLIER_THRESH = 0.7     # cosine similarity of an image's CLS descriptor to the mean below which it is an outlier
 SINGLE_THREAD_WORK = 2_000_000  # k-means with fewer points x clusters runs on one thread (see kmeans)
 MAX_SQDIST = 4.0         # largest squared distance between unit vectors: the energy of "no such cluster"
-MIN_SAMPLE = 1000        # the sample interval is lowered so k-means sees at least this many descriptors
-ELBOW_K = "before"       # which k the elbow rule keeps (see choose_k)
-ELBOW_OBJECTIVE = "heldout"  # what the elbow rule's objective is measured on (see elbow_objective)
-SALIENCY_RES = "full"    # saliency from the descriptors' own pass, or dino-vit-features' low-resolution one
-REFINE = "crf"           # refinement of the object masks at image resolution (see refine_objects)
-REFINEMENTS = ("crf", "grabcut", "none")
+# The pipeline's steps, dino-vit-features' way by default (measured against the other choices on the report
+# card: apps/ablate_cosegment.py and the README's "Differences from the reference implementations").
+MIN_SAMPLE = 0           # lower the sample interval so k-means sees at least this many descriptors (0: never)
+ELBOW_K = "after"        # which k the elbow rule keeps (see choose_k)
+ELBOW_OBJECTIVE = "all"  # what the elbow rule's objective is measured on (see elbow_objective)
+SALIENCY_RES = "low"     # dino-vit-features' half-size saliency pass, or the descriptors' own ("full")
+REFINE = "grabcut"       # refinement of the object masks at image resolution (see refine_objects)
+REFINEMENTS = ("grabcut", "crf", "none")
 ELBOW_KS = ("after", "before")           # see choose_k
 ELBOW_OBJECTIVES = ("all", "heldout")    # see elbow_objective
 SALIENCY_RESOLUTIONS = ("low", "full")   # see low_res_saliency

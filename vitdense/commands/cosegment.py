@@ -369,7 +369,7 @@ def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
 @main.command("cosegment")
 @coseg_options
 @click.option("--refine", type=click.Choice(REFINEMENTS), default=REFINE, show_default=True,
-              help="Refinement of the masks at image resolution: dense CRF, GrabCut (as dino-vit-features), or none.")
+              help="Refinement of the masks at image resolution: GrabCut (as dino-vit-features), a dense CRF, or none.")
 def cosegment_command(images: tuple[str, ...], out_dir: str, refine: str, **opts: Any) -> None:
     """Find the object common to IMAGES (files or folders; at least 2) without labels.
 
