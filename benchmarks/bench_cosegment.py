@@ -5,8 +5,9 @@ randomly cropped/flipped and resized to 400x300 or 300x400, seeded), load size 2
 layer 11, defaults of both implementations (elbow 0.975, sample interval 100, k-means 300 iterations x 10
 restarts). Each case runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own.
 
-Ours runs the real CLI command (our refinement: dense CRF; writing PNGs/summary is timed apart); its extractor
-is built from the same ViT with the DINO saliency heads (0, 2, 4, 5) the peer uses. The peer's stages are
+Ours runs the real CLI command with its defaults, the peer's pipeline (GrabCut refinement, the half-size
+saliency pass; writing PNGs/summary is timed apart); its extractor is built from the same ViT with the
+DINO saliency heads (0, 2, 4, 5) the peer uses. The peer's stages are
 measured by wrapping its extractor calls (extraction) and cv2.grabCut (refinement); the rest of its run
 (k-means, voting, resizing) is "cluster". With ``--parts`` both part co-segmentations run as well (peer:
 find_part_cosegmentation; its CRF and clustering are not separable, so they are reported together).
