@@ -305,3 +305,15 @@ def test_motorcycle_pck_recomputed_from_the_written_matches(app, weights, tmp_pa
             assert scores[f"{prefix}pck@{alpha:.2f}"] == pytest.approx(np.mean(err <= alpha * length)), alpha
             if not prefix:  # the zero-motion guess b = a is off by the disparity itself
                 assert scores[f"identity_pck@{alpha:.2f}"] == pytest.approx(np.mean(d[known] <= alpha * length))
+
+
+def test_a_missing_second_image_fails_before_any_model_work(weights, pair, tmp_path, monkeypatch):
+    import vitdense.commands.correspond as command
+
+    def no_model(**opts):
+        raise AssertionError("the backbone was built before the inputs were checked")
+
+    monkeypatch.setattr(command, "build_extractor", no_model)
+    a, _ = pair
+    assert_user_error(run_cli("correspond", a, tmp_path / "nope.jpg", "--weights", weights, "--out", tmp_path / "o"),
+                      "nope.jpg", "not found")

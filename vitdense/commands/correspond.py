@@ -123,6 +123,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         for p in inputs:
             if Path(p).is_dir():
                 raise ImageError(f"{p}: is a folder; give two image files, or one folder for batch mode")
+            load_image(p)  # a missing or corrupt B fails now, not after the backbone has described A
         pairs, batch = [("pair", Path(inputs[0]), Path(inputs[1]))], False
     elif len(inputs) == 1 and Path(inputs[0]).is_dir():
         pairs, batch = _pairs_from_folder(Path(inputs[0])), True
