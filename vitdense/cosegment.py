@@ -202,7 +202,7 @@ def first_stall(objectives: Sequence[float], elbow: float) -> int | None:
     return None
 
 
-def choose_k(objectives: Sequence[float], elbow: float, elbow_k: str = "after") -> int:
+def choose_k(objectives: Sequence[float], elbow: float, elbow_k: str = ELBOW_K) -> int:
     """Elbow rule: the number of clusters from the objectives of k = 1, 2, ... (see :func:`first_stall`).
 
     elbow_k "after": the stalling k itself (dino-vit-features: its loop stops there and keeps what it
@@ -232,7 +232,7 @@ class Clustering:
 
 def fit_clusters(train: np.ndarray, objective: Callable[[np.ndarray], float] | None = None,
                  n_clusters: int | None = None, elbow: float = ELBOW, max_clusters: int = MAX_CLUSTERS,
-                 seed: int = 0, niter: int = 300, nredo: int = 10, elbow_k: str = "after") -> Clustering:
+                 seed: int = 0, niter: int = 300, nredo: int = 10, elbow_k: str = ELBOW_K) -> Clustering:
     """k-means of train (M, D) with k given or chosen by :func:`choose_k`.
 
     objective(centroids) → the mean squared distance the elbow rule compares (default: over ``train``);
