@@ -311,6 +311,26 @@ def test_quick_and_task_subset(tmp_path, data, weights):
     assert (knn["bank"], knn["query"]) == (8, 4)  # quick keeps up to 4 bank and 2 query images per class
 
 
+def test_quick_subset_takes_first_images_of_first_groups_and_homography_pairs():
+    from vitdense.evaluate import EvalSettings, _coseg_groups, _quick_pairs
+
+    manifest = {"coseg": [{"group": f"g{g}", "images": [f"g{g}/{i}.png" for i in range(6)],
+                           "masks": [f"g{g}/{i}_mask.png" for i in range(6)]} for g in range(4)]}
+    quick = _coseg_groups(manifest, EvalSettings(quick=True, quick_groups=2, quick_group_images=3))
+    assert [g["group"] for g in quick] == ["g0", "g1"]
+    assert [g["images"] for g in quick] == [[f"g{g}/{i}.png" for i in range(3)] for g in range(2)]
+    assert [g["masks"] for g in quick] == [[f"g{g}/{i}_mask.png" for i in range(3)] for g in range(2)]
+    assert len(manifest["coseg"][0]["images"]) == 6  # the manifest itself is left whole
+    assert _coseg_groups(manifest, EvalSettings()) == manifest["coseg"]
+
+    manifest["pairs"] = [{"name": "stereo", "kind": "disparity"}] + \
+        [{"name": f"h{i}", "kind": "homography"} for i in range(3)]
+    assert [p["name"] for p in _quick_pairs(manifest, EvalSettings(quick=True, quick_pairs=2))] == ["h0", "h1"]
+    assert [p["name"] for p in _quick_pairs(manifest, EvalSettings(quick=True, quick_pairs=5))] == \
+        ["h0", "h1", "h2", "stereo"]
+    assert _quick_pairs(manifest, EvalSettings()) == manifest["pairs"]
+
+
 def test_bad_input(tmp_path, data, weights):
     out = tmp_path / "out"
     assert_user_error(run_cli("evaluate", "--model", "no_such_model", "--data", data, "--out", out, *FAST),
