@@ -9,7 +9,8 @@ Ours runs the real CLI command with its defaults, the peer's pipeline (GrabCut r
 saliency pass; writing PNGs/summary is timed apart); its extractor is built from the same ViT with the
 DINO saliency heads (0, 2, 4, 5) the peer uses. The peer's stages are
 measured by wrapping its extractor calls (extraction) and cv2.grabCut (refinement); the rest of its run
-(k-means, voting, resizing) is "cluster". With ``--parts`` both part co-segmentations run as well (peer:
+(k-means, voting, resizing) is "cluster". The object masks are compared pixel for pixel (at the load size;
+the peer's GrabCut seeded per image as ours, which its own code leaves unseeded). With ``--parts`` both part co-segmentations run as well (peer:
 find_part_cosegmentation; its CRF and clustering are not separable, so they are reported together).
 
     python benchmarks/bench_cosegment.py                       # 10 images, peer from /tmp/peer when present
@@ -76,6 +77,18 @@ def run_ours(folder: Path, out: Path, device: str, parts: bool, load_size: int =
     from vitdense.cli import main
     import vitdense.commands.cosegment as command
 
+    masks: list[np.ndarray] = []
+    if not parts:  # keep the object masks at the load size (the command writes them at the photos' size)
+        import vitdense.cosegment as library
+
+        refine = library.refine_objects
+
+        def keep_masks(*a, **kw):
+            out = refine(*a, **kw)
+            masks.extend(out)
+            return out
+
+        library.refine_objects = keep_masks
     vit = vit_s8()
     # The command builds its extractor from --model/--weights; here it gets the same in-memory ViT as the peer.
     command.build_extractor = lambda **opts: ViTExtractor("dino_vits8", stride=opts["stride"], model=vit,
@@ -89,6 +102,8 @@ def run_ours(folder: Path, out: Path, device: str, parts: bool, load_size: int =
     t = summary["timings_s"]
     stages = {"extract": t["extract"], "cluster": t["cluster"],
               "refine": t["refine"] if not parts else t["parts_and_crf"], "write": t["write"]}
+    if masks:
+        np.savez(out.parent / f"masks_ours_{len(masks)}.npz", *masks)
     return dict(total=total, compute=total - t["write"], stages=stages, k=summary["k"])
 
 
@@ -133,7 +148,17 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float, lo
     for name in ("preprocess", "extract_descriptors", "extract_saliency_maps"):
         setattr(extractor_mod.ViTExtractor, name, timed(getattr(extractor_mod.ViTExtractor, name), "extract"))
     if not parts:
-        module.cv2.grabCut = timed(module.cv2.grabCut, "refine")
+        grabcut = module.cv2.grabCut
+
+        def seeded_grabcut(*a, **kw):
+            # seeded as vitdense seeds it (the peer leaves OpenCV's generator where the last image left it),
+            # so that the masks can be compared pixel for pixel
+            module.cv2.setRNGSeed(0)
+            return grabcut(*a, **kw)
+
+        module.cv2 = types.SimpleNamespace(**{**{k: getattr(module.cv2, k) for k in dir(module.cv2)
+                                                 if not k.startswith("__")},
+                                              "grabCut": timed(seeded_grabcut, "refine")})
     trained_k: list[int] = []  # the peer returns no k: record each k-means it builds (the last is the one used)
     kmeans_class = module.faiss.Kmeans
 
@@ -156,7 +181,8 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float, lo
             if parts:
                 module.find_part_cosegmentation(paths, load_size=load_size, stride=4)
             else:
-                module.find_cosegmentation(paths, load_size=load_size, stride=4)
+                masks, _ = module.find_cosegmentation(paths, load_size=load_size, stride=4)
+                np.savez(folder.parent / f"masks_peer_{len(paths)}.npz", *[np.asarray(m, bool) for m in masks])
     except PeerTimeLimit:
         timed_out = True
     finally:
@@ -169,6 +195,20 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float, lo
     # object stage: the k of the last k-means of the first elbow search (parts: before the part k-means)
     k = None if timed_out or not trained_k else trained_k[-1] if not parts else (trained_k[:-1] or trained_k)[-1]
     return dict(total=total, compute=total, stages=stages, k=k, timeout=timed_out)
+
+
+def compare_masks(workdir: Path, n: int) -> str:
+    """Our object masks against the peer's (both at the load size, saved by the cases), pixel for pixel."""
+    files = [workdir / f"masks_{impl}_{n}.npz" for impl in ("ours", "peer")]
+    if not all(f.is_file() for f in files):
+        return "not compared (a case saved none)"
+    ours, peer = ([z[f"arr_{i}"] for i in range(len(z.files))] for z in map(np.load, files))
+    if len(ours) != len(peer) or any(a.shape != b.shape for a, b in zip(ours, peer)):
+        return f"not comparable ({len(ours)} vs {len(peer)} masks, or their sizes differ)"
+    differ = [int((a != b).sum()) for a, b in zip(ours, peer)]
+    total = sum(a.size for a in ours)
+    return (f"{sum(d == 0 for d in differ)}/{len(differ)} identical, {sum(differ)} of {total} pixels differ "
+            f"(the peer's GrabCut seeded as ours)")
 
 
 def case(impl: str, n: int, parts: bool, args: argparse.Namespace) -> dict | None:
@@ -235,6 +275,8 @@ def main() -> None:
                           + ("  (stopped at --timeout: lower bounds)" if res.get("timeout") else ""), flush=True)
                 if len(rows) == 2:
                     ours, peer = rows["ours"], rows["peer"]
+                    if not parts and not peer.get("timeout"):
+                        print(f"{'':<6} {n:>3} masks: {compare_masks(Path(tmp), n)}", flush=True)
                     ratios.append((task, n, peer["stages"]["extract"] / ours["stages"]["extract"],
                                    peer["compute"] / ours["compute"], peer["compute"] / ours["total"],
                                    ours["peak_mb"] / peer["peak_mb"], bool(peer.get("timeout"))))

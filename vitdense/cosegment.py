@@ -46,6 +46,7 @@ VOTES_PERCENTAGE = 75    # ... in at least this percentage of the images
 SAMPLE_INTERVAL = 100    # k-means is trained on every 100th descriptor
 MAX_CLUSTERS = 14        # the elbow search tries k = 1 .. 14
 OUTLIER_THRESH = 0.7     # cosine similarity of an image's CLS descriptor to the mean below which it is an outlier
+FAISS_SEED = 1234       # faiss.Kmeans' default seed, the one the reference runs with: seed s runs FAISS_SEED + s
 SINGLE_THREAD_WORK = 2_000_000  # k-means with fewer points x clusters runs on one thread (see kmeans)
 MAX_SQDIST = 4.0         # largest squared distance between unit vectors: the energy of "no such cluster"
 # The pipeline's steps, dino-vit-features' way by default (measured against the other choices on the report
@@ -171,15 +172,16 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 300, nredo: int = 10) -> np.ndarray:
     """Centroids (k, D) of faiss k-means on x (M, D) float32; deterministic for a seed.
 
-    niter/nredo: dino-vit-features' 300 iterations, best of 10 restarts. All of x is used (faiss' own
-    subsampling to 256 points per centroid is off: x is already the subsample the user asked for).
+    As dino-vit-features calls it: faiss' defaults (seed 0 here is faiss' seed 1234; beyond 256 points per
+    centroid faiss trains on a random subsample of that many, drawn with the seed), 300 iterations
+    (niter), best of 10 restarts (nredo). The same seed and points give the reference's centroids.
     """
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     assert 1 <= k <= len(x), (k, len(x))
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, verbose=False,
-                      max_points_per_centroid=max(256, len(x)), min_points_per_centroid=1)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=FAISS_SEED + seed, verbose=False,
+                      min_points_per_centroid=1)
     threads = faiss.omp_get_max_threads()
     if len(x) * k < SINGLE_THREAD_WORK:
         # OpenMP fan-out costs more than it saves on a subsample this small: on a busy 2-core machine

@@ -215,7 +215,7 @@ def coseg_options(fn: Callable) -> Callable:
                      help="Log-binned descriptors."),
         click.option("--niter", type=int, default=300, show_default=True, help="k-means iterations."),
         click.option("--nredo", type=int, default=10, show_default=True, help="k-means restarts (best kept)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means and crops."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means and crops (k-means runs faiss with seed 1234 + SEED: 0 is the reference's)."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it."),
         click.option("--ram-mb", type=float, default=1024.0, show_default=True,
                      help="Descriptors beyond this many MB go to a temporary folder on disk."),
