@@ -7,8 +7,8 @@ runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own; e
 64 px, then one pair is timed end to end (loading, both forward passes, matching, k-means, coordinates).
 "agree" is the share of our 10 selected pairs that the peer also selected: by default both keep the same
 buddies (the peer's saliency filter) and take the best-saliency pair of each cluster of scikit-learn's
-KMeans, but we run it with 10 starts, as the scikit-learn of the peer's time did, where scikit-learn >= 1.4
-runs the peer's call with one, so picks can differ; the best buddies themselves are the same computation.
+KMeans with 10 starts, as the scikit-learn of the peer's time did (scikit-learn >= 1.4 would run the peer's
+call with one, so the benchmark gives it the 10 explicitly).
 
     python benchmarks/bench_correspond.py                          # vitdense only
     python benchmarks/bench_correspond.py --peer /path/to/dino-vit-features
@@ -17,6 +17,7 @@ runs the peer's call with one, so picks can differ; the best buddies themselves 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import sys
@@ -61,6 +62,8 @@ def run_case(impl: str, size: int, device: str, peer: str | None) -> dict:
         from benchmarks._peer import import_peer
 
         module = import_peer(peer, vit, module="correspondences")
+        # the scikit-learn of the peer's time ran KMeans with 10 starts; today's runs its call with one
+        module.KMeans = functools.partial(module.KMeans, n_init=10)
 
         def one(load_size: int) -> list[tuple[int, int, int, int]]:
             with torch.no_grad():
