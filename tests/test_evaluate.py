@@ -312,7 +312,7 @@ def test_quick_and_task_subset(tmp_path, data, weights):
 
 
 def test_quick_subset_takes_first_images_of_first_groups_and_homography_pairs():
-    from vitdense.evaluate import EvalSettings, _coseg_groups, _quick_pairs
+    from vitdense.evaluate import EvalSettings, _coseg_groups, _correspond_pairs
 
     manifest = {"coseg": [{"group": f"g{g}", "images": [f"g{g}/{i}.png" for i in range(6)],
                            "masks": [f"g{g}/{i}_mask.png" for i in range(6)]} for g in range(4)]}
@@ -325,10 +325,10 @@ def test_quick_subset_takes_first_images_of_first_groups_and_homography_pairs():
 
     manifest["pairs"] = [{"name": "stereo", "kind": "disparity"}] + \
         [{"name": f"h{i}", "kind": "homography"} for i in range(3)]
-    assert [p["name"] for p in _quick_pairs(manifest, EvalSettings(quick=True, quick_pairs=2))] == ["h0", "h1"]
-    assert [p["name"] for p in _quick_pairs(manifest, EvalSettings(quick=True, quick_pairs=5))] == \
+    assert [p["name"] for p in _correspond_pairs(manifest, EvalSettings(quick=True, quick_pairs=2))] == ["h0", "h1"]
+    assert [p["name"] for p in _correspond_pairs(manifest, EvalSettings(quick=True, quick_pairs=5))] == \
         ["h0", "h1", "h2", "stereo"]
-    assert _quick_pairs(manifest, EvalSettings()) == manifest["pairs"]
+    assert _correspond_pairs(manifest, EvalSettings()) == manifest["pairs"]
 
 
 def test_bad_input(tmp_path, data, weights):

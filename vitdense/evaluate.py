@@ -242,7 +242,7 @@ def _majority_rate(labels: Sequence[int]) -> float:
     return 100.0 * np.bincount(labels).max() / len(labels)
 
 
-def _quick_pairs(manifest: dict, settings: EvalSettings) -> list[dict]:
+def _correspond_pairs(manifest: dict, settings: EvalSettings) -> list[dict]:
     """The correspondence pairs to score; --quick takes homography pairs first (the rectified motorcycle pair
     is the largest and puts every backbone, random ones included, near PCK@0.05 = 1)."""
     pairs = manifest.get("pairs", [])
@@ -453,7 +453,7 @@ def run_correspond(ext: Any, root: Path, manifest: dict, settings: EvalSettings,
     from .correspond import draw_correspondences, find_correspondences, keypoint_threshold, pck
 
     start = time.perf_counter()
-    pairs = _quick_pairs(manifest, settings)
+    pairs = _correspond_pairs(manifest, settings)
     rows, pics = [], []
     for pair in tqdm(pairs, desc="correspondences", unit="pair", disable=not progress):
         res = find_correspondences(ext, root / pair["a"], root / pair["b"], load_size=settings.load_size,
