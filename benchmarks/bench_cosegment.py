@@ -10,8 +10,9 @@ saliency pass; writing PNGs/summary is timed apart); its extractor is built from
 DINO saliency heads (0, 2, 4, 5) the peer uses. The peer's stages are
 measured by wrapping its extractor calls (extraction) and cv2.grabCut (refinement); the rest of its run
 (k-means, voting, resizing) is "cluster". The object masks are compared pixel for pixel (at the load size;
-the peer's GrabCut seeded per image as ours, which its own code leaves unseeded). With ``--parts`` both part co-segmentations run as well (peer:
-find_part_cosegmentation; its CRF and clustering are not separable, so they are reported together).
+the peer's GrabCut seeded per image as ours, which its own code leaves unseeded). With ``--parts`` both part
+co-segmentations run as well (peer: find_part_cosegmentation; its CRF and clustering are not separable, so
+they are reported together).
 
     python benchmarks/bench_cosegment.py                       # 10 images, peer from /tmp/peer when present
     python benchmarks/bench_cosegment.py --n 10 50 --parts --peer /path/to/dino-vit-features
@@ -156,9 +157,7 @@ def run_peer(folder: Path, peer: str, device: str, parts: bool, limit: float, lo
             module.cv2.setRNGSeed(0)
             return grabcut(*a, **kw)
 
-        module.cv2 = types.SimpleNamespace(**{**{k: getattr(module.cv2, k) for k in dir(module.cv2)
-                                                 if not k.startswith("__")},
-                                              "grabCut": timed(seeded_grabcut, "refine")})
+        module.cv2.grabCut = timed(seeded_grabcut, "refine")  # this case's own process: patched for it alone
     trained_k: list[int] = []  # the peer returns no k: record each k-means it builds (the last is the one used)
     kmeans_class = module.faiss.Kmeans
 

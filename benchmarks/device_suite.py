@@ -676,7 +676,8 @@ def part_analyses(part: Part) -> None:
             stopped = theirs.get("timeout") is True  # the peer stopped itself: its time is a lower bound
             fields["speedup"] = (f">= {theirs['compute'] / ours['compute']:.2f}" if stopped
                                  else theirs["compute"] / ours["compute"])
-            fields["check"] = f"k {ours.get('k')} vs {theirs.get('k')}; masks {bench_cosegment.compare_masks(work, n)}"
+            fields["check"] = (f"k {ours.get('k')} vs {theirs.get('k')}; "
+                               f"masks {bench_cosegment.compare_masks(work, n)}")
         fields.update(lower_bound(ours and ours.get("compute")))
         add(task, "dino-vit-features", theirs, **fields)
 
