@@ -57,6 +57,9 @@ class PretrainConfig:
     epochs: int = _opt(100, "Training epochs.")
     max_steps: int = _opt(0, "Stop after this many global steps (0 = all epochs); schedules still span "
                              "--epochs.")
+    time_limit: float = _opt(0.0, "Stop on the clock: seconds from the start of the run (image decoding included) "
+                                  "by which the last checkpoint and export are written (0 = off). The schedules "
+                                  "are fitted to the steps that fit, measured on the first steps.")
     batch_size: int = _opt(64, "Global batch size (split evenly across processes).")
     lr: float = _opt(0.0005, "Peak learning rate for a global batch of 256 (scaled linearly with the batch).")
     min_lr: float = _opt(1e-6, "Learning rate at the end of the cosine schedule.")
@@ -139,6 +142,7 @@ class PretrainConfig:
              f"--source-size {self.source_size} must be 0 or at least --global-size {self.global_size}"),
             (self.out_dim >= 1, "--out-dim must be at least 1"),
             (self.knn_k >= 1, "--knn-k must be at least 1"),
+            (self.time_limit >= 0, "--time-limit must be 0 (off) or a number of seconds"),
         ]
         for ok, message in checks:
             if not ok:

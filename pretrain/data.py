@@ -314,23 +314,35 @@ class ResidentSources(Dataset):
 
         assert dataset.source_size > 0, "resident sources are the device-crop path's"
         self.augment, self.repeat = dataset.augment, dataset.repeat
+        # Each decoded image goes to its slot at once and its loader tensor is dropped: a worker hands images
+        # over in shared memory, one open file descriptor each, so holding all of them until the end runs out
+        # of descriptors (1,337 images at `ulimit -n 1024`).
+        side = dataset.source_size
+        images = torch.zeros(len(dataset.paths), 3, side, side, dtype=torch.uint8, device=device)
+        sizes, kept, self.failed = [], [], []
         loader = DataLoader(_DecodeSources(dataset), batch_size=16, num_workers=workers, collate_fn=list)
-        sources, self.failed = [], []
+        index = 0
         with tqdm(total=len(dataset.paths), desc="decoding images", unit="img", leave=False) as progress:
             for batch in loader:
                 for source in batch:
                     if source is None:
-                        self.failed.append(dataset.paths[len(sources) + len(self.failed)])
+                        self.failed.append(dataset.paths[index])
                     else:
-                        sources.append(source)
-                progress.update(len(batch))
-        if not sources:
+                        h, w = source.shape[1:]
+                        images[len(kept), :, :h, :w] = source.to(device)
+                        sizes.append((h, w))
+                        kept.append(index)
+                    index += 1
+                del batch
+                progress.update(index - progress.n)
+        if not kept:
             raise DataError("no readable image left in the data set")
-        self.sizes = torch.tensor([tuple(src.shape[1:]) for src in sources])
+        self.sizes = torch.tensor(sizes)
         height, width = self.sizes.max(dim=0).values.tolist()
-        self.images = torch.zeros(len(sources), 3, height, width, dtype=torch.uint8, device=device)
-        for slot, src in zip(self.images, sources):
-            slot[:, :src.shape[1], :src.shape[2]] = src.to(device)
+        # the padding no image reaches is cut off (a view would keep the whole buffer alive)
+        self.images = images[:len(kept), :, :height, :width].clone() if (len(kept), height, width) != \
+            (len(images), side, side) else images
+        del images
 
     @staticmethod
     def nbytes(num_images: int, source_size: int) -> int:

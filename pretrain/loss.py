@@ -68,9 +68,14 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_out: torch.Tensor) -> None:
         """EMA of the teacher's batch mean; the mean runs over the global batch (all processes)."""
         batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+        count = float(teacher_out.shape[0])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
-        batch_center = batch_sum / count
+            # the batch sizes summed over processes, without a copy from host memory (which would wait for
+            # the device): torch.full launches a fill with the number as its argument
+            total = torch.full((1,), count, device=teacher_out.device)
+            dist.all_reduce(total)
+            batch_center = batch_sum / total
+        else:
+            batch_center = batch_sum / count
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -13,6 +13,7 @@ per-step here).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -75,6 +76,16 @@ class Schedules:
             momentum_start=cfg.momentum_teacher, momentum_end=cfg.momentum_teacher_end,
             temp_start=cfg.warmup_teacher_temp, temp_end=cfg.teacher_temp,
             temp_warmup_steps=min(total, round(cfg.warmup_teacher_temp_epochs * steps_per_epoch)))
+
+    def fitted(self, total_steps: int) -> "Schedules":
+        """The same schedules over ``total_steps`` instead: the warm-ups keep their fraction of the run (a run
+        stopped on the clock fits its curves to the steps that fit, see ``--time-limit``)."""
+        total_steps = max(1, int(total_steps))
+        scale = total_steps / max(1, self.total_steps)
+        return dataclasses.replace(
+            self, total_steps=total_steps,
+            lr_warmup_steps=min(total_steps, round(self.lr_warmup_steps * scale)),
+            temp_warmup_steps=min(total_steps, round(self.temp_warmup_steps * scale)))
 
     def at(self, step: int) -> StepValues:
         return StepValues(

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainResult:
     log: Path
     plot: Path
     skipped_files: int
+    stopped_by_clock: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +86,49 @@ def init_processes(cfg: PretrainConfig) -> Processes:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return Processes(rank, world, local_rank, device)
+
+
+class RunClock:
+    """``--time-limit``: when to fit the schedules to the steps that fit, and when to stop to save in time.
+
+    The horizon is planned once, after ``WARM`` steps (compilation, allocator, first batches) and ``MEASURE``
+    more: the median iteration time, waits included, times the steps the time left allows, less the final
+    save's time and a margin. After that every step checks that one more step and the save still fit.
+    """
+
+    WARM, MEASURE, MARGIN = 3, 8, 0.06
+
+    def __init__(self, limit: float, start: float, save_estimate: float):
+        self.limit, self.start = limit, start
+        self.save_s = save_estimate  # raised to 1.5 x a measured save
+        self.durations: list[float] = []
+        self.planned = False
+
+    def left(self) -> float:
+        return self.limit - (time.perf_counter() - self.start)
+
+    def step_s(self) -> float:
+        return statistics.median(self.durations[self.WARM:] or self.durations)
+
+    def plan(self, step: int) -> int | None:
+        """The last step the time allows, once enough steps were timed (else None)."""
+        if self.planned or len(self.durations) < self.WARM + self.MEASURE:
+            return None
+        self.planned = True
+        usable = (self.left() - self.save_s) * (1 - self.MARGIN)
+        return step + max(1, int(usable / self.step_s()))
+
+    def must_stop(self) -> bool:
+        """True when another step would leave too little time for the final save."""
+        step_s = self.step_s() if self.durations else 0.0
+        return self.left() < self.save_s + 1.5 * step_s
+
+
+def save_estimate_s(*modules: nn.Module, write_mb_per_s: float = 150.0) -> float:
+    """Seconds a checkpoint (student, teacher, AdamW's two moments) plus the export and plot take, on a disk
+    writing ``write_mb_per_s`` (conservative for local disks) and 3 s for the plot."""
+    nbytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return 3.0 + 2.2 * nbytes / (write_mb_per_s * 1e6)
 
 
 def build_model(cfg: PretrainConfig, student: bool, init: WarmStart | None = None) -> MultiCropWrapper:
@@ -218,6 +263,7 @@ def run_knn(cfg: PretrainConfig, backbone: nn.Module, device: torch.device, auto
 
 def train(cfg: PretrainConfig) -> TrainResult:
     """Train student and teacher as configured; return where the results are (rank 0's view)."""
+    t_run = time.perf_counter()  # --time-limit counts from here: decoding and model building included
     init = load_warm_start(cfg.init) if cfg.init else None
     if init is not None:
         apply_to_config(cfg, init)
@@ -330,9 +376,13 @@ def train(cfg: PretrainConfig) -> TrainResult:
         save_json(out / "config.json", cfg.to_dict())
         log = JsonlLog(log_file, resume_step=step)
 
+    clock = RunClock(cfg.time_limit, t_run, save_estimate_s(student, teacher)) if cfg.time_limit > 0 else None
+    stopped_by_clock = False
+
     def save(epoch: int) -> None:
         """Checkpoint + teacher export + plot (rank 0 writes; every rank joins the RNG gather)."""
         report()  # a diverged step must never reach a checkpoint
+        started = time.perf_counter()
         rng = gather_rng(procs)
         if procs.main:
             meta = export_meta(cfg, step, init, time.perf_counter() - t_start)
@@ -340,8 +390,27 @@ def train(cfg: PretrainConfig) -> TrainResult:
                                                        meta))
             save_backbone(teacher.backbone.state_dict(), export_file, meta=meta)
             plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
+        if clock is not None:
+            clock.save_s = max(clock.save_s, 1.5 * (time.perf_counter() - started))
 
     pending: dict[str, Any] | None = None  # the last step's numbers, still on the device
+
+    def clock_decisions(done: int, stop: float, plan: float) -> None:
+        """Apply the clock's plan (the horizon the schedules are fitted to) and stop (end after this step)."""
+        nonlocal last_step, schedules, stopped_by_clock
+        if plan > 0 and int(plan) < last_step:
+            last_step = max(done, int(plan))
+            schedules = schedules.fitted(last_step)
+            progress.total = last_step
+            progress.refresh()
+            LOG.info("--time-limit %g s: %d steps fit; schedules fitted to them", cfg.time_limit, last_step)
+            if procs.main:
+                log.append({"step": done, "planned_steps": last_step, "time_left_s": round(clock.left(), 1)})
+        if stop > 0 and step < last_step:
+            last_step = step  # the step queued since this one was decided ends the run
+            stopped_by_clock = True
+            if procs.main:
+                log.append({"step": done, "stopped_by": "clock", "time_left_s": round(clock.left(), 1)})
 
     def report() -> None:
         """Read the pending step's loss and statistics: stop on divergence, log, show progress."""
@@ -350,7 +419,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
             return
         done, epoch, values = pending["step"], pending["epoch"], pending["values"]
         seconds = pending["seconds"] or time.perf_counter() - pending["t_data"]
-        loss, entropy, kl, n_failed = pending["stats"].tolist()
+        read = pending["stats"].tolist()
+        loss, entropy, kl = read[:3]
+        n_failed, stop, plan = read[3:] if len(read) > 3 else pending["host"]
         pending_wait = pending["data_wait"]
         pending = None
         if not math.isfinite(loss):
@@ -358,6 +429,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
                               f"raise --clip-grad/--freeze-last-layer")
         last_loss = loss
         skipped += int(n_failed)
+        if clock is not None:
+            clock.durations.append(seconds)
+            clock_decisions(done, stop, plan)
         if procs.main and (done % cfg.log_every == 0 or done == last_step):
             log.append({"step": done, "epoch": epoch, "loss": loss, "teacher_entropy": entropy, "kl": kl,
                         "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
@@ -421,14 +495,21 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
             # ----- monitoring (averaged over processes). Reading a value from the device waits for it, so
             # this step's numbers are read after the next step is queued: the device never runs dry.
-            stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl,
-                                 torch.tensor(float(n_failed), device=device)])
+            # Host values (substituted images, the clock's stop and plan; rank 0 decides for all) reach the
+            # device only to be summed over processes, through pinned memory: no copy that waits.
+            stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl])
+            stop = float(clock is not None and procs.main and clock.must_stop())
+            plan = float((clock.plan(step) or 0) if clock is not None and procs.main else 0)
+            host = [float(n_failed), stop, plan]
             if procs.world_size > 1:
+                extra = torch.tensor(host)
+                extra = extra.pin_memory() if device.type == "cuda" else extra
+                stats = torch.cat([stats, extra.to(device, non_blocking=True)])
                 dist.all_reduce(stats)
                 stats[:3] /= procs.world_size
             report()
             pending = {"step": step, "epoch": epoch, "stats": stats, "values": values, "t_data": t_data,
-                       "data_wait": t_step - t_data, "seconds": None}
+                       "data_wait": t_step - t_data, "seconds": None, "host": host}
             if cfg.save_every and step % cfg.save_every == 0:
                 save(epoch)
                 saved_at = step
@@ -447,6 +528,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             knn_eval(epoch)
     report()
     progress.close()
+    if stopped_by_clock:
+        LOG.info("--time-limit %g s: stopped by the clock at step %d", cfg.time_limit, step)
 
     if saved_at != step:
         save(step // steps_per_epoch)
@@ -457,4 +540,4 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if procs.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(step, last_loss, ckpt_file, export_file, log_file, plot_file, skipped)
+    return TrainResult(step, last_loss, ckpt_file, export_file, log_file, plot_file, skipped, stopped_by_clock)
