@@ -131,6 +131,11 @@ def crop_resize(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.
     return out.div_(255.0).clamp_(0, 1)
 
 
+# The four colour-jitter operations by their parameter column, in torchvision's order (index = order value).
+_JITTER = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+           "hue": adjust_hue}
+
+
 class GPUMultiCrop:
     """Apply the views described by ``params`` to a batch of uint8 source images on their device.
 
@@ -145,35 +150,45 @@ class GPUMultiCrop:
         """One view of every image: rows (B, NPARAM), all of one output size, ``p_cpu`` on the CPU and ``p``
         the same on the device.
 
-        Which branches run is decided from the CPU copy and the per-image masks come from the device copy, so
-        the host never waits for the device and sends nothing per operation.
+        Each operation runs only on the images that draw it: in jitter slot j, the images whose j-th jitter
+        operation is k go through operation k together (4 groups per slot, so every image is jittered 4
+        times, not 16), and grayscale, blur and solarisation only touch their own images. The groups are
+        worked out on the host from the CPU copy and reach the device as one index tensor per view, so the
+        host never waits for the device.
         """
-        def on(column: str) -> torch.Tensor:  # (B,) bool on the device
-            return p[:, _COL[column]] > 0.5
-
         x = crop_resize(images, p, int(p_cpu[0, _COL["size"]]))
         jitter_on = p_cpu[:, _COL["jitter"]] > 0.5
-        ops = ((adjust_brightness, "brightness"), (adjust_contrast, "contrast"),
-               (adjust_saturation, "saturation"), (adjust_hue, "hue"))
+        groups: list[tuple[str, torch.Tensor]] = []  # (operation, image indices), in application order
         for slot in range(4):
             order = p_cpu[:, _COL[f"order{slot}"]].long()
-            order_dev = p[:, _COL[f"order{slot}"]].long()
-            for k, (op, name) in enumerate(ops):
-                if (jitter_on & (order == k)).any():
-                    chosen = on("jitter") & (order_dev == k)
-                    x = torch.where(_per_image(chosen), op(x, p[:, _COL[name]]), x)
-        gray = p_cpu[:, _COL["grayscale"]] > 0.5
-        if gray.any():
-            x = torch.where(_per_image(on("grayscale")), _gray(x).expand_as(x), x)
+            for k, name in enumerate(_JITTER):
+                groups.append((name, torch.nonzero(jitter_on & (order == k)).flatten()))
+        groups.append(("grayscale", torch.nonzero(p_cpu[:, _COL["grayscale"]] > 0.5).flatten()))
         sigma = p_cpu[:, _COL["blur_sigma"]]
-        if (sigma > 0).any():
-            radius = max(1, math.ceil(3.0 * float(sigma.max())))
-            blurred = gaussian_blur(x, p[:, _COL["blur_sigma"]], radius)
-            x = torch.where(_per_image(p[:, _COL["blur_sigma"]] > 0), blurred, x)
-        solarize = p_cpu[:, _COL["solarize"]] > 0.5
-        if solarize.any():
-            # PIL's solarize(threshold=128) inverts every byte >= 128
-            x = torch.where(_per_image(on("solarize")) & (x >= 128 / 255), 1.0 - x, x)
+        groups.append(("blur", torch.nonzero(sigma > 0).flatten()))
+        groups.append(("solarize", torch.nonzero(p_cpu[:, _COL["solarize"]] > 0.5).flatten()))
+        groups = [(name, idx) for name, idx in groups if len(idx)]
+        if not groups:
+            return (x - self.mean) / self.std
+        flat = torch.cat([idx for _, idx in groups])
+        if x.is_cuda:
+            flat = flat.pin_memory()
+        flat = flat.to(x.device, non_blocking=True)
+        offset = 0
+        for name, idx_cpu in groups:
+            idx = flat[offset:offset + len(idx_cpu)]
+            offset += len(idx_cpu)
+            sub, rows = x.index_select(0, idx), p.index_select(0, idx)
+            if name in _JITTER:
+                sub = _JITTER[name](sub, rows[:, _COL[name]])
+            elif name == "grayscale":
+                sub = _gray(sub).expand_as(sub)
+            elif name == "blur":
+                radius = max(1, math.ceil(3.0 * float(sigma[idx_cpu].max())))
+                sub = gaussian_blur(sub, rows[:, _COL["blur_sigma"]], radius)
+            else:  # PIL's solarize(threshold=128) inverts every byte >= 128
+                sub = torch.where(sub >= 128 / 255, 1.0 - sub, sub)
+            x = x.index_copy(0, idx, sub)
         return (x - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
