@@ -358,26 +358,34 @@ def compose_objects(cutouts: Sequence[Cutout], backgrounds: Sequence[Photo], n: 
     trimmed = [_trim(c.rgba) for c in objects]
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        scene = scenes[int(rng.integers(len(scenes)))]
-        canvas = _random_square(scene.rgb, size, rng).astype(np.float32)
-        count = 2 if (rng.random() < two_objects and len(objects) > 1) else 1
-        picks = [int(k) for k in rng.choice(len(objects), size=count, replace=False)]
-        boxes: list[list[int]] = []
-        for j, k in enumerate(picks):
-            obj = trimmed[k][:, ::-1] if rng.random() < 0.5 else trimmed[k]
-            area = rng.uniform(*((0.10, 0.40) if j == 0 else (0.05, 0.20))) * size * size
-            resized = _resize_cutout(np.ascontiguousarray(obj), max(8, round(_longer_for_area(obj, area, 0.95 * size))))
-            h, w = resized.shape[:2]
-            for _ in range(20):
-                x0 = int(rng.integers(-(w // 6), size - w + w // 6 + 1))
-                y0 = int(rng.integers(-(h // 6), size - h + h // 6 + 1))
-                box = [x0, y0, x0 + w, y0 + h]
-                if not boxes or _overlap(boxes[0], box) < 0.3:
-                    break
-            _paste(canvas, resized, x0, y0)
-            boxes.append(box)
-        yield Composite(_to_uint8(canvas), [objects[k].key for k in picks], scene.key, boxes,
-                        [o for o in [scene.origin] + [objects[k].origin for k in picks] if o is not None])
+        k_scene = int(rng.integers(len(scenes)))
+        rgb, picks, boxes = compose_one(trimmed, scenes[k_scene].rgb, rng, size, two_objects)
+        yield Composite(rgb, [objects[k].key for k in picks], scenes[k_scene].key, boxes,
+                        [o for o in [scenes[k_scene].origin] + [objects[k].origin for k in picks] if o is not None])
+
+
+def compose_one(trimmed: Sequence[np.ndarray], scene: np.ndarray, rng: np.random.Generator, size: int = 256,
+                two_objects: float = 0.4) -> tuple[np.ndarray, list[int], list[list[int]]]:
+    """One composite (rule of :func:`compose_objects`) of trimmed RGBA cut-outs on the (H, W, 3) ``scene``:
+    (rgb (size, size, 3) uint8, indices of the cut-outs used, front-most last, their [x0, y0, x1, y1) boxes)."""
+    canvas = _random_square(scene, size, rng).astype(np.float32)
+    count = 2 if (rng.random() < two_objects and len(trimmed) > 1) else 1
+    picks = [int(k) for k in rng.choice(len(trimmed), size=count, replace=False)]
+    boxes: list[list[int]] = []
+    for j, k in enumerate(picks):
+        obj = trimmed[k][:, ::-1] if rng.random() < 0.5 else trimmed[k]
+        area = rng.uniform(*((0.10, 0.40) if j == 0 else (0.05, 0.20))) * size * size
+        resized = _resize_cutout(np.ascontiguousarray(obj), max(8, round(_longer_for_area(obj, area, 0.95 * size))))
+        h, w = resized.shape[:2]
+        for _ in range(20):
+            x0 = int(rng.integers(-(w // 6), size - w + w // 6 + 1))
+            y0 = int(rng.integers(-(h // 6), size - h + h // 6 + 1))
+            box = [x0, y0, x0 + w, y0 + h]
+            if not boxes or _overlap(boxes[0], box) < 0.3:
+                break
+        _paste(canvas, resized, x0, y0)
+        boxes.append(box)
+    return _to_uint8(canvas), picks, boxes
 
 
 # ---------------------------------------------------------------------------------------------------------
