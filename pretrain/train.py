@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from vitdense.backbones import FORMAT_KEY, IMAGENET_MEAN, IMAGENET_STD, backbone_meta, create_vit, save_backbone
 from vitdense.errors import ConfigError, DataError
 from vitdense.extractor import resolve_device
-from vitdense.io import save_json
+from vitdense.io import check_output, describe_skipped, save_json
 
 from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import MODEL_FIELDS, PretrainConfig
@@ -218,6 +218,7 @@ def run_knn(cfg: PretrainConfig, backbone: nn.Module, device: torch.device, auto
 
 def train(cfg: PretrainConfig) -> TrainResult:
     """Train student and teacher as configured; return where the results are (rank 0's view)."""
+    check_output(cfg.out, folder=True)  # before any work (with --resume: the run's own folder)
     init = load_warm_start(cfg.init) if cfg.init else None
     if init is not None:
         apply_to_config(cfg, init)

@@ -20,17 +20,75 @@ LOG = logging.getLogger("vitdense")
 
 
 class VitdenseGroup(click.Group):
-    """Click group that turns VitdenseError (and a missing optional package) into one line + exit 2."""
+    """Click group that turns VitdenseError (and a missing optional package) into one line + exit 2.
+
+    SIGTERM is handled like Ctrl-C (KeyboardInterrupt), so both keep what the commands have finished
+    (see "Interrupted runs" in the README); an interrupted command exits 130.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        import errno
+        import signal
+        import threading
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return super().invoke(ctx)
         except VitdenseError as err:
-            click.echo(f"vitdense: error: {err}", err=True)
+            click.echo(f"vitdense: error: {cli_message(err)}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("vitdense: interrupted", err=True)
+        except KeyboardInterrupt as err:
+            click.echo("vitdense: interrupted" + (f": {err}" if str(err) else ""), err=True)
             sys.exit(130)
+        except OSError as err:
+            # a location that became unwritable (or a full disk) after the up-front check: still one line
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+                raise
+            click.echo(f"vitdense: error: {err.filename or 'output'}: {err.strerror}", err=True)
+            sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cli_message(err: VitdenseError) -> str:
+    """The error's message with Python argument names (``facet='nose'``) written as the CLI's flags."""
+    return err.cli_message(CLI_FLAGS) if hasattr(err, "cli_message") else str(err)
+
+
+# Python argument names whose command-line flag is not just the name with dashes.
+CLI_FLAGS = {"radius": "--neighborhood", "kmeans_impl": "--kmeans", "rule": "--salient", "m": "--pq-m"}
+
+
+class OutputPath(click.ParamType):
+    """Click type of every ``--out`` (and other written) location: checked by :func:`vitdense.io.check_output`
+    when the options are parsed, before the command runs, with one ``PATH: problem`` line on failure."""
+
+    name = "path"
+
+    def __init__(self, folder: bool):
+        self.folder = folder
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .io import check_output  # light: numpy and PIL, no torch
+
+        option = max(param.opts, key=len) if param is not None and param.opts else "--out"
+        return str(check_output(value, folder=self.folder, option=option))
+
+
+def warn_skipped(skipped: list, strict_hint: bool = True) -> None:
+    """One warning line on stderr naming every skipped (path, reason), capped: the folder commands' rule."""
+    from .io import describe_skipped
+
+    if skipped:
+        click.echo(f"warning: skipped {len(skipped)} unreadable file(s): {describe_skipped(skipped)}"
+                   + (" (--strict stops at the first)" if strict_hint else ""), err=True)
 
 
 @click.group(cls=VitdenseGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,7 +199,7 @@ def models() -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="features.npz", show_default=True,
+@click.option("--out", "out", type=OutputPath(folder=False), default="features.npz", show_default=True,
               help="NPZ file to write.")
 @click.option("--bin/--no-bin", "use_bin", default=False, show_default=True, help="Log-binned descriptors.")
 @click.option("--saliency/--no-saliency", default=True, show_default=True, help="Also store saliency maps.")
@@ -181,7 +239,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="pca_out", show_default=True)
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="pca_out", show_default=True)
 @click.option("--together/--separately", default=True, show_default=True,
               help="Fit one PCA over all images (colours comparable) or one per image.")
 @click.option("--salient-only", is_flag=True, help="Fit the PCA on salient tokens only (saliency > 0.1).")

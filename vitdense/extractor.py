@@ -54,9 +54,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device '{device}': not a device name (use cpu, cuda, cuda:1 or auto)") from None
+        raise ConfigError.argument("device", device, "not a device name (use cpu, cuda, cuda:1 or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        raise ConfigError.argument("device", device, "CUDA is not available on this machine (use cpu)")
     return dev
 
 
@@ -192,7 +192,7 @@ class ViTExtractor:
         ps = self.model.patch_embed.patch_size
         self.p = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
         if not isinstance(stride, int) or stride <= 0 or self.p % stride != 0:
-            raise ConfigError(f"--stride {stride}: must be a positive divisor of the patch size {self.p}")
+            raise ConfigError.argument("stride", stride, f"must be a positive divisor of the patch size {self.p}")
         self.stride = (stride, stride)
         self.num_heads = self.model.blocks[0].attn.num_heads
         self.depth = len(self.model.blocks)
@@ -217,7 +217,7 @@ class ViTExtractor:
         (None: the patch size); itself when the stride is already that."""
         stride = self.p if stride is None else stride
         if not isinstance(stride, int) or stride <= 0 or self.p % stride != 0:
-            raise ConfigError(f"--stride {stride}: must be a positive divisor of the patch size {self.p}")
+            raise ConfigError.argument("stride", stride, f"must be a positive divisor of the patch size {self.p}")
         if self.stride == (stride, stride):
             return self
         view = copy.copy(self)
@@ -310,7 +310,7 @@ class ViTExtractor:
     def layer_index(self, layer: int) -> int:
         """0-based index of ``layer`` (negative counts from the end); ConfigError when out of range."""
         if not -self.depth <= layer < self.depth:
-            raise ConfigError(f"--layer {layer}: the model has {self.depth} layers (use 0..{self.depth - 1} "
+            raise ConfigError.argument("layer", layer, f"the model has {self.depth} layers (use 0..{self.depth - 1} "
                               f"or negative indices)")
         return layer % self.depth
 
@@ -323,7 +323,7 @@ class ViTExtractor:
         (float32, on the extractor's device).
         """
         if facet not in FACETS:
-            raise ConfigError(f"--facet {facet}: choose one of {', '.join(FACETS)}")
+            raise ConfigError.argument("facet", facet, f"choose one of {', '.join(FACETS)}")
         if bin and include_cls:
             raise ConfigError("bin=True and include_cls=True cannot be combined")
         if include_cls and not self.has_cls:

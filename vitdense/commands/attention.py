@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main
 from ..errors import ConfigError, DataError
 
 CELL = 192  # contact-sheet cell size in pixels
@@ -40,7 +40,7 @@ def extractor_at_patch_stride(opts: dict[str, Any]) -> Any:
 
 @main.command("attention")
 @click.argument("images", nargs=-1, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(), required=True, help="Folder to write.")
+@click.option("--out", "out_dir", type=OutputPath(folder=True), required=True, help="Folder to write.")
 @click.option("--keep", type=float, default=0.6, show_default=True,
               help="Fraction of the attention mass the masks keep (0.6 in the DINO paper).")
 @click.option("--video", "video", type=click.Path(), default=None,
@@ -82,7 +82,7 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
         names = frames.names
         paths, sizes = [Path(video)], [frames.size]
         source = frames
-    out = check_output(out_dir, folder=True)
+    out = Path(out_dir)  # checked when the options were parsed (OutputPath)
     extractor = extractor_at_patch_stride(opts)
     extractor.layer_index(layer)
     if not extractor.has_cls:

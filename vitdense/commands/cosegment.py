@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import click
 import numpy as np
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main
 from ..cosegment import REFINE, REFINEMENTS, SALIENCY_RES
 from ..errors import ConfigError, DataError, ImageError
 
@@ -180,7 +180,7 @@ def coseg_options(fn: Callable) -> Callable:
 
     opts = [
         click.argument("images", nargs=-1, required=True, type=click.Path()),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+        click.option("--out", "out_dir", type=OutputPath(folder=True), required=True,
                      help="Folder for masks, overlays, contact_sheet.png and summary.json."),
         click.option("--clusters", type=int, default=None,
                      help="Number of first-stage k-means clusters (default: elbow rule)."),
