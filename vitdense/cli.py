@@ -203,38 +203,74 @@ def models() -> None:
               help="NPZ file to write.")
 @click.option("--bin/--no-bin", "use_bin", default=False, show_default=True, help="Log-binned descriptors.")
 @click.option("--saliency/--no-saliency", default=True, show_default=True, help="Also store saliency maps.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @extractor_options()
-def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, layer: int, facet: str,
+def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, strict: bool, layer: int, facet: str,
             **opts: Any) -> None:
     """Extract dense descriptors of IMAGES (files or folders) into one NPZ.
 
     For image number i the NPZ holds desc_i (T, D) float16, saliency_i (T,), grid_i (h, w), and
-    paths/load_sizes for all images.
+    paths/load_sizes for all images. Unreadable files are skipped and listed (--strict: stop at the first).
+    With several images each finished one is kept in OUT.parts/ until the NPZ is written: an interrupted
+    run, run again with the same options, skips them.
     """
     import numpy as np
     from tqdm import tqdm
 
+    from .errors import DataError, ImageError
     from .io import expand_inputs, save_npz
+    from .resume import ResumeStore
 
     paths = expand_inputs(images)
     extractor = build_extractor(**opts)
     extractor.layer_index(layer)  # fail before any work
+    settings = f"model={extractor.model_type} layer={layer} facet={facet} bin={use_bin} stride={extractor.stride[0]}"
+    store = ResumeStore(f"{out}.parts", {"settings": settings, "weights": extractor.weights_used,
+                                         "load_size": opts["load_size"], "dtype": opts["dtype"],
+                                         "saliency": saliency}) if len(paths) > 1 else None
+    for line in store.notes() if store is not None else []:
+        click.echo(line, err=True)
     arrays: dict[str, Any] = {}
-    for i, path in enumerate(tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2)):
-        batch, _ = extractor.preprocess(path, load_size_arg(opts["load_size"]))
-        feats = extractor.extract(batch, [layer], facet, bin=use_bin,
-                                  saliency=saliency and extractor.has_cls)
-        arrays[f"desc_{i}"] = feats.descriptors[layer][0].cpu().numpy().astype(np.float16)
-        if feats.saliency is not None:
-            arrays[f"saliency_{i}"] = feats.saliency[0].cpu().numpy()
-        arrays[f"grid_{i}"] = np.array(feats.num_patches)
-        arrays[f"load_size_{i}"] = np.array(feats.load_size)
-    arrays["paths"] = np.array([str(p) for p in paths])
-    arrays["settings"] = np.array(f"model={extractor.model_type} layer={layer} facet={facet} bin={use_bin} "
-                                  f"stride={extractor.stride[0]}")
+    good: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    try:
+        for path in tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2):
+            one = store.get(path) if store is not None else None
+            if one is None:
+                try:
+                    batch, _ = extractor.preprocess(path, load_size_arg(opts["load_size"]))
+                except ImageError as err:
+                    if strict or len(paths) == 1:
+                        raise
+                    skipped.append((path, str(err).split(": ", 1)[-1]))
+                    continue
+                feats = extractor.extract(batch, [layer], facet, bin=use_bin,
+                                          saliency=saliency and extractor.has_cls)
+                one = {"desc": feats.descriptors[layer][0].cpu().numpy().astype(np.float16),
+                       "grid": np.array(feats.num_patches), "load_size": np.array(feats.load_size)}
+                if feats.saliency is not None:
+                    one["saliency"] = feats.saliency[0].cpu().numpy()
+                if store is not None:
+                    store.put(path, **one)
+            i = len(good)
+            good.append(path)
+            arrays.update({f"{k}_{i}": v for k, v in one.items()})
+    except KeyboardInterrupt:
+        raise store.interrupted() if store is not None else KeyboardInterrupt() from None
+    if store is not None and store.reused:
+        click.echo(f"resumed: skipped {store.reused} finished image(s) kept in {store.folder}", err=True)
+    warn_skipped(skipped)
+    if not good:
+        raise DataError(f"none of the {len(paths)} image(s) could be read: {skipped[0][0]}: {skipped[0][1]}")
+    arrays["paths"] = np.array([str(p) for p in good])
+    arrays["skipped"] = np.array([f"{p}: {why}" for p, why in skipped], dtype=str)
+    arrays["settings"] = np.array(settings)
     arrays["weights"] = np.array(extractor.weights_used)
     save_npz(out, **arrays)
-    click.echo(f"wrote {out}: {len(paths)} image(s), descriptor dim {arrays['desc_0'].shape[1]}")
+    if store is not None:
+        store.discard()
+    click.echo(f"wrote {out}: {len(good)} image(s), descriptor dim {arrays['desc_0'].shape[1]}"
+               + (f", {len(skipped)} unreadable skipped" if skipped else ""))
 
 
 @main.command()
@@ -252,7 +288,7 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
     """
     from tqdm import tqdm
 
-    from .io import expand_inputs, save_png
+    from .io import expand_inputs, output_names, save_png
     from .viz import pca_rgb, upsample
 
     paths = expand_inputs(images)
@@ -268,11 +304,12 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
         masks.append((feats.saliency[0] > 0.1).cpu().numpy() if salient_only else None)
     groups = [list(range(len(paths)))] if together else [[i] for i in range(len(paths))]
     out = Path(out_dir)
+    names = output_names(paths)  # x.jpg and x.png: x_0_pca.png and x_1_pca.png, as every command names them
     for group in groups:
         rgbs = pca_rgb([descs[i] for i in group], [grids[i] for i in group],
                        masks=[masks[i] for i in group] if salient_only else None)
         for i, rgb in zip(group, rgbs):
-            save_png(out / f"{paths[i].stem}_pca.png", upsample(rgb, sizes[i], nearest=True))
+            save_png(out / f"{names[i]}_pca.png", upsample(rgb, sizes[i], nearest=True))
     click.echo(f"wrote {len(paths)} PCA image(s) to {out}")
 
 
