@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: error: {err.cli_message({})}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {result.steps} steps, last loss {result.last_loss:.4f}; teacher backbone: {result.export}")
+        print(f"trained {result.steps - result.start_step} steps, last loss {result.last_loss:.4f}; teacher backbone: {result.export}")
     return 0
 
 

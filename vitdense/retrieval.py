@@ -619,8 +619,16 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
             current.entries, current.vectors = entries + done, np.concatenate(vectors)
             current.save(build_index=False)
 
-    result = embed_images(extractor, [e.path for e in plan.embed], descriptor, batch_size, num_workers,
-                          progress, desc="index", on_batch=checkpoint)
+    try:
+        result = embed_images(extractor, [e.path for e in plan.embed], descriptor, batch_size, num_workers,
+                              progress, desc="index", on_batch=checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: commit every embedded image, a rerun embeds the rest
+        if not done:
+            raise
+        current.entries, current.vectors = entries + done, np.concatenate(vectors)
+        current.save(build_index=False)
+        raise KeyboardInterrupt(f"kept {len(done)} newly embedded image(s) in {root} ({len(current.entries)} in "
+                                f"all); run `vitdense index` again to embed the rest") from None
     skipped = [{"path": plan.embed[i].path, "reason": reason} for i, reason in result.skipped]
     current.entries = entries + done
     current.vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
