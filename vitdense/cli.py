@@ -288,7 +288,7 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
     """
     from tqdm import tqdm
 
-    from .io import expand_inputs, output_names, save_png
+    from .io import expand_inputs, output_names, replace_outputs, save_png
     from .viz import pca_rgb, upsample
 
     paths = expand_inputs(images)
@@ -310,6 +310,7 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
                        masks=[masks[i] for i in group] if salient_only else None)
         for i, rgb in zip(group, rgbs):
             save_png(out / f"{names[i]}_pca.png", upsample(rgb, sizes[i], nearest=True))
+    replace_outputs(out, [f"{name}_pca.png" for name in names])  # a previous run's other files go
     click.echo(f"wrote {len(paths)} PCA image(s) to {out}")
 
 

@@ -230,7 +230,8 @@ class ViTExtractor:
         """Load, resize (LANCZOS) and normalise one image → ((1, 3, H, W) tensor, resized PIL image).
 
         ``load_size``: int = shorter side, (height, width) = exact size, None = unchanged. Raises
-        :class:`ImageError` naming the file when it cannot be read or is smaller than one patch; logs a
+        :class:`ImageError` naming the file when it cannot be read or is smaller than one patch, as it is or
+        after resizing (a 4x4 image is an error whatever the load size); logs a
         warning (once per file) when the image is enlarged more than MAX_UPSCALE times. ``name``: how
         messages call an image passed as an array or PIL image (default: its path, or "image").
         """
@@ -244,6 +245,9 @@ class ViTExtractor:
             pil = load_image(image_path)
         pil = pil.convert("RGB")
         label = name or (str(image_path) if isinstance(image_path, (str, os.PathLike)) else "image")
+        if min(pil.height, pil.width) < self.p:  # fewer pixels than one token: resizing would invent them all
+            raise ImageError(f"{label}: image of {pil.width}x{pil.height} px is smaller than one {self.p}x{self.p} "
+                             f"patch; no load size makes it usable")
         hgt, wid = resize_size((pil.height, pil.width), load_size)
         if min(hgt, wid) < self.p:
             raise ImageError(f"{label}: image of {wid}x{hgt} px (after resizing) is smaller than one "

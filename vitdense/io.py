@@ -172,3 +172,34 @@ def describe_skipped(skipped: Sequence[tuple[Any, str]] | Sequence[Any], cap: in
     items = [f"{item[0]} ({item[1]})" if isinstance(item, tuple) else str(item) for item in skipped]
     more = f" and {len(items) - cap} more" if len(items) > cap else ""
     return ", ".join(items[:cap]) + more
+
+
+OUTPUTS_MANIFEST = ".vitdense-outputs.json"
+
+
+def replace_outputs(out_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Record the top-level entries (files or folders) of ``out_dir`` this run wrote, and delete those the
+    previous run recorded there and this one did not write: re-running a command into its folder leaves
+    only the new run's per-image files, never a stale mix. Entries no vitdense run recorded (a user's own
+    files) are never touched. Returns the names removed."""
+    import shutil
+
+    out = Path(out_dir)
+    new = sorted(set(names))
+    manifest = out / OUTPUTS_MANIFEST
+    try:
+        old = json.loads(manifest.read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    removed = []
+    for name in old:
+        if name in new or not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            continue
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        removed.append(name)
+    save_json(manifest, {"outputs": new})
+    return removed

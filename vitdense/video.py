@@ -432,17 +432,14 @@ class VideoFrames:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from .io import list_images
+        from .io import list_images, output_names
 
         self.path = Path(path)
         if not self.path.exists():
             raise ImageError(f"{self.path}: not found (expected a folder of frames or a video file)")
         if self.path.is_dir():
             self.files: list[Path] | None = list_images(self.path)
-            self.names = [p.stem for p in self.files]
-            if len(set(self.names)) != len(self.names):
-                raise DataError(f"{self.path}: several frames share a name stem (e.g. a.jpg and a.png); "
-                                "output PNGs are named after the frames")
+            self.names = output_names(self.files)  # a.jpg, a.png: a_0, a_1 (DAVIS names never repeat)
             sizes = [_image_size(p) for p in self.files]
             self.size = sizes[0]
             for p, s in zip(self.files, sizes):

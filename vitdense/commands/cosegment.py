@@ -373,7 +373,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
     from PIL import Image
     from tqdm import tqdm
 
-    from ..io import load_image, save_json, save_png
+    from ..io import load_image, replace_outputs, save_json, save_png
     from ..viz import contact_sheet, fit_within, outline_width, overlay, palette, upsample
 
     start = time.perf_counter()
@@ -410,6 +410,8 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
     summary["skipped"] = [{"file": str(p), "reason": why} for p, why in data.skipped]
     summary["timings_s"]["write"] = time.perf_counter() - start
     save_json(out_dir / "summary.json", summary)
+    replace_outputs(out_dir, [name for e in per_image for name in (e["mask"], e["overlay"])]
+                    + ["contact_sheet.png", "summary.json"])
     shutil.rmtree(out_dir / ".resume", ignore_errors=True)  # the outputs are written: nothing to resume
     return time.perf_counter() - start
 

@@ -144,7 +144,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     Queries are embedded with the index's descriptor settings; a backbone other than the index's is an
     error.
     """
-    from ..io import expand_inputs, save_json, save_png, write_outputs
+    from ..io import expand_inputs, replace_outputs, save_json, save_png, write_outputs
     from ..retrieval import ImageIndex, backbone_identity
     from ..viz import contact_sheet
 
@@ -197,6 +197,8 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
               "weights_used": extractor.weights_used,
               "queries": records, "skipped": [{"path": str(paths[i]), "reason": r} for i, r in result.skipped]}
     write_outputs(writers + [lambda: save_json(out / "results.json", report)])
+    replace_outputs(out, [f"{row:03d}_{paths[qi].stem}_results.png" for row, qi in enumerate(result.indices)]
+                    + ["results.json"])
     click.echo(f"wrote {out / 'results.json'} and {len(records)} contact sheet(s)")
 
 
