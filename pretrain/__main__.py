@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(config_from_args(args, explicit_options(argv)))
     except VitdenseError as err:
-        print(f"pretrain: error: {err}", file=sys.stderr)
+        print(f"pretrain: error: {err.cli_message({})}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {result.steps} steps, last loss {result.last_loss:.4f}; teacher backbone: {result.export}")
+        print(f"trained {result.steps - result.start_step} steps, last loss {result.last_loss:.4f}; teacher backbone: {result.export}")
     return 0
 
 

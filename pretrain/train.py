@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from vitdense.backbones import FORMAT_KEY, IMAGENET_MEAN, IMAGENET_STD, backbone_meta, create_vit, save_backbone
 from vitdense.errors import ConfigError, DataError
 from vitdense.extractor import resolve_device
-from vitdense.io import save_json
+from vitdense.io import check_output, describe_skipped, save_json
 
 from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import MODEL_FIELDS, PretrainConfig
@@ -55,6 +55,7 @@ class TrainResult:
     log: Path
     plot: Path
     skipped_files: int
+    start_step: int = 0  # where this run began (a resumed run trained steps - start_step steps)
     stopped_by_clock: bool = False
 
 
@@ -257,6 +258,45 @@ def run_knn(cfg: PretrainConfig, backbone: nn.Module, device: torch.device, auto
     return result
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """Loader workers ignore SIGINT (a terminal's Ctrl-C goes to every process of the group): the main process
+    finishes the step and saves, which needs the workers alive."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM during the loop: the first one only sets ``requested``, so the loop stops
+    at the end of a whole step and the run saves a checkpoint of that step; a second one exits at once
+    (code 130; the last complete checkpoint stays, every write being atomic). Handlers are installed in
+    the main thread only and put back by :meth:`restore`."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            os.write(2, b"\npretrain: interrupted again: exiting without saving\n")
+            os._exit(130)
+        self.requested = True
+        os.write(2, b"\npretrain: interrupted: saving a checkpoint after this step (again to exit at once)\n")
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +304,7 @@ def run_knn(cfg: PretrainConfig, backbone: nn.Module, device: torch.device, auto
 def train(cfg: PretrainConfig) -> TrainResult:
     """Train student and teacher as configured; return where the results are (rank 0's view)."""
     t_run = time.perf_counter()  # --time-limit counts from here: decoding and model building included
+    check_output(cfg.out, folder=True)  # before any work (with --resume: the run's own folder)
     init = load_warm_start(cfg.init) if cfg.init else None
     if init is not None:
         apply_to_config(cfg, init)
@@ -278,7 +319,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if not paths:
         raise DataError(f"{cfg.data_dir}: none of the {len(files)} image files can be read")
     if unreadable:
-        LOG.warning("skipping %d unreadable image file(s), e.g. %s", len(unreadable), unreadable[0])
+        LOG.warning("skipping %d unreadable image file(s): %s", len(unreadable), describe_skipped(unreadable, 10))
     if cfg.batch_size % procs.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {procs.world_size} processes")
     if len(paths) * cfg.repeat < cfg.batch_size:
@@ -305,8 +346,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if on_device and ResidentSources.nbytes(len(paths), source_size) <= cfg.resident_mb * 2**20:
         resident = ResidentSources(dataset, device, cfg.workers)
         if resident.failed:
-            LOG.warning("skipping %d image file(s) that cannot be decoded, e.g. %s", len(resident.failed),
-                        resident.failed[0])
+            LOG.warning("skipping %d image file(s) that cannot be decoded: %s", len(resident.failed),
+                        describe_skipped(resident.failed, 10))
             unreadable = unreadable + resident.failed
         dataset = resident
         if len(dataset) < cfg.batch_size:
@@ -316,7 +357,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate_crops,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                         prefetch_factor=4 if cfg.workers > 0 else None,
-                        generator=torch.Generator())  # keeps the loader off the global RNG (exact resume)
+                        generator=torch.Generator(),  # keeps the loader off the global RNG (exact resume)
+                        worker_init_fn=ignore_interrupts)  # Ctrl-C reaches workers too: the main process decides
     steps_per_epoch = sampler.steps_per_epoch
     schedules = Schedules.from_config(cfg, steps_per_epoch)
     last_step = schedules.total_steps if cfg.max_steps <= 0 else min(cfg.max_steps, schedules.total_steps)
@@ -414,16 +456,18 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     def report() -> None:
         """Read the pending step's loss and statistics: stop on divergence, log, show progress."""
-        nonlocal pending, last_loss, skipped
+        nonlocal pending, last_loss, skipped, stopping
         if pending is None:
             return
         done, epoch, values = pending["step"], pending["epoch"], pending["values"]
         seconds = pending["seconds"] or time.perf_counter() - pending["t_data"]
         read = pending["stats"].tolist()
         loss, entropy, kl = read[:3]
-        n_failed, stop, plan = read[3:] if len(read) > 3 else pending["host"]
+        n_failed, stop_asked, clock_stop, plan = read[3:] if len(read) > 3 else pending["host"]
         pending_wait = pending["data_wait"]
         pending = None
+        if stop_asked > 0:  # read one step late, summed over processes: every process stops at the same step
+            stopping = True
         if not math.isfinite(loss):
             raise ConfigError(f"loss is {loss} at step {done}: training diverged; lower --lr or "
                               f"raise --clip-grad/--freeze-last-layer")
@@ -431,7 +475,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         skipped += int(n_failed)
         if clock is not None:
             clock.durations.append(seconds)
-            clock_decisions(done, stop, plan)
+            clock_decisions(done, clock_stop, plan)
         if procs.main and (done % cfg.log_every == 0 or done == last_step):
             log.append({"step": done, "epoch": epoch, "loss": loss, "teacher_entropy": entropy, "kl": kl,
                         "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
@@ -463,69 +507,91 @@ def train(cfg: PretrainConfig) -> TrainResult:
     skipped = len(unreadable)
     last_loss = math.nan
     saved_at = step if cfg.resume else -1
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
-        t_data = time.perf_counter()
-        for views, n_failed in loader:
-            crops = batch_crops(views, device, device_augment, resident)
-            t_step = time.perf_counter()
-            values = schedules.at(step)
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = values.lr
-                group["weight_decay"] = values.weight_decay if i == 0 else 0.0
+    first_step = step
+    stopping = False  # Ctrl-C / SIGTERM seen by any process (see StopRequest)
+    stop = StopRequest()
+    try:
+        while step < last_step:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, start_step=step % steps_per_epoch)
+            t_data = time.perf_counter()
+            for views, n_failed in loader:
+                crops = batch_crops(views, device, device_augment, resident)
+                t_step = time.perf_counter()
+                values = schedules.at(step)
+                for i, group in enumerate(optimizer.param_groups):
+                    group["lr"] = values.lr
+                    group["weight_decay"] = values.weight_decay if i == 0 else 0.0
 
-            # Teacher sees the two global views, the student all views (Caron et al. 2021, Alg. 1).
-            with autocast():
-                with torch.no_grad():
-                    teacher_out = teacher_fwd(crops[:2])
-                student_out = student_fwd(crops)
-            terms = loss_fn(student_out, teacher_out, values.teacher_temp)
+                # Teacher sees the two global views, the student all views (Caron et al. 2021, Alg. 1).
+                with autocast():
+                    with torch.no_grad():
+                        teacher_out = teacher_fwd(crops[:2])
+                    student_out = student_fwd(crops)
+                terms = loss_fn(student_out, teacher_out, values.teacher_temp)
 
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            if cfg.clip_grad > 0:
-                clip_gradients(student, cfg.clip_grad)
-            if epoch < cfg.freeze_last_layer:
-                for p in student.head.last_layer.parameters():
-                    p.grad = None  # AdamW skips parameters without gradient: no step, no decay
-            optimizer.step()
-            update_teacher(student, teacher, values.momentum)
-            step += 1
+                optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                if cfg.clip_grad > 0:
+                    clip_gradients(student, cfg.clip_grad)
+                if epoch < cfg.freeze_last_layer:
+                    for p in student.head.last_layer.parameters():
+                        p.grad = None  # AdamW skips parameters without gradient: no step, no decay
+                optimizer.step()
+                update_teacher(student, teacher, values.momentum)
+                step += 1
 
-            # ----- monitoring (averaged over processes). Reading a value from the device waits for it, so
-            # this step's numbers are read after the next step is queued: the device never runs dry.
-            # Host values (substituted images, the clock's stop and plan; rank 0 decides for all) reach the
-            # device only to be summed over processes, through pinned memory: no copy that waits.
-            stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl])
-            stop = float(clock is not None and procs.main and clock.must_stop())
-            plan = float((clock.plan(step) or 0) if clock is not None and procs.main else 0)
-            host = [float(n_failed), stop, plan]
-            if procs.world_size > 1:
-                extra = torch.tensor(host)
-                extra = extra.pin_memory() if device.type == "cuda" else extra
-                stats = torch.cat([stats, extra.to(device, non_blocking=True)])
-                dist.all_reduce(stats)
-                stats[:3] /= procs.world_size
-            report()
-            pending = {"step": step, "epoch": epoch, "stats": stats, "values": values, "t_data": t_data,
-                       "data_wait": t_step - t_data, "seconds": None, "host": host}
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(epoch)
-                saved_at = step
-            now = time.perf_counter()
-            if pending is not None:
-                pending["seconds"] = now - t_data  # the whole iteration, waits included
-            t_data = now
-            if step >= last_step:
+                # ----- monitoring (averaged over processes). Reading a value from the device waits for it, so
+                # this step's numbers are read after the next step is queued: the device never runs dry.
+                # Host values (substituted images, Ctrl-C, the clock's stop and plan; rank 0's clock decides
+                # for all) reach the device only to be summed over processes, through pinned memory: no copy
+                # that waits.
+                stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl])
+                clock_stop = float(clock is not None and procs.main and clock.must_stop())
+                plan = float((clock.plan(step) or 0) if clock is not None and procs.main else 0)
+                host = [float(n_failed), float(stop.requested), clock_stop, plan]
+                if procs.world_size > 1:
+                    extra = torch.tensor(host)
+                    extra = extra.pin_memory() if device.type == "cuda" else extra
+                    stats = torch.cat([stats, extra.to(device, non_blocking=True)])
+                    dist.all_reduce(stats)
+                    stats[:3] /= procs.world_size
+                report()
+                pending = {"step": step, "epoch": epoch, "stats": stats, "values": values, "t_data": t_data,
+                           "data_wait": t_step - t_data, "seconds": None, "host": host}
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save(epoch)
+                    saved_at = step
+                now = time.perf_counter()
+                if pending is not None:
+                    pending["seconds"] = now - t_data  # the whole iteration, waits included
+                t_data = now
+                if step >= last_step or stopping:
+                    break
+            if stopping:
                 break
-        end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch and saved_at != step and (step // steps_per_epoch) % cfg.save_every_epochs == 0:
-            save(step // steps_per_epoch)
-            saved_at = step
-        done_epochs = step // steps_per_epoch
-        if cfg.knn_data and end_of_epoch and (done_epochs % cfg.knn_every == 0 or step >= last_step):
-            knn_eval(epoch)
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch and saved_at != step and (step // steps_per_epoch) % cfg.save_every_epochs == 0:
+                save(step // steps_per_epoch)
+                saved_at = step
+            done_epochs = step // steps_per_epoch
+            if cfg.knn_data and end_of_epoch and (done_epochs % cfg.knn_every == 0 or step >= last_step):
+                knn_eval(epoch)
+    except BaseException:
+        stop.restore()
+        raise
+    if stopping:
+        report()
+        progress.close()
+        save(step // steps_per_epoch)  # a second Ctrl-C meanwhile exits at once; the write is atomic
+        stop.restore()
+        LOG.warning("interrupted at step %d: checkpoint saved to %s; continue with --resume %s", step, ckpt_file, out)
+        if procs.world_size > 1:
+            dist.destroy_process_group()
+        raise KeyboardInterrupt(f"saved the checkpoint of step {step} in {ckpt_file}; continue with "
+                                f"`vitdense pretrain --resume {out}`")
+
+    stop.restore()
     report()
     progress.close()
     if stopped_by_clock:
@@ -540,4 +606,5 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if procs.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(step, last_loss, ckpt_file, export_file, log_file, plot_file, skipped, stopped_by_clock)
+    return TrainResult(step, last_loss, ckpt_file, export_file, log_file, plot_file, skipped, first_step,
+                       stopped_by_clock)

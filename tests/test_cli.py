@@ -124,19 +124,30 @@ def test_negative_load_size_is_an_option_error(weights, images, tmp_path):
 
 
 def test_tiny_image_upscaled_more_than_4x_warns(weights, tmp_path, caplog):
-    small = tmp_path / "four.png"
-    Image.fromarray(np.full((4, 4, 3), 120, np.uint8)).save(small)
+    small = tmp_path / "ten.png"
+    Image.fromarray(np.full((10, 10, 3), 120, np.uint8)).save(small)
     with caplog.at_level("WARNING", logger="vitdense"):
-        result = run_cli("extract", small, "--weights", weights, "--device", "cpu", "--load-size", 32,
+        result = run_cli("extract", small, "--weights", weights, "--device", "cpu", "--load-size", 48,
                          "--out", tmp_path / "o.npz")
     assert result.exit_code == 0, result.output
     warned = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
-    assert len(warned) == 1 and "four.png: image of 4x4 px upscaled 8x to 32x32 px" in warned[0]
+    assert len(warned) == 1 and "ten.png: image of 10x10 px upscaled 5x to 48x48 px" in warned[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="vitdense"):
-        run_cli("extract", small, "--weights", weights, "--device", "cpu", "--load-size", 16,
+        run_cli("extract", small, "--weights", weights, "--device", "cpu", "--load-size", 40,
                 "--out", tmp_path / "o.npz")
     assert not [r for r in caplog.records if "upscaled" in r.getMessage()]  # 4x is still fine
+
+
+def test_image_smaller_than_a_patch_is_an_error_whatever_the_load_size(weights, tmp_path):
+    """The README's rule: a 4x4 image (smaller than one 8x8 patch) is an error, not upscaled 56x."""
+    small = tmp_path / "four.png"
+    Image.fromarray(np.full((4, 4, 3), 120, np.uint8)).save(small)
+    for command in ("extract", "pca", "attention"):
+        out = tmp_path / command
+        assert_user_error(run_cli(command, small, "--weights", weights, "--device", "cpu", "--load-size", 224,
+                                  "--out", out), "four.png: image of 4x4 px is smaller than one 8x8 patch")
+        assert not out.exists()
 
 
 def test_stride_default_shown_where_it_is_the_patch_size():

@@ -98,19 +98,19 @@ def test_cli_writes_png_and_json(weights, pair, tmp_path):
 
 
 def test_tiny_image_warns_on_a_line_of_its_own(weights, pair, tmp_path):
-    """A 4x4 image enlarged 16x: the real command (own process, real stderr) says so on a line of its own,
+    """A 10x10 image enlarged 6x (4x4 is now an error: smaller than a patch): the real command (own process, real stderr) says so on a line of its own,
     not glued to the progress bar."""
     import subprocess
     import sys
 
     tiny = tmp_path / "tiny.png"
-    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(tiny)
+    Image.fromarray(np.full((10, 10, 3), 90, np.uint8)).save(tiny)
     proc = subprocess.run([sys.executable, "-m", "vitdense", "correspond", str(pair[0]), str(tiny), "--weights",
                            str(weights), "--device", "cpu", "--load-size", "64", "--thresh", "-1", "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if "upscaled" in line]
-    assert lines == [f"{tiny}: image of 4x4 px upscaled 16x to 64x64 px; its descriptors (and anything found in "
+    assert lines == [f"{tiny}: image of 10x10 px upscaled 6x to 64x64 px; its descriptors (and anything found in "
                      f"it) carry little information: use a larger image or a smaller --load-size"], proc.stderr
 
 

@@ -82,7 +82,7 @@ class AttentionMaps:
 def check_keep(keep: float) -> float:
     """``keep`` if it is a fraction in (0, 1], else a ConfigError naming --keep."""
     if not 0 < keep <= 1:
-        raise ConfigError(f"--keep {keep}: must be a fraction of the attention mass in (0, 1], e.g. 0.6")
+        raise ConfigError.argument("keep", keep, "must be a fraction of the attention mass in (0, 1], e.g. 0.6")
     return keep
 
 

@@ -20,17 +20,75 @@ LOG = logging.getLogger("vitdense")
 
 
 class VitdenseGroup(click.Group):
-    """Click group that turns VitdenseError (and a missing optional package) into one line + exit 2."""
+    """Click group that turns VitdenseError (and a missing optional package) into one line + exit 2.
+
+    SIGTERM is handled like Ctrl-C (KeyboardInterrupt), so both keep what the commands have finished
+    (see "Interrupted runs" in the README); an interrupted command exits 130.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        import errno
+        import signal
+        import threading
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return super().invoke(ctx)
         except VitdenseError as err:
-            click.echo(f"vitdense: error: {err}", err=True)
+            click.echo(f"vitdense: error: {cli_message(err)}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("vitdense: interrupted", err=True)
+        except KeyboardInterrupt as err:
+            click.echo("vitdense: interrupted" + (f": {err}" if str(err) else ""), err=True)
             sys.exit(130)
+        except OSError as err:
+            # a location that became unwritable (or a full disk) after the up-front check: still one line
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+                raise
+            click.echo(f"vitdense: error: {err.filename or 'output'}: {err.strerror}", err=True)
+            sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cli_message(err: VitdenseError) -> str:
+    """The error's message with Python argument names (``facet='nose'``) written as the CLI's flags."""
+    return err.cli_message(CLI_FLAGS) if hasattr(err, "cli_message") else str(err)
+
+
+# Python argument names whose command-line flag is not just the name with dashes.
+CLI_FLAGS = {"radius": "--neighborhood", "kmeans_impl": "--kmeans", "rule": "--salient", "m": "--pq-m"}
+
+
+class OutputPath(click.ParamType):
+    """Click type of every ``--out`` (and other written) location: checked by :func:`vitdense.io.check_output`
+    when the options are parsed, before the command runs, with one ``PATH: problem`` line on failure."""
+
+    name = "path"
+
+    def __init__(self, folder: bool):
+        self.folder = folder
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .io import check_output  # light: numpy and PIL, no torch
+
+        option = max(param.opts, key=len) if param is not None and param.opts else "--out"
+        return str(check_output(value, folder=self.folder, option=option))
+
+
+def warn_skipped(skipped: list, strict_hint: bool = True) -> None:
+    """One warning line on stderr naming every skipped (path, reason), capped: the folder commands' rule."""
+    from .io import describe_skipped
+
+    if skipped:
+        click.echo(f"warning: skipped {len(skipped)} unreadable file(s): {describe_skipped(skipped)}"
+                   + (" (--strict stops at the first)" if strict_hint else ""), err=True)
 
 
 @click.group(cls=VitdenseGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,47 +199,83 @@ def models() -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="features.npz", show_default=True,
+@click.option("--out", "out", type=OutputPath(folder=False), default="features.npz", show_default=True,
               help="NPZ file to write.")
 @click.option("--bin/--no-bin", "use_bin", default=False, show_default=True, help="Log-binned descriptors.")
 @click.option("--saliency/--no-saliency", default=True, show_default=True, help="Also store saliency maps.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @extractor_options()
-def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, layer: int, facet: str,
+def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, strict: bool, layer: int, facet: str,
             **opts: Any) -> None:
     """Extract dense descriptors of IMAGES (files or folders) into one NPZ.
 
     For image number i the NPZ holds desc_i (T, D) float16, saliency_i (T,), grid_i (h, w), and
-    paths/load_sizes for all images.
+    paths/load_sizes for all images. Unreadable files are skipped and listed (--strict: stop at the first).
+    With several images each finished one is kept in OUT.parts/ until the NPZ is written: an interrupted
+    run, run again with the same options, skips them.
     """
     import numpy as np
     from tqdm import tqdm
 
+    from .errors import DataError, ImageError
     from .io import expand_inputs, save_npz
+    from .resume import ResumeStore
 
     paths = expand_inputs(images)
     extractor = build_extractor(**opts)
     extractor.layer_index(layer)  # fail before any work
+    settings = f"model={extractor.model_type} layer={layer} facet={facet} bin={use_bin} stride={extractor.stride[0]}"
+    store = ResumeStore(f"{out}.parts", {"settings": settings, "weights": extractor.weights_used,
+                                         "load_size": opts["load_size"], "dtype": opts["dtype"],
+                                         "saliency": saliency}) if len(paths) > 1 else None
+    for line in store.notes() if store is not None else []:
+        click.echo(line, err=True)
     arrays: dict[str, Any] = {}
-    for i, path in enumerate(tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2)):
-        batch, _ = extractor.preprocess(path, load_size_arg(opts["load_size"]))
-        feats = extractor.extract(batch, [layer], facet, bin=use_bin,
-                                  saliency=saliency and extractor.has_cls)
-        arrays[f"desc_{i}"] = feats.descriptors[layer][0].cpu().numpy().astype(np.float16)
-        if feats.saliency is not None:
-            arrays[f"saliency_{i}"] = feats.saliency[0].cpu().numpy()
-        arrays[f"grid_{i}"] = np.array(feats.num_patches)
-        arrays[f"load_size_{i}"] = np.array(feats.load_size)
-    arrays["paths"] = np.array([str(p) for p in paths])
-    arrays["settings"] = np.array(f"model={extractor.model_type} layer={layer} facet={facet} bin={use_bin} "
-                                  f"stride={extractor.stride[0]}")
+    good: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    try:
+        for path in tqdm(paths, desc="extract", unit="img", disable=len(paths) < 2):
+            one = store.get(path) if store is not None else None
+            if one is None:
+                try:
+                    batch, _ = extractor.preprocess(path, load_size_arg(opts["load_size"]))
+                except ImageError as err:
+                    if strict or len(paths) == 1:
+                        raise
+                    skipped.append((path, str(err).split(": ", 1)[-1]))
+                    continue
+                feats = extractor.extract(batch, [layer], facet, bin=use_bin,
+                                          saliency=saliency and extractor.has_cls)
+                one = {"desc": feats.descriptors[layer][0].cpu().numpy().astype(np.float16),
+                       "grid": np.array(feats.num_patches), "load_size": np.array(feats.load_size)}
+                if feats.saliency is not None:
+                    one["saliency"] = feats.saliency[0].cpu().numpy()
+                if store is not None:
+                    store.put(path, **one)
+            i = len(good)
+            good.append(path)
+            arrays.update({f"{k}_{i}": v for k, v in one.items()})
+    except KeyboardInterrupt:
+        raise store.interrupted() if store is not None else KeyboardInterrupt() from None
+    if store is not None and store.reused:
+        click.echo(f"resumed: skipped {store.reused} finished image(s) kept in {store.folder}", err=True)
+    warn_skipped(skipped)
+    if not good:
+        raise DataError(f"none of the {len(paths)} image(s) could be read: {skipped[0][0]}: {skipped[0][1]}")
+    arrays["paths"] = np.array([str(p) for p in good])
+    arrays["skipped"] = np.array([f"{p}: {why}" for p, why in skipped], dtype=str)
+    arrays["settings"] = np.array(settings)
     arrays["weights"] = np.array(extractor.weights_used)
     save_npz(out, **arrays)
-    click.echo(f"wrote {out}: {len(paths)} image(s), descriptor dim {arrays['desc_0'].shape[1]}")
+    if store is not None:
+        store.discard()
+    click.echo(f"wrote {out}: {len(good)} image(s), descriptor dim {arrays['desc_0'].shape[1]}"
+               + (f", {len(skipped)} unreadable skipped" if skipped else ""))
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="pca_out", show_default=True)
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="pca_out", show_default=True)
 @click.option("--together/--separately", default=True, show_default=True,
               help="Fit one PCA over all images (colours comparable) or one per image.")
 @click.option("--salient-only", is_flag=True, help="Fit the PCA on salient tokens only (saliency > 0.1).")
@@ -194,7 +288,7 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
     """
     from tqdm import tqdm
 
-    from .io import expand_inputs, save_png
+    from .io import expand_inputs, output_names, replace_outputs, save_png
     from .viz import pca_rgb, upsample
 
     paths = expand_inputs(images)
@@ -210,11 +304,13 @@ def pca(images: tuple[str, ...], out_dir: str, together: bool, salient_only: boo
         masks.append((feats.saliency[0] > 0.1).cpu().numpy() if salient_only else None)
     groups = [list(range(len(paths)))] if together else [[i] for i in range(len(paths))]
     out = Path(out_dir)
+    names = output_names(paths)  # x.jpg and x.png: x_0_pca.png and x_1_pca.png, as every command names them
     for group in groups:
         rgbs = pca_rgb([descs[i] for i in group], [grids[i] for i in group],
                        masks=[masks[i] for i in group] if salient_only else None)
         for i, rgb in zip(group, rgbs):
-            save_png(out / f"{paths[i].stem}_pca.png", upsample(rgb, sizes[i], nearest=True))
+            save_png(out / f"{names[i]}_pca.png", upsample(rgb, sizes[i], nearest=True))
+    replace_outputs(out, [f"{name}_pca.png" for name in names])  # a previous run's other files go
     click.echo(f"wrote {len(paths)} PCA image(s) to {out}")
 
 

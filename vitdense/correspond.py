@@ -143,7 +143,7 @@ def nearest_neighbours(desc_a: torch.Tensor | np.ndarray, desc_b: torch.Tensor |
     already unit length (saves a copy).
     """
     if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+        raise ConfigError.argument("backend", backend, f"choose one of {', '.join(BACKENDS)}")
     a = torch.as_tensor(desc_a, dtype=torch.float32) if normalized else _unit(desc_a)
     b = torch.as_tensor(desc_b, dtype=torch.float32, device=a.device) if normalized else _unit(desc_b).to(a.device)
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], (a.shape, b.shape)
@@ -205,7 +205,7 @@ def salient_buddies(index_a: torch.Tensor, index_b: torch.Tensor, saliency_a: to
     1 % fewer buddies of the bundled model, PCK within 0.3 points, and changes nothing on the random floor.
     """
     if rule not in SALIENT_RULES:
-        raise ConfigError(f"--salient {rule}: choose one of {', '.join(SALIENT_RULES)}")
+        raise ConfigError.argument("rule", rule, f"choose one of {', '.join(SALIENT_RULES)}")
     salient_a = saliency_a[index_a] > thresh
     if rule == "both":
         return salient_a & (saliency_b[index_b] > thresh)
@@ -304,7 +304,7 @@ def select_pairs(features: np.ndarray | torch.Tensor, score: np.ndarray, num_pai
     CPU); "torch": :func:`kmeans` (one k-means++ initialisation, on the features' device, 10-20x faster).
     """
     if kmeans_impl not in KMEANS_IMPLS:
-        raise ConfigError(f"--kmeans {kmeans_impl}: choose one of {', '.join(KMEANS_IMPLS)}")
+        raise ConfigError.argument("kmeans_impl", kmeans_impl, f"choose one of {', '.join(KMEANS_IMPLS)}")
     n = len(features)
     if n == 0 or num_pairs <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -477,11 +477,11 @@ def find_correspondences(extractor, image_a: ImageLike, image_b: ImageLike, num_
     similarity block of ``DEFAULT_MAX_BYTES``.
     """
     if num_pairs < 0:
-        raise ConfigError(f"--num-pairs {num_pairs}: must be >= 0")
+        raise ConfigError.argument("num_pairs", num_pairs, "must be >= 0")
     if salient not in SALIENT_RULES:
-        raise ConfigError(f"--salient {salient}: choose one of {', '.join(SALIENT_RULES)}")
+        raise ConfigError.argument("salient", salient, f"choose one of {', '.join(SALIENT_RULES)}")
     if kmeans_impl not in KMEANS_IMPLS:
-        raise ConfigError(f"--kmeans {kmeans_impl}: choose one of {', '.join(KMEANS_IMPLS)}")
+        raise ConfigError.argument("kmeans_impl", kmeans_impl, f"choose one of {', '.join(KMEANS_IMPLS)}")
     layer = default_layer(extractor.depth) if layer is None else layer
     extractor.layer_index(layer)
     feats, geoms = [], []

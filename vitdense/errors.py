@@ -11,6 +11,17 @@ from __future__ import annotations
 class VitdenseError(Exception):
     """Base class of errors caused by user input."""
 
+    arg: str | None = None  # the Python argument at fault, when the error is about one argument's value
+    value: object = None
+    problem: str = ""
+
+    def cli_message(self, flags: dict[str, str]) -> str:
+        """The message as the command line says it: the argument's flag (``flags``, else ``--name-with-dashes``)
+        instead of its Python name."""
+        if self.arg is None:
+            return str(self)
+        return f"{flags.get(self.arg, '--' + self.arg.replace('_', '-'))} {self.value}: {self.problem}"
+
 
 class ImageError(VitdenseError):
     """An image file is missing, unreadable, or too small."""
@@ -22,6 +33,13 @@ class CheckpointError(VitdenseError):
 
 class ConfigError(VitdenseError):
     """An option has a value that cannot work (bad stride, unknown model, bad layer...)."""
+
+    @classmethod
+    def argument(cls, arg: str, value: object, problem: str) -> "ConfigError":
+        """``facet='nose': choose one of ...`` in Python; the CLI shows ``--facet nose: choose one of ...``."""
+        err = cls(f"{arg}={value!r}: {problem}")
+        err.arg, err.value, err.problem = arg, value, problem
+        return err
 
 
 class DataError(VitdenseError):

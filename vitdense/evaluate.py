@@ -97,7 +97,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise ConfigError(f"--tasks {','.join(self.tasks)}: choose from {', '.join(TASKS)}")
+            raise ConfigError.argument("tasks", ','.join(self.tasks), f"choose from {', '.join(TASKS)}")
         if not 0 < self.saliency_keep <= 1:
             raise ConfigError(f"saliency_keep {self.saliency_keep}: must be in (0, 1]")
         from .correspond import KMEANS_IMPLS, SALIENT_RULES

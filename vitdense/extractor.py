@@ -54,9 +54,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device '{device}': not a device name (use cpu, cuda, cuda:1 or auto)") from None
+        raise ConfigError.argument("device", device, "not a device name (use cpu, cuda, cuda:1 or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        raise ConfigError.argument("device", device, "CUDA is not available on this machine (use cpu)")
     return dev
 
 
@@ -192,7 +192,7 @@ class ViTExtractor:
         ps = self.model.patch_embed.patch_size
         self.p = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
         if not isinstance(stride, int) or stride <= 0 or self.p % stride != 0:
-            raise ConfigError(f"--stride {stride}: must be a positive divisor of the patch size {self.p}")
+            raise ConfigError.argument("stride", stride, f"must be a positive divisor of the patch size {self.p}")
         self.stride = (stride, stride)
         self.num_heads = self.model.blocks[0].attn.num_heads
         self.depth = len(self.model.blocks)
@@ -217,7 +217,7 @@ class ViTExtractor:
         (None: the patch size); itself when the stride is already that."""
         stride = self.p if stride is None else stride
         if not isinstance(stride, int) or stride <= 0 or self.p % stride != 0:
-            raise ConfigError(f"--stride {stride}: must be a positive divisor of the patch size {self.p}")
+            raise ConfigError.argument("stride", stride, f"must be a positive divisor of the patch size {self.p}")
         if self.stride == (stride, stride):
             return self
         view = copy.copy(self)
@@ -230,7 +230,8 @@ class ViTExtractor:
         """Load, resize (LANCZOS) and normalise one image → ((1, 3, H, W) tensor, resized PIL image).
 
         ``load_size``: int = shorter side, (height, width) = exact size, None = unchanged. Raises
-        :class:`ImageError` naming the file when it cannot be read or is smaller than one patch; logs a
+        :class:`ImageError` naming the file when it cannot be read or is smaller than one patch, as it is or
+        after resizing (a 4x4 image is an error whatever the load size); logs a
         warning (once per file) when the image is enlarged more than MAX_UPSCALE times. ``name``: how
         messages call an image passed as an array or PIL image (default: its path, or "image").
         """
@@ -244,6 +245,9 @@ class ViTExtractor:
             pil = load_image(image_path)
         pil = pil.convert("RGB")
         label = name or (str(image_path) if isinstance(image_path, (str, os.PathLike)) else "image")
+        if min(pil.height, pil.width) < self.p:  # fewer pixels than one token: resizing would invent them all
+            raise ImageError(f"{label}: image of {pil.width}x{pil.height} px is smaller than one {self.p}x{self.p} "
+                             f"patch; no load size makes it usable")
         hgt, wid = resize_size((pil.height, pil.width), load_size)
         if min(hgt, wid) < self.p:
             raise ImageError(f"{label}: image of {wid}x{hgt} px (after resizing) is smaller than one "
@@ -310,7 +314,7 @@ class ViTExtractor:
     def layer_index(self, layer: int) -> int:
         """0-based index of ``layer`` (negative counts from the end); ConfigError when out of range."""
         if not -self.depth <= layer < self.depth:
-            raise ConfigError(f"--layer {layer}: the model has {self.depth} layers (use 0..{self.depth - 1} "
+            raise ConfigError.argument("layer", layer, f"the model has {self.depth} layers (use 0..{self.depth - 1} "
                               f"or negative indices)")
         return layer % self.depth
 
@@ -323,7 +327,7 @@ class ViTExtractor:
         (float32, on the extractor's device).
         """
         if facet not in FACETS:
-            raise ConfigError(f"--facet {facet}: choose one of {', '.join(FACETS)}")
+            raise ConfigError.argument("facet", facet, f"choose one of {', '.join(FACETS)}")
         if bin and include_cls:
             raise ConfigError("bin=True and include_cls=True cannot be combined")
         if include_cls and not self.has_cls:

@@ -72,7 +72,7 @@ def compress_descriptors(descriptors: np.ndarray | torch.Tensor, dims: int = DEF
     """Compress (N, D) descriptors for cosine similarity: unit rows, uncentred PCA to ``dims`` dimensions (at
     most D and N), 8-bit quantisation per dimension (see the module docstring)."""
     if dims < 1:
-        raise ConfigError(f"--dims {dims}: must be at least 1")
+        raise ConfigError.argument("dims", dims, "must be at least 1")
     unit = _unit(descriptors).numpy()  # (N, D) float64
     n, d = unit.shape
     k = min(dims, d, n)

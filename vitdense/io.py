@@ -133,18 +133,73 @@ def write_outputs(writers: Sequence[Callable[[], None]]) -> None:
 
 def check_output(path: str | os.PathLike, folder: bool, option: str = "--out") -> Path:
     """``path`` as a Path when it is, or can be created as, a writable folder (``folder``) or file; else a
-    ConfigError naming ``option``. Creates nothing, so a command can check before its first write."""
+    ConfigError ``PATH: problem`` that names ``option``. Creates nothing, so a command checks its output
+    location before any computation (the CLI's ``--out`` options all go through here)."""
     path = Path(path)
     if path.exists():
         if folder and not path.is_dir():
-            raise ConfigError(f"{option} {path}: exists and is not a folder")
+            raise ConfigError(f"{path}: exists and is not a folder ({option} needs a folder)")
         if not folder and path.is_dir():
-            raise ConfigError(f"{option} {path}: is a folder; give a file name")
+            raise ConfigError(f"{path}: is a folder ({option} needs a file name)")
     parent = path if path.is_dir() else path.parent
-    while not parent.exists():  # the nearest existing folder above is where anything gets created
-        parent = parent.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing folder above is where
+        parent = parent.parent                              # anything gets created
     if not parent.is_dir():
-        raise ConfigError(f"{option} {path}: cannot be written, {parent} is a file and not a folder")
+        raise ConfigError(f"{path}: cannot be written, {parent} is a file and not a folder ({option})")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"{option} {path}: cannot be written (no write permission in {parent})")
+        raise ConfigError(f"{path}: cannot be written, no write permission in {parent} ({option})")
     return path
+
+
+def output_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Output name per input image, the one rule of every command that writes per-image files: the file's
+    stem, with its index in ``paths`` appended where stems repeat (x.jpg, x.png -> x_0, x_1); a name that
+    still collides (a third file x_1.jpg) gets a further ``_N``."""
+    stems = [Path(p).stem for p in paths]
+    names = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        n, unique = 2, name
+        while unique in seen:
+            unique, n = f"{name}_{n}", n + 1
+        seen.add(unique)
+        names[i] = unique
+    return names
+
+
+def describe_skipped(skipped: Sequence[tuple[Any, str]] | Sequence[Any], cap: int = 5) -> str:
+    """``a.jpg (reason), b.png (reason) and 3 more``: every skipped file up to ``cap``, then a count."""
+    items = [f"{item[0]} ({item[1]})" if isinstance(item, tuple) else str(item) for item in skipped]
+    more = f" and {len(items) - cap} more" if len(items) > cap else ""
+    return ", ".join(items[:cap]) + more
+
+
+OUTPUTS_MANIFEST = ".vitdense-outputs.json"
+
+
+def replace_outputs(out_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Record the top-level entries (files or folders) of ``out_dir`` this run wrote, and delete those the
+    previous run recorded there and this one did not write: re-running a command into its folder leaves
+    only the new run's per-image files, never a stale mix. Entries no vitdense run recorded (a user's own
+    files) are never touched. Returns the names removed."""
+    import shutil
+
+    out = Path(out_dir)
+    new = sorted(set(names))
+    manifest = out / OUTPUTS_MANIFEST
+    try:
+        old = json.loads(manifest.read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    removed = []
+    for name in old:
+        if name in new or not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            continue
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        removed.append(name)
+    save_json(manifest, {"outputs": new})
+    return removed

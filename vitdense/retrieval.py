@@ -82,13 +82,13 @@ class DescriptorConfig:
 
     def __post_init__(self) -> None:
         if self.descriptor not in DESCRIPTORS:
-            raise ConfigError(f"--descriptor {self.descriptor}: choose one of {', '.join(DESCRIPTORS)}")
+            raise ConfigError.argument("descriptor", self.descriptor, f"choose one of {', '.join(DESCRIPTORS)}")
         if self.gem_p <= 0:
-            raise ConfigError(f"--gem-p {self.gem_p}: the GeM exponent must be positive")
+            raise ConfigError.argument("gem_p", self.gem_p, "the GeM exponent must be positive")
         if self.load_size is not None and self.load_size <= 0:
-            raise ConfigError(f"--load-size {self.load_size}: must be positive")
+            raise ConfigError.argument("load_size", self.load_size, "must be positive")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+            raise ConfigError.argument("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
 
     def dim(self, embed_dim: int) -> int:
         """Channels D' of the descriptor of a backbone with ``embed_dim`` channels per token."""
@@ -312,10 +312,10 @@ class FaissConfig:
         if not 1 <= self.nbits <= 16:
             raise ConfigError(f"PQ code bits {self.nbits}: must be in 1..16")
         if self.rerank < 0:
-            raise ConfigError(f"--rerank {self.rerank}: must be 0 (off) or more")
+            raise ConfigError.argument("rerank", self.rerank, "must be 0 (off) or more")
         m = self.m or max(1, dim // 4)
         if dim % m:
-            raise ConfigError(f"--pq-m {m}: must divide the descriptor dimension {dim}")
+            raise ConfigError.argument("m", m, f"must divide the descriptor dimension {dim}")
 
     def resolved(self, n: int, dim: int) -> "FaissConfig":
         """Concrete nlist/m for n vectors of dim channels."""
@@ -325,7 +325,7 @@ class FaissConfig:
         nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))
         m = self.m or max(1, dim // 4)
         if dim % m:
-            raise ConfigError(f"--pq-m {m}: must divide the descriptor dimension {dim}")
+            raise ConfigError.argument("m", m, f"must divide the descriptor dimension {dim}")
         # k-means needs at least as many training vectors as centroids: small collections get fewer bits.
         nbits = max(1, min(self.nbits, int(math.log2(max(n, 2)))))
         return FaissConfig(self.kind, nlist, m, nbits, self.nprobe, self.rerank)
@@ -619,8 +619,16 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
             current.entries, current.vectors = entries + done, np.concatenate(vectors)
             current.save(build_index=False)
 
-    result = embed_images(extractor, [e.path for e in plan.embed], descriptor, batch_size, num_workers,
-                          progress, desc="index", on_batch=checkpoint)
+    try:
+        result = embed_images(extractor, [e.path for e in plan.embed], descriptor, batch_size, num_workers,
+                              progress, desc="index", on_batch=checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: commit every embedded image, a rerun embeds the rest
+        if not done:
+            raise
+        current.entries, current.vectors = entries + done, np.concatenate(vectors)
+        current.save(build_index=False)
+        raise KeyboardInterrupt(f"kept {len(done)} newly embedded image(s) in {root} ({len(current.entries)} in "
+                                f"all); run `vitdense index` again to embed the rest") from None
     skipped = [{"path": plan.embed[i].path, "reason": reason} for i, reason in result.skipped]
     current.entries = entries + done
     current.vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)

@@ -69,11 +69,11 @@ class PropagationConfig:
 
     def __post_init__(self) -> None:
         if self.n_last_frames < 0:
-            raise ConfigError(f"--n-last-frames {self.n_last_frames}: must be >= 0")
+            raise ConfigError.argument("n_last_frames", self.n_last_frames, "must be >= 0")
         if self.topk < 1:
-            raise ConfigError(f"--topk {self.topk}: must be >= 1")
+            raise ConfigError.argument("topk", self.topk, "must be >= 1")
         if not self.temperature > 0:
-            raise ConfigError(f"--temperature {self.temperature}: must be > 0")
+            raise ConfigError.argument("temperature", self.temperature, "must be > 0")
 
 
 # --------------------------------------------------------------------------------- neighbourhood mask
@@ -320,7 +320,7 @@ def frame_normalization(mean: Sequence[float], std: Sequence[float], normalizati
     own statistics (``mean``, ``std``). The report card's video J&F is the same with either (±0.0003), so
     the reference's is the default."""
     if normalization not in NORMALIZATIONS:
-        raise ConfigError(f"--normalization {normalization}: choose one of {', '.join(NORMALIZATIONS)}")
+        raise ConfigError.argument("normalization", normalization, f"choose one of {', '.join(NORMALIZATIONS)}")
     mean, std = tuple(mean), tuple(std)
     if normalization == "reference" and np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD):
         return mean, REFERENCE_STD
@@ -432,17 +432,14 @@ class VideoFrames:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from .io import list_images
+        from .io import list_images, output_names
 
         self.path = Path(path)
         if not self.path.exists():
             raise ImageError(f"{self.path}: not found (expected a folder of frames or a video file)")
         if self.path.is_dir():
             self.files: list[Path] | None = list_images(self.path)
-            self.names = [p.stem for p in self.files]
-            if len(set(self.names)) != len(self.names):
-                raise DataError(f"{self.path}: several frames share a name stem (e.g. a.jpg and a.png); "
-                                "output PNGs are named after the frames")
+            self.names = output_names(self.files)  # a.jpg, a.png: a_0, a_1 (DAVIS names never repeat)
             sizes = [_image_size(p) for p in self.files]
             self.size = sizes[0]
             for p, s in zip(self.files, sizes):

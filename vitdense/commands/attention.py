@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import click
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main
 from ..errors import ConfigError, DataError
 
 CELL = 192  # contact-sheet cell size in pixels
@@ -40,7 +40,7 @@ def extractor_at_patch_stride(opts: dict[str, Any]) -> Any:
 
 @main.command("attention")
 @click.argument("images", nargs=-1, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(), required=True, help="Folder to write.")
+@click.option("--out", "out_dir", type=OutputPath(folder=True), required=True, help="Folder to write.")
 @click.option("--keep", type=float, default=0.6, show_default=True,
               help="Fraction of the attention mass the masks keep (0.6 in the DINO paper).")
 @click.option("--video", "video", type=click.Path(), default=None,
@@ -61,7 +61,7 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
     from tqdm import tqdm
 
     from ..attention import check_keep
-    from ..io import check_output, expand_inputs, load_image, save_json, save_png
+    from ..io import expand_inputs, load_image, output_names, replace_outputs, save_json, save_png
     from ..video import VideoFrames
     from ..viz import contact_sheet
 
@@ -72,7 +72,7 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
         raise ConfigError("give IMAGES (files or folders) or --video FRAMES_OR_FILE, not both and not neither")
     if video is None:
         paths = expand_inputs(images)
-        names = _unique_names(paths)
+        names = output_names(paths)  # x.jpg, x.png: OUT/x_0/, OUT/x_1/
         # decode every image now: a corrupt one fails before anything is written
         sizes = [(im.height, im.width) for im in map(load_image, paths)]
         frames: Any = None
@@ -82,7 +82,7 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
         names = frames.names
         paths, sizes = [Path(video)], [frames.size]
         source = frames
-    out = check_output(out_dir, folder=True)
+    out = Path(out_dir)  # checked when the options were parsed (OutputPath)
     extractor = extractor_at_patch_stride(opts)
     extractor.layer_index(layer)
     if not extractor.has_cls:
@@ -114,6 +114,8 @@ def attention_command(images: tuple[str, ...], out_dir: str, keep: float, video:
         summary["video"] = {"source": str(video), "frames": len(records), "gif": "attention.gif",
                             "mp4": "attention.mp4" if mp4.written else None, "fps": fps}
     save_json(out / "summary.json", summary)
+    replace_outputs(out, list(names) + ["contact_sheet.png", "summary.json"]
+                    + (["attention.gif", "attention.mp4"] if frames is not None else []))
     extra = "" if frames is None else (", attention.gif" + (", attention.mp4" if mp4.written else
                                                               " (no mp4: OpenCV cannot write mp4v here)"))
     click.echo(f"attention of layer {extractor.layer_index(layer)} ({extractor.num_heads} heads) for "
@@ -126,20 +128,13 @@ def _check_sizes(extractor: Any, paths: list[Path], sizes: list[tuple[int, int]]
     from ..extractor import resize_size
 
     for path, size in zip(paths, sizes):
+        if min(size) < extractor.p:
+            raise ImageError(f"{path}: image of {size[1]}x{size[0]} px is smaller than one "
+                             f"{extractor.p}x{extractor.p} patch; no load size makes it usable")
         hgt, wid = resize_size(size, load_size)
         if min(hgt, wid) < extractor.p:
             raise ImageError(f"{path}: image of {wid}x{hgt} px (after resizing) is smaller than one "
                              f"{extractor.p}x{extractor.p} patch; use a larger image or --load-size")
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    names = [p.stem for p in paths]
-    seen: dict[str, Path] = {}
-    for name, path in zip(names, paths):
-        if name in seen:
-            raise DataError(f"{path}: has the name of {seen[name]}; outputs go to OUT/NAME/, rename one")
-        seen[name] = path
-    return names
 
 
 def _named(source: Iterable[Any], names: list[str]) -> Iterator[tuple[Any, str]]:

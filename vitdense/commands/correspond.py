@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main
 from ..errors import DataError, ImageError, VitdenseError
 
 LOG = logging.getLogger("vitdense")
@@ -70,7 +70,7 @@ def _record(result, path_a: Path, path_b: Path, keep_all: bool) -> dict[str, Any
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False), default=None,
               help="Text file with one pair per line: 'A B' (paths relative to the file).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="correspond_out", show_default=True,
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="correspond_out", show_default=True,
               help="Output folder.")
 @click.option("--num-pairs", type=int, default=10, show_default=True, help="Well-spread pairs to keep.")
 @click.option("--all", "keep_all", is_flag=True, help="Keep (write and draw) every salient best buddy.")

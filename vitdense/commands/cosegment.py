@@ -8,15 +8,17 @@ is computed: per image ``NAME_mask.png`` (0/255 object mask, or part labels 0..K
 """
 from __future__ import annotations
 
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 import numpy as np
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main, warn_skipped
 from ..cosegment import REFINE, REFINEMENTS, SALIENCY_RES
 from ..errors import ConfigError, DataError, ImageError
 
@@ -74,7 +76,7 @@ class ResizedImages(Sequence):
 def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, layer: int, facet: str,
                 use_bin: bool, need_cls: bool, crops: int = 0, seed: int = 0, strict: bool = False,
                 ram_mb: float = 1024.0, batch_size: int = 4, saliency_res: str = SALIENCY_RES,
-                progress: bool = True) -> ExtractedSet:
+                progress: bool = True, cache: Any = None) -> ExtractedSet:
     """Descriptors, saliency (and CLS) of every image; one forward pass gives all three.
 
     Consecutive images of the same resized size share a forward pass (up to ``batch_size``: on a CPU that
@@ -84,7 +86,9 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
     ``load_size``; they are clustered but do not vote. Only crop boxes are kept; the crops are cut from the
     re-read image when their turn comes, so memory does not grow with them. ``saliency_res`` "full": the
     saliency of the descriptors' own pass; "low": dino-vit-features' half-size pass at stride = patch
-    (:func:`vitdense.cosegment.low_res_saliency`).
+    (:func:`vitdense.cosegment.low_res_saliency`). ``cache``: a :class:`~vitdense.resume.ResumeStore`; each
+    original image's descriptors and saliency (and CLS) are kept there as soon as they are computed, and
+    images already there are not run through the network again.
     """
     import torch
     from PIL import Image
@@ -99,6 +103,7 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
     cls: list[np.ndarray] = []
     pending: list[Any] = []  # (1, 3, H, W) tensors of one size, waiting for a forward pass
     sources: list[Any] = []  # the image (path or PIL crop) of each pending tensor
+    originals: list[tuple[int, int]] = []  # the file's (H, W) of each pending original
     low_res = saliency_res == "low"
 
     def flush(augmented: bool) -> None:
@@ -107,20 +112,32 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
         feats = extractor.extract(torch.cat(pending), [layer], facet, include_cls=need_cls and not augmented,
                                   saliency=not low_res)
         desc = feats.descriptors[layer]
+        batch_cls = None
         if need_cls and not augmented:
-            cls.extend(desc[:, 0].cpu().numpy())
+            batch_cls = desc[:, 0].cpu().numpy()
+            cls.extend(batch_cls)
             desc = desc[:, 1:]
         if use_bin:
             desc = log_bin(desc, feats.num_patches)
         for j in range(len(pending)):
-            out.store.append(desc[j].cpu().numpy())
-            out.saliency.append(low_res_saliency(extractor, sources[j], feats.load_size, feats.num_patches)
-                                if low_res else feats.saliency[j].cpu().numpy().astype(np.float32))
-            out.grids.append(tuple(feats.num_patches))
-            out.sizes.append(tuple(feats.load_size))
-            out.augmented.append(augmented)
+            one = desc[j].cpu().numpy()
+            sal = (low_res_saliency(extractor, sources[j], feats.load_size, feats.num_patches)
+                   if low_res else feats.saliency[j].cpu().numpy().astype(np.float32))
+            append(one, sal, tuple(feats.num_patches), tuple(feats.load_size), augmented)
+            if cache is not None and not augmented:
+                extra = {"cls": batch_cls[j]} if batch_cls is not None else {}
+                cache.put(sources[j], desc=one, saliency=sal, grid=np.array(feats.num_patches),
+                          size=np.array(feats.load_size), original=np.array(originals[j]), **extra)
         pending.clear()
         sources.clear()
+        originals.clear()
+
+    def append(desc: np.ndarray, sal: np.ndarray, grid: tuple, size: tuple, augmented: bool) -> None:
+        out.store.append(desc)
+        out.saliency.append(sal)
+        out.grids.append(grid)
+        out.sizes.append(size)
+        out.augmented.append(augmented)
 
     def push(batch: Any, source: Any, augmented: bool) -> None:
         if pending and (pending[0].shape != batch.shape or len(pending) >= batch_size):
@@ -130,21 +147,33 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
 
     try:
         for path in tqdm(paths, desc="extract", unit="img", disable=not progress or len(paths) < 2):
-            try:
-                batch, pil = extractor.preprocess(path, load_size)
-                original = _image_size(path)
-            except ImageError as err:
-                if strict:
-                    raise
-                out.skipped.append((Path(path), str(err).split(": ", 1)[-1]))
-                continue
-            push(batch, path, False)
+            kept = cache.get(path) if cache is not None else None
+            if kept is not None and (not need_cls or "cls" in kept):
+                flush(False)  # what is pending comes first: images keep their order
+                append(kept["desc"], kept["saliency"], tuple(kept["grid"].tolist()), tuple(kept["size"].tolist()),
+                       False)
+                if need_cls:
+                    cls.append(kept["cls"])
+                original = tuple(kept["original"].tolist())
+                height, width = out.sizes[-1]
+            else:
+                try:
+                    batch, pil = extractor.preprocess(path, load_size)
+                    original = _image_size(path)
+                except ImageError as err:
+                    if strict:
+                        raise
+                    out.skipped.append((Path(path), str(err).split(": ", 1)[-1]))
+                    continue
+                push(batch, path, False)
+                originals.append(original)
+                height, width = pil.height, pil.width
             out.paths.append(Path(path))
             out.original.append(original)
             for _ in range(crops):
                 for flip in (False, True):
-                    ch, cw = int(pil.height * 0.95), int(pil.width * 0.95)
-                    top, left = int(rng.integers(0, pil.height - ch + 1)), int(rng.integers(0, pil.width - cw + 1))
+                    ch, cw = int(height * 0.95), int(width * 0.95)
+                    top, left = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
                     boxes.append((Path(path), flip, (left, top, left + cw, top + ch)))
         flush(False)
         # Augmentations go after all originals, so originals keep indices 0..N-1.
@@ -180,7 +209,7 @@ def coseg_options(fn: Callable) -> Callable:
 
     opts = [
         click.argument("images", nargs=-1, required=True, type=click.Path()),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+        click.option("--out", "out_dir", type=OutputPath(folder=True), required=True,
                      help="Folder for masks, overlays, contact_sheet.png and summary.json."),
         click.option("--clusters", type=int, default=None,
                      help="Number of first-stage k-means clusters (default: elbow rule)."),
@@ -246,7 +275,8 @@ def _check(opts: dict[str, Any]) -> None:
         raise ConfigError(f"--batch-size {opts['batch_size']}: must be at least 1")
 
 
-def _prepare(opts: dict[str, Any], need_cls: bool, crops: int = 0) -> tuple[Any, ExtractedSet, float]:
+def _prepare(opts: dict[str, Any], out_dir: Path, need_cls: bool, crops: int = 0
+             ) -> tuple[Any, ExtractedSet, float]:
     """Expand the inputs, build the extractor, extract everything → (extractor, set, seconds)."""
     from ..io import expand_inputs
 
@@ -259,20 +289,54 @@ def _prepare(opts: dict[str, Any], need_cls: bool, crops: int = 0) -> tuple[Any,
     if not extractor.has_cls:
         raise ConfigError(f"model {extractor.model_type} has no CLS token: co-segmentation needs its saliency")
     start = time.perf_counter()
-    data = extract_set(extractor, paths, load_size_arg(opts["load_size"]), opts["layer"], opts["facet"],
-                       opts["use_bin"], need_cls, crops, opts["seed"], opts["strict"], opts["ram_mb"],
-                       opts["batch_size"], opts["saliency_res"])
+    cache = _resume_store(opts, out_dir, extractor, need_cls)
+    for line in cache.notes():
+        click.echo(line, err=True)
+    try:
+        data = extract_set(extractor, paths, load_size_arg(opts["load_size"]), opts["layer"], opts["facet"],
+                           opts["use_bin"], need_cls, crops, opts["seed"], opts["strict"], opts["ram_mb"],
+                           opts["batch_size"], opts["saliency_res"], cache=cache)
+    except KeyboardInterrupt:
+        raise cache.interrupted("image(s)' descriptors") from None
+    if cache.reused:
+        click.echo(f"resumed: skipped {cache.reused} finished image(s) (descriptors kept in {cache.folder}); "
+                   f"the clustering runs again over all images", err=True)
     if data.n_images < 2:
         data.store.close()
         listed = "; ".join(f"{p}: {why}" for p, why in data.skipped[:3])
         raise DataError(f"co-segmentation needs at least 2 readable images, got {data.n_images} "
                         f"(unreadable: {listed})")
-    if data.skipped:
-        listed = ", ".join(f"{p} ({why})" for p, why in data.skipped[:5])
-        more = f" and {len(data.skipped) - 5} more" if len(data.skipped) > 5 else ""
-        click.echo(f"warning: skipped {len(data.skipped)} unreadable file(s): {listed}{more} "
-                   f"(--strict stops at the first)", err=True)
+    warn_skipped(data.skipped)
     return extractor, data, time.perf_counter() - start
+
+
+def _resume_store(opts: dict[str, Any], out_dir: Path, extractor: Any, need_cls: bool) -> Any:
+    """OUT/.resume: every image's descriptors and saliency as soon as they are computed. Co-segmentation is
+    a joint analysis (the clusters depend on every image), so no mask is final before all are extracted;
+    what an interruption keeps is the extraction, by far the longest part. Deleted once the outputs are
+    written."""
+    from ..resume import ResumeStore
+
+    keys = ("layer", "facet", "use_bin", "load_size", "saliency_res", "dtype")
+    return ResumeStore(out_dir / ".resume",
+                       {**{k: opts[k] for k in keys}, "model": extractor.model_type,
+                        "weights_used": extractor.weights_used, "stride": extractor.stride[0], "cls": need_cls})
+
+
+@contextmanager
+def _kept_only_on_interrupt(out: Path) -> Iterator[None]:
+    """An interruption keeps OUT/.resume for the rerun; any other failure removes it (and OUT when this run
+    created it and it is empty): nothing is left half-written."""
+    existed = out.exists()
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        shutil.rmtree(out / ".resume", ignore_errors=True)
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _inliers(data: ExtractedSet, opts: dict[str, Any]) -> np.ndarray:
@@ -289,9 +353,10 @@ def _inliers(data: ExtractedSet, opts: dict[str, Any]) -> np.ndarray:
 
 
 def _names(paths: Sequence[Path]) -> list[str]:
-    """Output name per image: its stem, with the index appended where stems repeat."""
-    stems = [p.stem for p in paths]
-    return [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    """Output name per image: :func:`vitdense.io.output_names`, the rule of every command."""
+    from ..io import output_names
+
+    return output_names(paths)
 
 
 def _settings(opts: dict[str, Any], extractor: Any) -> dict[str, Any]:
@@ -308,7 +373,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
     from PIL import Image
     from tqdm import tqdm
 
-    from ..io import load_image, save_json, save_png
+    from ..io import load_image, replace_outputs, save_json, save_png
     from ..viz import contact_sheet, fit_within, outline_width, overlay, palette, upsample
 
     start = time.perf_counter()
@@ -345,6 +410,9 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
     summary["skipped"] = [{"file": str(p), "reason": why} for p, why in data.skipped]
     summary["timings_s"]["write"] = time.perf_counter() - start
     save_json(out_dir / "summary.json", summary)
+    replace_outputs(out_dir, [name for e in per_image for name in (e["mask"], e["overlay"])]
+                    + ["contact_sheet.png", "summary.json"])
+    shutil.rmtree(out_dir / ".resume", ignore_errors=True)  # the outputs are written: nothing to resume
     return time.perf_counter() - start
 
 
@@ -376,10 +444,15 @@ def cosegment_command(images: tuple[str, ...], out_dir: str, refine: str, **opts
 
     Per image OUT/NAME_mask.png (0/255) and OUT/NAME_overlay.png, OUT/contact_sheet.png, OUT/summary.json.
     """
+    opts["images"] = images
+    with _kept_only_on_interrupt(Path(out_dir)):
+        _cosegment(out_dir, refine, opts)
+
+
+def _cosegment(out_dir: str, refine: str, opts: dict[str, Any]) -> None:
     from ..cosegment import cosegment, refine_objects
 
-    opts["images"] = images
-    extractor, data, t_extract = _prepare(opts, need_cls=opts["remove_outliers"])
+    extractor, data, t_extract = _prepare(opts, Path(out_dir), need_cls=opts["remove_outliers"])
     with data.store:
         start = time.perf_counter()
         result = cosegment(data.store, data.saliency, data.grids, n_clusters=opts["clusters"],
@@ -433,16 +506,23 @@ def part_cosegment_command(images: tuple[str, ...], out_dir: str, parts: str, pa
     Per image OUT/NAME_mask.png (labels 0 = background, 1..K parts, same part = same label in every image)
     and OUT/NAME_overlay.png, OUT/contact_sheet.png, OUT/summary.json.
     """
-    from ..cosegment import cosegment, part_cosegment
-    from ..crf import CrfParams
-
     n_parts = _parts_arg(parts)
     if not 0 < part_elbow <= 1:
         raise ConfigError(f"--part-elbow {part_elbow}: must be in (0, 1]")
     if crop_augmentations < 0:
         raise ConfigError(f"--crop-augmentations {crop_augmentations}: must be 0 or more")
     opts["images"] = images
-    extractor, data, t_extract = _prepare(opts, need_cls=opts["remove_outliers"], crops=crop_augmentations)
+    with _kept_only_on_interrupt(Path(out_dir)):
+        _part_cosegment(out_dir, n_parts, parts, part_elbow, three_stages, crop_augmentations, use_crf, opts)
+
+
+def _part_cosegment(out_dir: str, n_parts: int | None, parts: str, part_elbow: float, three_stages: bool,
+                    crop_augmentations: int, use_crf: bool, opts: dict[str, Any]) -> None:
+    from ..cosegment import cosegment, part_cosegment
+    from ..crf import CrfParams
+
+    extractor, data, t_extract = _prepare(opts, Path(out_dir), need_cls=opts["remove_outliers"],
+                                          crops=crop_augmentations)
     with data.store:
         start = time.perf_counter()
         voters = np.array([not a for a in data.augmented])

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..cli import main
+from ..cli import OutputPath, main
 from ..errors import ConfigError
 
 
@@ -44,7 +44,7 @@ def _unique(labels: list[str]) -> list[str]:
               help="Weights file of the backbone to grade (architecture read from the file).")
 @click.option("--compare", "compare", multiple=True, metavar="NAME_OR_FILE",
               help="Another backbone to grade side by side (repeatable): a weights file or a model name.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default=None,
               help="Folder for report.json, report.md, charts/ and examples/ (required unless only --prepare).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Evaluation data folder (default: $VITDENSE_DATA or ~/.cache/vitdense/eval-v1); built on "
@@ -92,8 +92,6 @@ def evaluate_command(model: str | None, weights: str | None, compare: tuple[str,
                             video_normalization=video_normalization)  # checks --tasks
     if out_dir is None and not prepare:
         raise ConfigError("--out DIR is required (or pass --prepare alone to build the data folder)")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"--out {out_dir}: exists and is not a folder")
     data = Path(data_dir) if data_dir else default_data_dir()
     if prepare or not data.exists():
         click.echo(f"preparing the evaluation data in {data} (Debian packages are downloaded once)", err=True)

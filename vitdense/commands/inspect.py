@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main
 from ..errors import ConfigError
 
 FACET_NAMES = ("key", "query", "value", "token")
@@ -39,7 +39,7 @@ def _layers(value: str) -> list[int]:
 
 @main.command("inspect")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out", type=click.Path(), default="inspect.html", show_default=True,
+@click.option("--out", "out", type=OutputPath(folder=False), default="inspect.html", show_default=True,
               help="HTML file to write (and a .json report beside it).")
 @click.option("--facets", "--facet", "facets", default="key", show_default=True,
               help="Facets to export, comma-separated (key, query, value, token).")
@@ -71,7 +71,7 @@ def inspect_command(images: tuple[str, ...], out: str, facets: str, layers: str,
     paths = expand_inputs(images)
     for path in paths:  # decode every image now: a corrupt one fails before the backbone runs
         load_image(path)
-    page_path = check_output(out, folder=False)
+    page_path = Path(out)  # checked when the options were parsed (OutputPath)
     report_path = check_output(page_path.with_suffix(".json"), folder=False)
     if report_path == page_path:
         raise ConfigError(f"--out {out}: give the page an .html name (the report goes to a .json beside it)")

@@ -52,7 +52,9 @@ def pretrain_command(**options: Any) -> None:
                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     logging.getLogger("pretrain").setLevel(logging.INFO)
     result = train(config_from_args(options, explicit))
-    click.echo(f"trained {result.steps} steps, last loss {result.last_loss:.4f}, {result.skipped_files} "
+    trained = result.steps - result.start_step
+    since = f" (steps {result.start_step} to {result.steps}, resumed)" if result.start_step else ""
+    click.echo(f"trained {trained} steps{since}, last loss {result.last_loss:.4f}, {result.skipped_files} "
                f"unreadable file(s) skipped")
     click.echo(f"teacher backbone: {result.export} (vitdense ... --weights {result.export})")
     click.echo(f"checkpoint: {result.checkpoint}, log: {result.log}, curves: {result.plot}")

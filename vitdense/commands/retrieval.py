@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from ..cli import build_extractor, extractor_options, main
+from ..cli import OutputPath, build_extractor, extractor_options, main
 from ..errors import ConfigError, DataError
 
 
@@ -90,7 +90,7 @@ def _embed(extractor, items: Sequence, config, batch_size: int, workers: int, wh
 
 @main.command()
 @click.argument("img_dir", type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+@click.option("--out", "out_dir", type=OutputPath(folder=True), required=True,
               help="Index folder (created; re-running updates it incrementally).")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Include sub-folders.")
 @click.option("--compressed", is_flag=True, help="IVF-PQ index (for collections too large for memory).")
@@ -127,7 +127,7 @@ def index(img_dir: str, out_dir: str, recursive: bool, compressed: bool, nlist: 
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @click.option("--index", "index_dir", type=click.Path(file_okay=False), required=True, help="Index folder.")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results per query.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="search_out", show_default=True,
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="search_out", show_default=True,
               help="Folder for results.json and one contact sheet per query.")
 @click.option("--model", default=None, help="Backbone (default: the one the index was built with; another is an "
                                           "error).")
@@ -144,7 +144,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     Queries are embedded with the index's descriptor settings; a backbone other than the index's is an
     error.
     """
-    from ..io import expand_inputs, save_json, save_png, write_outputs
+    from ..io import expand_inputs, replace_outputs, save_json, save_png, write_outputs
     from ..retrieval import ImageIndex, backbone_identity
     from ..viz import contact_sheet
 
@@ -197,6 +197,8 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
               "weights_used": extractor.weights_used,
               "queries": records, "skipped": [{"path": str(paths[i]), "reason": r} for i, r in result.skipped]}
     write_outputs(writers + [lambda: save_json(out / "results.json", report)])
+    replace_outputs(out, [f"{row:03d}_{paths[qi].stem}_results.png" for row, qi in enumerate(result.indices)]
+                    + ["results.json"])
     click.echo(f"wrote {out / 'results.json'} and {len(records)} contact sheet(s)")
 
 
@@ -215,7 +217,7 @@ def retrieval_eval() -> None:
 @click.option("--ext", default=".jpg", show_default=True, help="File suffix of the images.")
 @click.option("--crop-queries/--no-crop-queries", default=True, show_default=True,
               help="Crop queries to their bounding box (revisitop protocol; DINO's script does not).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="revisited_out", show_default=True)
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="revisited_out", show_default=True)
 @descriptor_options
 @extractor_options(stride=None, layer=None, facet=None, load_size=224)
 def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_queries: bool, out_dir: str,
@@ -317,7 +319,7 @@ def _labelled_folder(folder: str, classes: list[str] | None = None) -> tuple[lis
 @click.argument("val_dir", type=click.Path(file_okay=False))
 @click.option("-k", "k", type=int, default=20, show_default=True, help="Neighbours (DINO: 20).")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote temperature (DINO: 0.07).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="knn_out", show_default=True)
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="knn_out", show_default=True)
 @descriptor_options
 @extractor_options(stride=None, layer=None, facet=None, load_size=224)
 def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: str, **opts: Any) -> None:
@@ -369,7 +371,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
               help="Folder of extra database images that are nobody's source.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-k", "k", type=int, default=20, show_default=True, help="Results scored per query (DINO: 20).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="copy_out", show_default=True)
+@click.option("--out", "out_dir", type=OutputPath(folder=True), default="copy_out", show_default=True)
 @descriptor_options
 @extractor_options(stride=None, layer=None, facet=None, load_size=224)
 def eval_copy(img_dir: str, copies: int, strength: float, color: float, distractors: str | None, seed: int,

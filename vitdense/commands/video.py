@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from ..cli import build_extractor, extractor_options, load_size_arg, main
+from ..cli import OutputPath, build_extractor, extractor_options, load_size_arg, main
 from ..errors import ConfigError, DataError, ImageError
 
 THUMB = 320  # longer side of the overlay frames kept for the GIF / contact sheet
@@ -158,7 +158,7 @@ def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, An
 @click.option("--subset", default="val", show_default=True, help="DAVIS ImageSets/2017 list to run.")
 @click.option("--sequences", default=None, help="DAVIS: comma-separated sequence names (default: the whole list).")
 @click.option("--resolution", default="480p", show_default=True, help="DAVIS: JPEGImages/Annotations subfolder.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--out", "out_dir", type=OutputPath(folder=True), required=True, help="Output folder.")
 @click.option("--n-last-frames", type=int, default=7, show_default=True,
               help="Previous frames kept as context besides the first frame.")
 @click.option("--topk", type=int, default=5, show_default=True, help="Source patches voting for each target patch.")
@@ -267,7 +267,7 @@ def _evaluate(root: Path, results: Path, subset: str, sequences: list[str] | Non
 @main.command("eval-davis")
 @click.option("--davis-root", type=click.Path(file_okay=False), required=True,
               help="DAVIS-2017 folder with Annotations/ and ImageSets/2017/.")
-@click.option("--results", type=click.Path(file_okay=False), required=True,
+@click.option("--results", type=OutputPath(folder=True), required=True,
               help="Folder with one subfolder of indexed PNGs per sequence; the CSVs are written here.")
 @click.option("--set", "subset", default="val", show_default=True, help="ImageSets/2017 list to evaluate.")
 @click.option("--sequences", default=None, help="Comma-separated sequence names (default: the whole list).")
