@@ -77,6 +77,10 @@ class PretrainConfig:
     local_scale: tuple[float, float] = _opt((0.05, 0.4), "Area range of the local crops.")
     repeat: int = _opt(1, "Passes over the images per epoch (small data sets: epochs long enough for the "
                           "schedules and checkpoints).")
+    cutouts: str = _opt("", "Folder of photographic cut-outs (PNG/WebP with alpha): a share of the samples "
+                            "(--composite-p) is a new composite of them on a background photo (off when empty).")
+    backgrounds: str = _opt("", "Folder of background photos for the composites (default: the training images).")
+    composite_p: float = _opt(0.5, "With --cutouts: the share of samples that are new composites.")
     gpu_augment: str = _opt("auto", "Make the crops on the device, the loader only decodes (auto: on CUDA).",
                             choices=("auto", "on", "off"))
     source_size: int = _opt(0, "Longer side images are shrunk to for --gpu-augment (0 = 1.5 x --global-size).")
@@ -142,6 +146,8 @@ class PretrainConfig:
              f"--source-size {self.source_size} must be 0 or at least --global-size {self.global_size}"),
             (self.out_dim >= 1, "--out-dim must be at least 1"),
             (self.knn_k >= 1, "--knn-k must be at least 1"),
+            (0 <= self.composite_p <= 1, "--composite-p must be between 0 and 1"),
+            (not self.backgrounds or self.cutouts, "--backgrounds needs --cutouts (the composites' objects)"),
             (self.time_limit >= 0, "--time-limit must be 0 (off) or a number of seconds"),
         ]
         for ok, message in checks:

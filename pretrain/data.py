@@ -16,7 +16,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import Dataset, get_worker_info
 from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD
 from vitdense.errors import DataError
 from vitdense.io import IMAGE_SUFFIXES, natural_key
+
+if TYPE_CHECKING:
+    from .composite import Composer
 
 LOG = logging.getLogger("pretrain")
 
@@ -212,14 +215,19 @@ class ImageFolderDataset(Dataset):
     image was used instead (the loop counts these). ``views`` is
 
     * CPU path (``source_size`` 0): the list of view tensors of :class:`MultiCropAugmentation`;
+    * with a ``composer`` (:mod:`pretrain.composite`), an item is a new composite made from its seed with
+      probability ``composite_p`` (the rest are the images), at the composer's size;
     * device path (``source_size`` > 0): ``(image, params)``, the image shrunk to at most ``source_size``
       on its longer side as (3, h, w) uint8, and the (V, NPARAM) parameter rows of its views (see
       :mod:`pretrain.gpu_augment`), drawn as the CPU path draws them.
     """
 
     def __init__(self, paths: Sequence[Path], augment: MultiCropAugmentation, repeat: int = 1,
-                 source_size: int = 0, cache_mb: int = 0):
+                 source_size: int = 0, cache_mb: int = 0, composer: "Composer | None" = None,
+                 composite_p: float = 0.0):
         self.paths = list(paths)
+        # with a composer, a share composite_p of the items is a new composite instead of their image
+        self.composer, self.composite_p = composer, composite_p
         self.augment = augment
         self.repeat = repeat
         self.source_size = source_size
@@ -267,6 +275,12 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor], int]:
         index, seed = key
+        if self.composer is not None:
+            draw = np.random.default_rng([seed, 1])  # the composite's own stream: the views keep theirs
+            if draw.random() < self.composite_p:
+                image = self.composer.make(draw)
+                rng = random.Random(seed)
+                return (self.source(image, rng) if self.source_size else self.augment(image, rng)), 0
         for attempt in range(len(self.paths)):
             i = (index + attempt) % len(self.paths)
             try:

@@ -339,11 +339,19 @@ def train(cfg: PretrainConfig) -> TrainResult:
                                     cfg.local_scale)
     on_device = cfg.gpu_augment == "on" or (cfg.gpu_augment == "auto" and device.type == "cuda")
     source_size = (cfg.source_size or cfg.global_size * 3 // 2) if on_device else 0
+    composer = None
+    if cfg.cutouts:
+        from .composite import Composer
+
+        backgrounds = find_images(cfg.backgrounds) if cfg.backgrounds else paths
+        composer = Composer(find_images(cfg.cutouts), backgrounds, source_size or cfg.global_size * 3 // 2)
     dataset = ImageFolderDataset(paths, augment, repeat=cfg.repeat, source_size=source_size,
-                                 cache_mb=cfg.cache_mb)
+                                 cache_mb=cfg.cache_mb, composer=composer, composite_p=cfg.composite_p)
     device_augment = GPUMultiCrop(IMAGENET_MEAN, IMAGENET_STD) if on_device else None
     resident = None
-    if on_device and ResidentSources.nbytes(len(paths), source_size) <= cfg.resident_mb * 2**20:
+    # fresh composites are made by the loader workers, so their sources cannot stay on the device
+    if on_device and composer is None and \
+            ResidentSources.nbytes(len(paths), source_size) <= cfg.resident_mb * 2**20:
         resident = ResidentSources(dataset, device, cfg.workers)
         if resident.failed:
             LOG.warning("skipping %d image file(s) that cannot be decoded: %s", len(resident.failed),
