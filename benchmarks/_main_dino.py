@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,8 +55,11 @@ def _cpu_patches() -> None:
 
 
 def run(peer: str, images: str, out_dir: str, arch: str, patch: int, batch: int, local_crops: int, out_dim: int,
-        workers: int, warmup: int, steps: int) -> dict:
-    """Images/s of ``main_dino.train_dino`` over ``steps`` steps after ``warmup``; ``images``: an ImageFolder root."""
+        workers: int, warmup: int, steps: int, emit: Callable[[dict], None] | None = None) -> dict:
+    """Images/s of ``main_dino.train_dino`` over ``steps`` steps after ``warmup``; ``images``: an ImageFolder root.
+
+    ``emit`` receives a provisional result (``"partial": True``) after every whole wave of ``workers`` timed
+    steps, so a run stopped at its deadline still reports the rate of the waves it finished."""
     peer_path = Path(peer).resolve()
     if not (peer_path / "main_dino.py").is_file():
         raise SystemExit(f"{peer_path}: not a facebookresearch/dino checkout (no main_dino.py)")
@@ -71,9 +75,18 @@ def run(peer: str, images: str, out_dir: str, arch: str, patch: int, batch: int,
 
     stamps: list[float] = []
 
+    def result(timed_steps: int, partial: bool) -> dict:
+        timed = stamps[warmup + timed_steps] - stamps[warmup]
+        return {"images_per_s": batch * timed_steps / timed, "seconds": timed, "steps": timed_steps,
+                "warmup": warmup, "batch": batch, "workers": workers, "partial": partial,
+                "precision": "fp16" if cuda else "fp32"}
+
     def log_every(self, iterable, print_freq, header=None):
         for item in iterable:
             stamps.append(time.perf_counter())
+            done = len(stamps) - 1 - warmup  # timed steps finished
+            if emit is not None and 0 < done < steps and done % max(1, workers) == 0:
+                emit(result(done, partial=True))
             if len(stamps) > warmup + steps:
                 raise StopTraining
             yield item

@@ -33,10 +33,21 @@ def test_parts_round_trip_and_a_cut_part_is_refused(app, tmp_path):
     assert not (tmp_path / "again.safetensors").exists()
 
 
-def test_recipe_passes_the_warm_start(app, tmp_path):
+def test_recipe_passes_the_warm_start_the_clock_and_the_pack(app, tmp_path):
     import argparse
 
+    for sub in ("photos", "cutouts", "backgrounds"):
+        (tmp_path / sub).mkdir()
     args = argparse.Namespace(data=tmp_path, arch="vit_small_patch8_224", batch_size=64, local_crops=8,
-                              out_dim=8192, workers=2, momentum_teacher=0.99, init="vitdense_vits8", extra=[])
-    cmd = app.recipe(args, tmp_path / "run", repeat=3, epochs=100)
-    assert cmd[cmd.index("--init") + 1] == "vitdense_vits8" and cmd[cmd.index("--repeat") + 1] == "3"
+                              out_dim=8192, workers=2, momentum_teacher=0.99, init="vitdense_vits8", extra=[],
+                              seed=0, composite_p=0.5)
+    cmd = app.recipe(args, tmp_path / "run", repeat=3, time_limit=250.4)
+
+    def value(flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    assert value("--init") == "vitdense_vits8" and value("--repeat") == "3" and value("--time-limit") == "250"
+    assert cmd[cmd.index("pretrain") + 1] == str(tmp_path / "photos")
+    assert value("--cutouts") == str(tmp_path / "cutouts") and value("--backgrounds") == str(tmp_path / "backgrounds")
+    plain = app.recipe(argparse.Namespace(**{**vars(args), "data": tmp_path / "photos"}), tmp_path / "run", 3, 100)
+    assert "--cutouts" not in plain  # a plain image folder: no composites

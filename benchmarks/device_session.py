@@ -1,0 +1,263 @@
+"""The whole device session in one command that cannot overrun: train the bundled backbone on the clock, then
+the device suite, then the GPU tests, each step under its own wall-clock deadline, everything it writes
+brought back in at most 8 files of ``--out``.
+
+    python3 benchmarks/device_session.py --out $OUT                  # on the GPU machine (one `run` call)
+    python benchmarks/device_session.py --out /tmp/rehearsal --rehearse   # the same code on the CPU, toy sizes
+
+Steps, in this order (``benchmarks/device_suite.md`` has the call, its carry list and what to do with the
+files that come back):
+
+1. ``setup``  unpack the carried packages (``.whl/site-py312.tar.xz``: faiss, pydensecrf) into a folder on
+   ``PYTHONPATH``;
+2. ``train``  ``apps/train_bundled_backbone.py --deadline-s TRAIN``: DINO from ``--init`` (the newest export of the
+   chain) on the carried data pack, with fresh composites; it stops on its own clock, exports, and writes the
+   export in parts (with its SHA-256) into ``--out`` at once;
+3. ``suite``  ``benchmarks/device_suite.py --budget SUITE``, its parts sized to what training left;
+4. ``tests``  ``python -m pytest -m gpu tests/test_gpu.py`` under ``--tests-s``.
+
+Each step runs in a process group of its own and is killed with all its children at its deadline; the next
+step gets the time that is left. After every step, ``reports.tar.gz`` (training log, curves, command,
+suite reports, test report) and ``session.json`` (the plan, each step's status, seconds and deadline) are
+rewritten atomically, and ``session.log`` holds everything the steps printed. ``--out`` then holds the export's
+parts, its ``.sha256``, ``reports.tar.gz``, ``session.json`` and ``session.log``: 7 files for a 43 MB export
+(a file at most 16 MiB, the device tool brings back at most 8), and never more than one temporary file.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_FILES = 8  # what the device tool brings back from $OUT
+SITE_TAR = ROOT / ".whl" / "site-py312.tar.xz"
+
+# Seconds of a 580-s session (the run's limit is 600 s): training first, as the suite can be re-run by a later
+# session with the same code while a lost training run is a lost draw.
+DEFAULTS = dict(budget=580.0, train_s=300.0, tests_s=50.0)
+SETUP_S = 20.0
+PACK_S = 10.0  # writing the reports and the session file at the end
+# The rehearsal: the same code at toy sizes on the CPU, every deadline scaled down.
+REHEARSAL = dict(budget=150.0, train_s=55.0, tests_s=25.0)
+TOY_TRAIN = ["--reserve-s", "12", "--arch", "vit_tiny_patch16_224", "--batch-size", "8", "--local-crops", "2", "--out-dim", "256",
+             "--workers", "1", "--", "--patch-size", "8", "--global-size", "32", "--local-size", "16",
+             "--hidden-dim", "64", "--bottleneck-dim", "32"]
+
+
+class Session:
+    """The plan and what each step did, kept in ``OUT/session.json`` and ``OUT/reports.tar.gz``."""
+
+    def __init__(self, out: Path, budget: float, plan: dict):
+        self.out, self.start, self.budget = out, time.monotonic(), budget
+        self.work = Path(tempfile.mkdtemp(prefix="device_session_"))
+        self.log = open(out / "session.log", "a", buffering=1)
+        self.reports: dict[str, Path] = {}  # name in the tar -> file
+        self.env: dict | None = None  # the steps' environment
+        self.data = {"plan": plan, "budget_s": budget, "steps": [], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                            time.gmtime())}
+        self.save()
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def say(self, text: str) -> None:
+        line = f"[session {time.monotonic() - self.start:6.1f} s] {text}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+
+    def run(self, name: str, cmd: list[str], deadline: float, env: dict | None = None) -> dict:
+        """Run one step with a hard deadline (seconds from now); its output goes to the log as it comes."""
+        deadline = max(1.0, min(deadline, self.left() - PACK_S))
+        self.say(f"step {name}: deadline {deadline:.0f} s: {' '.join(str(c) for c in cmd)}")
+        step = {"step": name, "deadline_s": round(deadline, 1), "status": "running"}
+        self.data["steps"].append(step)
+        self.save()
+        started = time.monotonic()
+        step_log = self.work / f"{name}.log"
+        with open(step_log, "w") as captured:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=env or self.env, cwd=ROOT, start_new_session=True)
+
+            def pump() -> None:
+                for raw in iter(lambda: proc.stdout.read1(65536), b""):
+                    text = raw.decode(errors="replace")
+                    captured.write(text)
+                    self.log.write(text)
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            try:
+                rc = proc.wait(timeout=deadline)
+                status = "ok" if rc == 0 else f"failed (exit {rc})"
+            except subprocess.TimeoutExpired:
+                status = "timeout"
+            try:  # the whole group: loader workers and other children too
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            reader.join(timeout=5)
+        step.update(status=status, seconds=round(time.monotonic() - started, 1))
+        self.reports[f"{name}.log"] = step_log
+        self.say(f"step {name}: {status} after {step['seconds']} s; {self.left():.0f} s of the session left")
+        self.save()
+        return step
+
+    def save(self) -> None:
+        """session.json and reports.tar.gz, each written beside its name and renamed (one temporary at a time)."""
+        self.data["seconds"] = round(time.monotonic() - self.start, 1)
+        _atomic(self.out / "session.json", json.dumps(self.data, indent=1).encode())
+        if self.reports:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                for name, path in sorted(self.reports.items()):
+                    if path.is_file():
+                        tar.add(path, arcname=name)
+            _atomic(self.out / "reports.tar.gz", buf.getvalue())
+
+    def add_reports(self, prefix: str, folder: Path, names: list[str] | None = None) -> None:
+        for path in sorted(folder.glob("*")) if names is None else [folder / n for n in names]:
+            if path.is_file() and not path.name.endswith(".tmp"):
+                self.reports[f"{prefix}/{path.name}"] = path
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def plan_steps(budget: float, train_s: float, tests_s: float) -> dict[str, float]:
+    """Seconds per step; the suite gets what training, tests, set-up and the final writing leave."""
+    suite_s = budget - SETUP_S - train_s - tests_s - PACK_S
+    if suite_s < 30:
+        raise SystemExit(f"--budget {budget:g} s leaves {suite_s:.0f} s for the suite after training {train_s:g} s "
+                         f"and tests {tests_s:g} s: give more time or less training")
+    return {"setup": SETUP_S, "train": train_s, "suite": suite_s, "tests": tests_s, "pack": PACK_S}
+
+
+def make_toy_pack(folder: Path) -> Path:
+    """A tiny data pack for the rehearsal (photos/, cutouts/, backgrounds/ as ``apps/build_pretrain_set.py
+    --pack`` writes it): crops of scikit-image's photos and discs cut out of them."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(0)
+    sources = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    for sub in ("photos/skimage", "cutouts", "backgrounds"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(24):
+        img = sources[i % 4]
+        y, x = rng.integers(0, img.shape[0] - 96), rng.integers(0, img.shape[1] - 96)
+        Image.fromarray(img[y:y + 96, x:x + 96]).save(folder / "photos" / "skimage" / f"p{i:02d}.jpg")
+    for i, img in enumerate(sources):
+        Image.fromarray(img).resize((128, 96)).save(folder / "backgrounds" / f"b{i}.jpg")
+        yy, xx = np.mgrid[:48, :48]
+        alpha = (((yy - 24) ** 2 + (xx - 24) ** 2) <= 20 ** 2).astype(np.uint8) * 255
+        crop = np.asarray(Image.fromarray(img).resize((48, 48)))
+        Image.fromarray(np.dstack([crop, alpha]), "RGBA").save(folder / "cutouts" / f"c{i}.png")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="the device tool's $OUT (created)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="the same steps on the CPU at toy sizes, deadlines scaled down (a tiny data pack, no "
+                             "warm start, the suite's --toy)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole session (default 580; "
+                                                                    "rehearsal 150)")
+    parser.add_argument("--train-s", type=float, default=None, help="seconds for training, export included "
+                                                                    "(default 300; rehearsal 55)")
+    parser.add_argument("--tests-s", type=float, default=None, help="seconds for the GPU tests (default 50)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "pretrain_pack",
+                        help="the data pack (photos/, cutouts/, backgrounds/) or a folder of images")
+    parser.add_argument("--init", default="vitdense_vits8", help="weights training continues from: the newest "
+                                                                 "export of the chain")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("train", "suite", "tests"),
+                        help="steps to leave out (a re-run of the suite on a warm machine, say)")
+    args = parser.parse_args(argv)
+    preset = REHEARSAL if args.rehearse else DEFAULTS
+    budget = args.budget or preset["budget"]
+    train_s = 0.0 if "train" in args.skip else (args.train_s or preset["train_s"])
+    tests_s = 0.0 if "tests" in args.skip else (args.tests_s or preset["tests_s"])
+    plan = plan_steps(budget, train_s, tests_s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    session = Session(args.out, budget, {**plan, "rehearse": args.rehearse, "init": args.init,
+                                         "data": str(args.data), "skip": args.skip})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VITDENSE_OFFLINE": "1"}
+    paths = [str(ROOT)]
+
+    # 1. packages the device image lacks
+    if SITE_TAR.is_file():
+        site = session.work / "site"
+        site.mkdir()
+        session.run("setup", ["tar", "-xJf", SITE_TAR, "-C", site], SETUP_S)
+        paths.insert(0, str(site))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    if args.rehearse:
+        env["OMP_NUM_THREADS"] = "1"
+    session.env = env
+
+    # 2. training on the clock; the export's parts go straight into --out
+    if "train" not in args.skip:
+        data, init, extra = args.data, args.init, []
+        if args.rehearse:
+            data, init, extra = make_toy_pack(session.work / "pack"), "", TOY_TRAIN
+        train_dir = session.work / "train"
+        cmd = [sys.executable, ROOT / "apps" / "train_bundled_backbone.py", "--data", data, "--out", train_dir,
+               "--deadline-s", f"{plan['train']:.0f}", "--parts-dir", args.out]
+        cmd += (["--init", init] if init else []) + extra
+        session.run("train", cmd, plan["train"] + 15)  # the app keeps its own deadline; this is the backstop
+        session.add_reports("train", train_dir, ["command.txt", "train_summary.json"])
+        session.add_reports("train", train_dir / "run", ["log.jsonl", "curves.png", "config.json"])
+        session.save()
+
+    # 3. the suite, sized to what is left
+    if "suite" not in args.skip:
+        suite_dir = session.work / "suite"
+        suite_s = session.left() - tests_s - PACK_S
+        cmd = [sys.executable, ROOT / "benchmarks" / "device_suite.py", "--out", suite_dir,
+               "--budget", f"{suite_s:.0f}"] + (["--toy"] if args.rehearse else [])
+        session.run("suite", cmd, suite_s + 10)
+        session.add_reports("suite", suite_dir)
+        session.save()
+
+    # 4. the GPU tests (they skip without CUDA; the rehearsal checks they are collected and run)
+    if "tests" not in args.skip:
+        report = session.work / "gpu_tests.xml"
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p",
+               "no:cacheprovider", f"--junitxml={report}"]
+        session.run("tests", cmd, session.left() - PACK_S)
+        session.reports["tests/gpu_tests.xml"] = report
+    session.data["finished"] = True
+    session.save()
+    stray = [p for p in args.out.iterdir() if p.name.endswith(".tmp")]
+    for p in stray:
+        p.unlink()
+    files = sorted(p.name for p in args.out.iterdir())
+    session.say(f"done in {budget - session.left():.0f} s of {budget:.0f}; {len(files)} file(s) in {args.out}: "
+                + ", ".join(files))
+    if len(files) > MAX_FILES:
+        session.say(f"WARNING: more than {MAX_FILES} files: the device tool brings back only {MAX_FILES}")
+    session.log.close()
+    shutil.rmtree(session.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
