@@ -8,3 +8,6 @@
                  and ShardedIndex: memory-mapped search with exact re-ranking from the shards' vectors
 """
 from __future__ import annotations
+
+# Public names (re-exported by vitdense/__init__.py): embed_collection, ExtractorSpec, build_index,
+# ShardedIndex, open_index, choose_index.

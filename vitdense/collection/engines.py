@@ -156,14 +156,15 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
                      extractor: ExtractorSpec | ViTExtractor, config: DescriptorConfig, engine: str = "local",
                      shard_size: int = 1000, batch_size: int = 16, num_workers: int = 2, actors: int = 2,
                      address: str | None = None, gpus_per_worker: float = 0.0,
-                     progress: bool = True) -> EmbedReport:
+                     progress: bool = True, built: ViTExtractor | None = None) -> EmbedReport:
     """Embed the images of ``sources`` (folders, .txt/.parquet lists, webdataset .tar shards) into Parquet
     shards under ``out`` (see :mod:`vitdense.collection.shards`); resumable: a rerun embeds only the shards
     not done yet, and sources it does not hold yet become new shards.
 
     ``extractor``: an :class:`ExtractorSpec` (needed by ``engine="ray"``: each actor builds its own copy)
     or a built ViTExtractor (local engine only). ConfigError when the folder holds another backbone's or
-    another descriptor setting's vectors.
+    another descriptor setting's vectors. ``built``: the extractor of an ExtractorSpec when the caller
+    has already built it (saves building it again here).
     """
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
@@ -174,7 +175,8 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
     files, tars = expand_sources(sources)
     if not files and not tars:
         raise DataError(f"{', '.join(map(str, sources))}: no images or .tar shards found")
-    built = extractor.build() if isinstance(extractor, ExtractorSpec) else extractor
+    if built is None:
+        built = extractor.build() if isinstance(extractor, ExtractorSpec) else extractor
     weights = extractor.weights if isinstance(extractor, ExtractorSpec) else None
     model_arg = extractor.model if isinstance(extractor, ExtractorSpec) else None
     if config.stride is not None and built.stride[0] != config.stride:

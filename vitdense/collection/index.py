@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backbones import atomic_write
 from ..errors import ConfigError, DataError
-from ..retrieval import DescriptorConfig, faiss_search
+from ..retrieval import DescriptorConfig, ImageIndex, faiss_search
 from .shards import Collection, read_shard
 
 LOG = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class IndexChoice:
 
 def _nlist(n: int) -> int:
     """IVF lists for N vectors: faiss' guidelines (65536 for 1–10 M, 262144 for 10–100 M, 1048576 beyond),
-    below 1 M about 4·√N rounded to a power of two; at most N / 39 (faiss' minimum points per list)."""
+    below 1 M about 4·√N rounded to a power of two; at most the power of two ≤ N / 39 (faiss' minimum
+    points per list), so 16384 at 1 M."""
     if n >= 100_000_000:
         lists = 1 << 20
     elif n >= 10_000_000:
@@ -88,7 +89,8 @@ def _nlist(n: int) -> int:
         lists = 1 << 16
     else:
         lists = 1 << max(0, round(math.log2(4 * math.sqrt(n))))
-    return int(max(1, min(lists, n // 39)))
+    cap = 1 << max(0, int(math.log2(max(1, n // 39))))  # a power of two with ≥ 39 points per list
+    return int(max(1, min(lists, cap)))
 
 
 def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int | None = None,
@@ -132,10 +134,14 @@ def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int |
     if not fits:
         reason += " (over the budget: the lists stay on disk, memory-mapped)"
     n_train = max(n_train, min(n, 256 * 39))  # PQ's 256 centroids per sub-quantiser need ≥ 39·256 points
-    if n >= 10_000_000 and kind == "ivfpq":
+    pq = f"PQ{m}"
+    if n_train < 256 * 39:  # too few points for 8-bit codebooks: 16 centroids per sub-quantiser
+        pq += "x4"
+        reason += "; 4-bit codes (fewer than 9984 training points)"
+    if n >= 10_000_000:
         reason += "; ≥ 10 M vectors: OPQ rotation + HNSW coarse quantizer (faiss guideline)"
-        return IndexChoice("opq-ivfhnsw-pq", f"OPQ{m},IVF{lists}_HNSW32,PQ{m}", lists, m, probe, n_train, reason)
-    return IndexChoice("ivfpq", f"IVF{lists},PQ{m}", lists, m, probe, n_train, reason)
+        return IndexChoice("opq-ivfhnsw-pq", f"OPQ{m},IVF{lists}_HNSW32,{pq}", lists, m, probe, n_train, reason)
+    return IndexChoice("ivfpq", f"IVF{lists},{pq}", lists, m, probe, n_train, reason)
 
 
 # ============================================================================ vectors of the shards
@@ -277,7 +283,11 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_bu
         if choice.kind != "flat":
             train_ids = np.sort(picked[n_queries:]) if len(picked) > n_queries else np.sort(picked)
             sample = _sample(coll.root, shards, train_ids)
-            faiss.extract_index_ivf(index).cp.seed = seed
+            ivf = faiss.extract_index_ivf(index)
+            ivf.cp.seed = seed
+            if hasattr(ivf, "do_polysemous_training"):
+                # index_factory turns on polysemous training (Hamming filtering we never use): most of the time
+                ivf.do_polysemous_training = False
             index.train(sample)
             del sample
         if choice.kind == "flat":
@@ -424,6 +434,10 @@ class ShardedIndex:
         self.rerank = int(meta.get("rerank", 0))
         self._ids: dict[int, list[str]] = {}
 
+    def check_backbone(self, identity: dict[str, Any]) -> None:
+        """ConfigError when ``identity`` is not the network the collection was embedded with."""
+        ImageIndex.check_backbone(self, identity)  # type: ignore[arg-type]  (same fields: root, backbone)
+
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of queries (Q, D') → (scores (Q, K), global ids (Q, K)); -1 where fewer results."""
         if queries.shape[1] != self.vectors.shape[1]:
@@ -445,3 +459,14 @@ class ShardedIndex:
                 self._ids[s] = read_shard(self.embeddings, self.shard_names[s], ["id"])["id"]
             out.append(self._ids[s][int(g - offsets[s])])
         return out
+
+
+def open_index(root: str | os.PathLike) -> "ImageIndex | ShardedIndex":
+    """Open an index folder for searching: a :class:`ShardedIndex` when its index.json says it was built
+    from embedding shards, else the :class:`ImageIndex` of an image folder (both have ``search``)."""
+    meta_path = Path(root) / "index.json"
+    try:
+        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
+    except ValueError:
+        kind = None
+    return ShardedIndex(root) if kind == "sharded" else ImageIndex.load(root)
