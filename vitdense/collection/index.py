@@ -283,7 +283,7 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_bu
         if choice.kind != "flat":
             train_ids = np.sort(picked[n_queries:]) if len(picked) > n_queries else np.sort(picked)
             sample = _sample(coll.root, shards, train_ids)
-            ivf = faiss.extract_index_ivf(index)
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the IVF-PQ class, not IndexIVF
             ivf.cp.seed = seed
             if hasattr(ivf, "do_polysemous_training"):
                 # index_factory turns on polysemous training (Hamming filtering we never use): most of the time
