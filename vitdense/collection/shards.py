@@ -30,6 +30,16 @@ from .sources import ShardSpec, plan_shards
 MANIFEST_VERSION = 1
 
 
+def _pyarrow():
+    """pyarrow and pyarrow.parquet; ConfigError naming the extra when they are not installed."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("embedding shards need pyarrow: pip install 'vitdense[ray]'") from None
+    return pa, pq
+
+
 def shard_path(root: str | os.PathLike, name: str) -> Path:
     return Path(root) / f"{name}.parquet"
 
@@ -44,9 +54,7 @@ def is_done(root: str | os.PathLike, name: str) -> bool:
 
 def write_shard(root: str | os.PathLike, name: str, rows: ShardRows, seconds: float) -> dict[str, Any]:
     """Write a shard's Parquet file, then its done-marker (both atomically); return the marker's content."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    pa, pq = _pyarrow()
     dim = rows.vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(rows.vectors, np.float32).ravel(), pa.float32())
     table = pa.table({"id": pa.array(rows.ids, pa.string()), "sha256": pa.array(rows.sha256, pa.string()),
@@ -66,8 +74,7 @@ def read_marker(root: str | os.PathLike, name: str) -> dict[str, Any]:
 
 def read_shard(root: str | os.PathLike, name: str, columns: Sequence[str] = ("id", "vector")) -> dict[str, Any]:
     """Columns of one shard: "vector" as (N, D') float32, the others as lists; DataError when unreadable."""
-    import pyarrow.parquet as pq
-
+    _, pq = _pyarrow()
     path = shard_path(root, name)
     try:
         table = pq.read_table(path, columns=list(columns))
