@@ -59,6 +59,9 @@ _EXPORTS: dict[str, str] = {
     "build_pretrain_set": "pretrainset", "select_pretraining": "pretrainset",
     "PRETRAIN_SOURCES": "pretrainsources:SOURCES", "gather_pretrain_photos": "pretrainsources:gather",
     "pretrain_cutouts": "pretrainsources:train_cutouts", "left_out_kind": "pretrainsources",
+    "embed_collection": "collection.engines", "ExtractorSpec": "collection.embed", "EmbedReport": "collection.engines",
+    "build_index": "collection.index", "ShardedIndex": "collection.index", "open_index": "collection.index",
+    "choose_index": "collection.index",
 }
 
 __all__ = [
@@ -85,6 +88,8 @@ __all__ = [
     # retrieval
     "DescriptorConfig", "global_descriptors", "embed_images", "ImageIndex", "update_index", "FaissConfig",
     "build_faiss", "faiss_search",
+    # collections past one machine (vitdense.collection)
+    "embed_collection", "ExtractorSpec", "EmbedReport", "build_index", "ShardedIndex", "open_index", "choose_index",
     # data splits and package sources (vitdense.splits, vitdense.evalset)
     "stamp_split", "photo_split", "is_reserved_stamp", "fetch_package", "wallpaper_photos", "wallpaper_name",
     "is_non_commercial",

@@ -638,3 +638,4 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
                         f"{skipped[0]['reason']})" if skipped else "no images to index")
     current.save(build_index=True)
     return current, plan
+

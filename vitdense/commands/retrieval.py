@@ -89,9 +89,18 @@ def _embed(extractor, items: Sequence, config, batch_size: int, workers: int, wh
 # ---------------------------------------------------------------------------------- index / search
 
 @main.command()
-@click.argument("img_dir", type=click.Path())
+@click.argument("img_dir", type=click.Path(), required=False)
 @click.option("--out", "out_dir", type=OutputPath(folder=True), required=True,
               help="Index folder (created; re-running updates it incrementally).")
+@click.option("--embeddings", type=click.Path(file_okay=False), default=None,
+              help="Build from the Parquet shards of `vitdense embed` instead of IMG_DIR (collections past one "
+                   "machine: index chosen by --memory-budget, inverted lists on disk, resumable per shard).")
+@click.option("--memory-budget", default="4G", show_default=True,
+              help="--embeddings: RAM the build and the index's codes may use (e.g. 512M, 16G).")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "ivfflat", "ivfpq"]), default="auto",
+              show_default=True, help="--embeddings: the faiss index (auto: from the count, dim and budget).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="--embeddings: add the shards in this process or as parallel Ray tasks.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Include sub-folders.")
 @click.option("--compressed", is_flag=True, help="IVF-PQ index (for collections too large for memory).")
 @click.option("--nlist", type=int, default=None, help="IVF cells (default 4*sqrt(N)).")
@@ -101,12 +110,28 @@ def _embed(extractor, items: Sequence, config, batch_size: int, workers: int, wh
               help="IVF-PQ candidates re-scored exactly from the stored vectors (0 = off).")
 @descriptor_options
 @extractor_options(stride=None, layer=None, facet=None, load_size=224)
-def index(img_dir: str, out_dir: str, recursive: bool, compressed: bool, nlist: int | None, pq_m: int | None,
+def index(img_dir: str | None, out_dir: str, embeddings: str | None, memory_budget: str, index_type: str,
+          engine: str, recursive: bool, compressed: bool, nlist: int | None, pq_m: int | None,
           nprobe: int, rerank: int, **opts: Any) -> None:
-    """Embed the images of IMG_DIR into a searchable index folder (only new or changed files on re-runs)."""
+    """Embed the images of IMG_DIR into a searchable index folder (only new or changed files on re-runs),
+    or with --embeddings build a faiss index from the shards of `vitdense embed`."""
     from ..io import list_images
     from ..retrieval import FaissConfig, update_index
 
+    if (img_dir is None) == (embeddings is None):
+        raise ConfigError("give either IMG_DIR or --embeddings EMB (not both)")
+    if embeddings is not None:
+        from ..collection.index import build_index
+
+        meta = build_index(embeddings, out_dir, memory_budget, index_type, nlist,
+                           nprobe if nprobe != 32 else None, rerank, engine)
+        sec, rec = meta["stages"]["seconds"], meta["recall"]
+        click.echo(f"index {out_dir}: {meta['count']} vector(s), dim {meta['dim']}, {meta['choice']['factory']} "
+                   f"({meta['choice']['reason']}); shards added {len(meta['stages']['shards_added'])} of "
+                   f"{len(meta['shards'])}; train {sec['train']:.1f}s add {sec['add']:.1f}s merge "
+                   f"{sec['merge']:.1f}s; peak RSS {meta['peak_rss'] / 2**20:.0f} MiB; recall@10 "
+                   f"{rec['recall_at_10']:.3f}, re-ranked {rec['recall_at_10_reranked']:.3f}")
+        return
     _check_loader(opts["batch_size"], opts["workers"])
     paths = list_images(img_dir, recursive=recursive)
     extractor = _extractor(opts)
@@ -144,14 +169,15 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     Queries are embedded with the index's descriptor settings; a backbone other than the index's is an
     error.
     """
+    from ..collection.index import open_index
     from ..io import expand_inputs, replace_outputs, save_json, save_png, write_outputs
-    from ..retrieval import ImageIndex, backbone_identity
+    from ..retrieval import backbone_identity
     from ..viz import contact_sheet
 
     if k < 1:
         raise ConfigError(f"-k {k}: must be at least 1")
     _check_loader(8, workers)
-    idx = ImageIndex.load(index_dir)
+    idx = open_index(index_dir)
     if idx.index is None:
         raise DataError(f"{index_dir}: the index is incomplete (an indexing run was interrupted); re-run "
                         f"`vitdense index` to finish it")
@@ -182,8 +208,10 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     out = Path(out_dir)
     for row, qi in enumerate(result.indices):
         qpath = paths[qi]
-        hits = [{"rank": r + 1, "path": idx.entries[j].path, "score": float(s)}
-                for r, (s, j) in enumerate(zip(scores[row], ids[row])) if j >= 0]
+        names = idx.ids(ids[row]) if hasattr(idx, "ids") else [idx.entries[j].path if j >= 0 else None
+                                                                  for j in ids[row]]
+        hits = [{"rank": r + 1, "path": name, "score": float(s)}
+                for r, (s, name) in enumerate(zip(scores[row], names)) if name is not None]
         records.append({"query": str(qpath), "results": hits})
         click.echo(f"{qpath}")
         for hit in hits:

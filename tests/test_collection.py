@@ -1,0 +1,316 @@
+"""Collections past one machine: sources (folders, lists, webdataset tars), Parquet shards + manifest,
+resume after kills, the local and Ray engines, and the faiss index built from the shards."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import assert_user_error, run_cli as run, save_tiny_weights
+from vitdense import ConfigError, DataError
+from vitdense.collection.embed import ExtractorSpec, ShardRows
+from vitdense.collection.engines import embed_collection
+from vitdense.collection.index import ShardedIndex, build_index, choose_index
+from vitdense.collection.shards import Collection, marker_path, read_shard, write_shard
+from vitdense.collection.sources import ShardSpec
+from vitdense.retrieval import DescriptorConfig, embed_images
+
+CFG = DescriptorConfig(load_size=32, stride=8)
+HOOK = "VITDENSE_TEST_DIE_ONCE"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    return save_tiny_weights(folder / "tiny.safetensors", depth=2), save_tiny_weights(folder / "other.safetensors",
+                                                                                       depth=2, seed=1)
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n small images of two sizes (smooth gradients + noise), plus nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        h, w = (40, 48) if i % 3 else (48, 40)
+        base = np.linspace(0, 255, w)[None, :, None] * rng.random(3)[None, None, :]
+        img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+        paths.append(folder / f"img{i:03d}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
+def all_rows(root: Path) -> tuple[list[str], np.ndarray]:
+    coll = Collection.load(root)
+    ids, vecs = [], []
+    for name, _ in coll.done_rows():
+        shard = read_shard(root, name)
+        ids += shard["id"]
+        vecs.append(shard["vector"])
+    return ids, np.concatenate(vecs)
+
+
+# ----------------------------------------------------------------------------------- embedding (local)
+
+def test_local_embed_matches_embed_images_and_resumes(tmp_path, weights):
+    paths = make_images(tmp_path / "img", 20)
+    (tmp_path / "img" / "zz_bad.jpg").write_bytes(b"not an image")
+    spec = ExtractorSpec("auto", str(weights[0]), "cpu")
+    rep = embed_collection([tmp_path / "img"], tmp_path / "emb", spec, CFG, shard_size=8, num_workers=0,
+                           progress=False)
+    assert rep.embedded == ["shard-00000", "shard-00001", "shard-00002"] and rep.rows == 20
+    assert rep.skipped == [(str((tmp_path / "img" / "zz_bad.jpg").resolve()), "not an image file")]
+    ids, vecs = all_rows(tmp_path / "emb")
+    assert ids == [str(p.resolve()) for p in paths]  # every row named, no duplicates
+    # the same vectors as the in-memory retrieval path computes, image by image
+    ref = embed_images(spec.build(), paths, CFG, batch_size=1, progress=False)
+    np.testing.assert_allclose(vecs, ref.vectors, atol=1e-5)
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 20 and manifest["dim"] == 96
+    assert [s["rows"] for s in manifest["shards"]] == [8, 8, 4]
+    assert manifest["backbone"]["fingerprint"] and manifest["descriptor"]["load_size"] == 32
+    sha = read_shard(tmp_path / "emb", "shard-00000", ["sha256"])["sha256"]
+    import hashlib
+    assert sha[0] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    # rerun: nothing to do; new images become a new shard
+    again = embed_collection([tmp_path / "img"], tmp_path / "emb", spec, CFG, shard_size=8, num_workers=0,
+                             progress=False)
+    assert again.embedded == [] and len(again.already_done) == 3
+    more = make_images(tmp_path / "img2", 3, seed=5)
+    grown = embed_collection([tmp_path / "img", tmp_path / "img2"], tmp_path / "emb", spec, CFG, shard_size=8,
+                             num_workers=0, progress=False)
+    assert grown.embedded == ["shard-00003"] and grown.rows == 23
+    assert all_rows(tmp_path / "emb")[0][-3:] == [str(p.resolve()) for p in more]
+
+
+@pytest.mark.slow
+def test_killed_run_redoes_only_unfinished_shards(tmp_path, weights):
+    """A process dying between a shard's Parquet file and its done-marker (os._exit: no cleanup, as kill -9),
+    then a kill -9 at a random moment: each rerun redoes only unfinished shards; every id appears once."""
+    make_images(tmp_path / "img", 12)
+    cmd = [sys.executable, "-m", "vitdense", "embed", tmp_path / "img", "--out", tmp_path / "emb", "--weights",
+           weights[0], "--device", "cpu", "--load-size", 32, "--workers", 0, "--shard-size", 2]
+    cmd = [str(c) for c in cmd]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), HOOK: str(tmp_path / "died")}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1 and (tmp_path / "died").exists()
+    dead = (tmp_path / "died").read_text().split()[1]
+    assert (tmp_path / "emb" / f"{dead}.parquet").exists() and not marker_path(tmp_path / "emb", dead).exists()
+    done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.done.json")}
+    assert dead == "shard-00000" and not done_before
+    # second run: SIGKILL once a shard or two are done (or after it finished: then nothing is pending)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((tmp_path / "emb").glob("*.done.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.done.json")}
+    assert "shard-00000.done.json" in killed_done  # the shard left half-done by the first run was redone
+    third = embed_collection([tmp_path / "img"], tmp_path / "emb", ExtractorSpec("auto", str(weights[0]), "cpu"),
+                             CFG, shard_size=2, num_workers=0, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.done.json")}
+    assert len(after) == 6 and all(after[n] == t for n, t in killed_done.items())  # done shards untouched
+    assert len(third.already_done) == len(killed_done) and len(third.embedded) == 6 - len(killed_done)
+    ids, _ = all_rows(tmp_path / "emb")
+    assert len(ids) == 12 and len(set(ids)) == 12
+
+
+def write_tar(path: Path, n: int, seed: int = 0) -> list[str]:
+    """An img2dataset-style webdataset tar: KEY.jpg + KEY.json per sample."""
+    rng = np.random.default_rng(seed)
+    keys = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            key = f"{i:09d}"
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+            for name, data in ((f"{key}.jpg", buf.getvalue()),
+                               (f"{key}.json", json.dumps({"caption": f"c{i}"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            keys.append(key)
+    return keys
+
+
+def test_webdataset_tars_and_truncated_tar(tmp_path, weights):
+    write_tar(tmp_path / "00000.tar", 5)
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2])  # truncated mid-way
+    (tmp_path / "list.txt").write_text("00000.tar\n00001.tar\n")
+    rep = embed_collection([tmp_path / "list.txt"], tmp_path / "emb", ExtractorSpec("auto", str(weights[0]), "cpu"),
+                           CFG, num_workers=0, progress=False)
+    shard0 = read_shard(tmp_path / "emb", "shard-00000", ["id", "meta"])
+    tar0 = str((tmp_path / "00000.tar").resolve())
+    assert shard0["id"] == [f"{tar0}::{i:09d}.jpg" for i in range(5)]
+    assert json.loads(shard0["meta"][2]) == {"json": json.dumps({"caption": "c2"})}
+    shard1 = read_shard(tmp_path / "emb", "shard-00001", ["id"])["id"]
+    assert 0 < len(shard1) < 5 and shard1 == [i.replace("00000.tar", "00001.tar") for i in shard0["id"][:len(shard1)]]
+    assert len(rep.skipped) == 1 and rep.skipped[0][0].endswith("00001.tar::<truncated>")
+    assert "truncated" in rep.skipped[0][1] and rep.rows == 5 + len(shard1)
+
+
+def test_mismatched_manifest_and_bad_sources_are_one_line_errors(tmp_path, weights):
+    make_images(tmp_path / "img", 2)
+    common = ["--device", "cpu", "--load-size", 32, "--workers", 0]
+    assert run("embed", tmp_path / "img", "--out", tmp_path / "emb", "--weights", weights[0], *common).exit_code == 0
+    assert_user_error(run("embed", tmp_path / "img", "--out", tmp_path / "emb", "--weights", weights[1], *common),
+                      "manifest.json", "fingerprint")
+    assert_user_error(run("embed", tmp_path / "img", "--out", tmp_path / "emb", "--weights", weights[0], *common,
+                          "--descriptor", "gem"), "manifest.json", "descriptor: collection 'cls' vs requested 'gem'")
+    assert_user_error(run("embed", tmp_path / "nope", "--out", tmp_path / "e2", "--weights", weights[0], *common),
+                      "nope")
+    assert not (tmp_path / "e2").exists()
+
+
+# ----------------------------------------------------------------------------------- Ray engine
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    flag = tmp_path_factory.mktemp("hook") / "died"
+    flag.write_text("disarmed\n")
+    # the hook's variable goes to Ray's workers only, never to this (the driver's) process
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {HOOK: str(flag)}})
+    yield flag
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_engine_same_rows_as_local_and_survives_actor_death(tmp_path, weights, ray_cluster):
+    make_images(tmp_path / "img", 24)
+    spec = ExtractorSpec("auto", str(weights[0]), "cpu")
+    embed_collection([tmp_path / "img"], tmp_path / "local", spec, CFG, shard_size=4, num_workers=0, progress=False)
+    ray_cluster.unlink()  # arm: the first actor to finish a shard dies before marking it done
+    try:
+        embed_collection([tmp_path / "img"], tmp_path / "ray", spec, CFG, engine="ray", shard_size=4, actors=2,
+                         progress=False)
+    except Exception:  # Ray may give up on the job instead of retrying the dead actor's shard: rerun below
+        pass
+    assert ray_cluster.exists()  # an actor did die
+    rerun = embed_collection([tmp_path / "img"], tmp_path / "ray", spec, CFG, engine="ray", shard_size=4, actors=2,
+                             progress=False)
+    assert rerun.manifest["complete"] and rerun.rows == 24
+    ids_l, vec_l = all_rows(tmp_path / "local")
+    ids_r, vec_r = all_rows(tmp_path / "ray")
+    assert ids_r == ids_l and len(set(ids_r)) == 24
+    np.testing.assert_allclose(vec_r, vec_l, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- index from shards
+
+def synthetic_collection(root: Path, shards: int = 4, per: int = 300, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """An embeddings folder of clustered unit vectors written as shards; returns all vectors (N, dim)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(16, dim))
+    specs = [ShardSpec(f"shard-{s:05d}", "files", tuple(f"/data/{s}/{j}.jpg" for j in range(per)))
+             for s in range(shards)]
+    (root / "inputs").mkdir(parents=True)
+    out = []
+    for spec in specs:
+        (root / "inputs" / f"{spec.name}.txt").write_text("\n".join(spec.items) + "\n")
+        v = centers[rng.integers(0, 16, per)] + 0.4 * rng.normal(size=(per, dim))
+        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+        write_shard(root, spec.name, ShardRows(list(spec.items), [""] * per, [""] * per, v), 0.0)
+        out.append(v)
+    Collection(root, {"fingerprint": "x", "stride": 8, "model": "m"}, DescriptorConfig(), dim, specs).write_manifest()
+    return np.concatenate(out)
+
+
+def test_choose_index_follows_count_dim_and_budget():
+    g = 1024 ** 3
+    assert choose_index(50_000, 384, 4 * g).kind == "flat"
+    assert choose_index(1_000_000, 384, 4 * g).factory == "IVF16384,Flat"  # 1.4 GiB raw fits 4 GiB; ≥ 39/list
+    assert choose_index(5_000_000, 384, 8 * g).factory == "IVF65536,Flat"  # faiss' guideline for 1-10 M
+    pq = choose_index(10_000_000, 384, 1 * g)
+    assert pq.kind == "opq-ivfhnsw-pq" and pq.factory == "OPQ96,IVF131072_HNSW32,PQ96" and "HNSW" in pq.reason
+    small = choose_index(10_000_000, 384, 256 * 1024 ** 2)  # 96+8 B per vector no longer fits: fewer bytes
+    assert small.m < 96 and 10_000_000 * (small.m + 8) <= 256 * 1024 ** 2
+    with pytest.raises(ConfigError, match="--memory-budget"):
+        build_index("x", "y", "lots")
+
+
+def test_sharded_on_disk_index_equals_in_memory_index_and_resumes_per_shard(tmp_path):
+    import faiss
+
+    vectors = synthetic_collection(tmp_path / "emb")
+    meta = build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfflat", nlist=8, nprobe=3,
+                       progress=False)
+    assert meta["choice"]["factory"] == "IVF8,Flat" and meta["count"] == 1200
+    assert sorted(p.name for p in (tmp_path / "idx").glob("merged-*.ivfdata")) == ["merged-1.ivfdata"]
+    idx = ShardedIndex(tmp_path / "idx")
+    queries = vectors[[5, 400, 1100]] + 0.01
+    # one index built in memory from the same vectors (same trained quantizer), same nprobe
+    mem = faiss.read_index(str(tmp_path / "idx" / "trained.index"))
+    mem.add(vectors)
+    mem.nprobe = 3
+    _, want = mem.search(queries.astype(np.float32), 10)
+    idx.rerank = 0
+    _, got = idx.search(queries.astype(np.float32), 10)
+    np.testing.assert_array_equal(got, want)
+    # with re-ranking and every list probed: exactly brute force
+    faiss.extract_index_ivf(idx.index).nprobe, idx.rerank = 8, 50
+    scores, got = idx.search(queries.astype(np.float32), 5)
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(got, exact)
+    assert idx.ids(got[1])[0] == f"/data/{exact[1, 0] // 300}/{exact[1, 0] % 300}.jpg"
+    # deleting one shard's index file rebuilds only that shard (no retraining), then merges again
+    (tmp_path / "idx" / "shards" / "shard-00002.index").unlink()
+    again = build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfflat", nlist=8, nprobe=3,
+                        progress=False)
+    assert again["stages"]["shards_added"] == ["shard-00002"] and not again["stages"]["trained_now"]
+    assert sorted(p.name for p in (tmp_path / "idx").glob("merged-*.ivfdata")) == ["merged-2.ivfdata"]
+    idx2 = ShardedIndex(tmp_path / "idx")
+    idx2.rerank = 0
+    np.testing.assert_array_equal(idx2.search(queries.astype(np.float32), 10)[1], want)
+
+
+def test_ivfpq_recall_with_reranking_and_index_json(tmp_path):
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # shared cores: OpenMP spinning makes k-means slower, not faster
+    synthetic_collection(tmp_path / "emb", shards=3, per=400, dim=16)
+    meta = build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfpq", nlist=8, nprobe=8,
+                       rerank=120, progress=False)
+    assert meta["choice"]["factory"] == "IVF8,PQ4x4"
+    rec = meta["recall"]
+    assert rec["queries"] == 120 and rec["recall_at_10_reranked"] >= 0.95
+    assert rec["recall_at_10_reranked"] > rec["recall_at_10"]
+    assert set(meta["stages"]["seconds"]) == {"choose", "train", "add", "merge", "evaluate"}
+    assert meta["peak_rss"] > 0 and meta["choice"]["reason"]
+    saved = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert saved["recall"] == rec
+
+
+def test_index_from_incomplete_embeddings_is_an_error(tmp_path):
+    synthetic_collection(tmp_path / "emb", shards=2, per=50)
+    marker_path(tmp_path / "emb", "shard-00001").unlink()
+    with pytest.raises(DataError, match="1 of 2 shard"):
+        build_index(tmp_path / "emb", tmp_path / "idx", progress=False)
+
+
+def test_cli_embed_index_search_names_ids(tmp_path, weights):
+    paths = make_images(tmp_path / "img", 10)
+    common = ["--device", "cpu", "--load-size", 32, "--workers", 0]
+    res = run("embed", tmp_path / "img", "--out", tmp_path / "emb", "--weights", weights[0], "--shard-size", 4,
+              *common)
+    assert res.exit_code == 0 and "10 row(s) in 3 shard(s)" in res.output
+    res = run("index", "--embeddings", tmp_path / "emb", "--out", tmp_path / "idx", "--memory-budget", "64M")
+    assert res.exit_code == 0 and "Flat" in res.output, res.output
+    res = run("search", paths[3], "--index", tmp_path / "idx", "-k", 3, "--out", tmp_path / "found", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    hits = json.loads((tmp_path / "found" / "results.json").read_text())["queries"][0]["results"]
+    assert hits[0]["path"] == str(paths[3].resolve()) and hits[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert_user_error(run("index", tmp_path / "img", "--embeddings", tmp_path / "emb", "--out", tmp_path / "i2"),
+                      "either IMG_DIR or --embeddings")

@@ -1,0 +1,472 @@
+"""A faiss index built from the shards of an embeddings folder, under a memory budget, resumable per shard.
+
+Shapes: N vectors in the collection, D' channels, Q queries, K results, R re-ranking candidates.
+
+Stages (each timed in index.json):
+
+    choose   the index type from N, D' and the budget (:func:`choose_index`)
+    train    on a random sample of the shards (never all vectors in RAM) → trained.index
+    add      per shard: its vectors get global ids (the shard's offset + row) in an index file of its own,
+             shards/NAME.index, and a memory-mappable copy vectors/NAME.npy for exact re-ranking; a shard
+             whose files exist is skipped, so deleting one rebuilds only that one (parallel Ray tasks
+             under engine "ray")
+    merge    IVF: the shards' inverted lists merged into one on-disk file (faiss OnDiskInvertedLists),
+             memory-mapped at search time, so the index can be larger than RAM; flat: one index in RAM
+    evaluate recall@10 of the index, with and without exact re-ranking, against exact search for
+             held-out sample queries (their own row left out of both lists)
+
+The folder: index.json (written last), trained.index, shards/, vectors/, populated-G.index and
+merged-G.ivfdata (G bumped by each merge, older generations removed after index.json points at the new).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backbones import atomic_write
+from ..errors import ConfigError, DataError
+from ..retrieval import DescriptorConfig, ImageIndex, faiss_search
+from .shards import Collection, read_shard
+
+LOG = logging.getLogger(__name__)
+INDEX_KINDS = ("auto", "flat", "ivfflat", "ivfpq")
+SHARDED_INDEX_VERSION = 1
+FLAT_MAX = 100_000  # exact search up to here: a query scans N·D' floats, ~40 ms at 100k × 384 on one core
+TRAIN_PER_LIST = 64  # faiss warns below 39 points per centroid; its guidelines say 30–256
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of "8G", "512M", "1.5GB", "2000000" (powers of 1024); ConfigError otherwise."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", str(text))
+    if not match:
+        raise ConfigError(f"--memory-budget {text}: give a size such as 4G, 512M or 2000000")
+    value = float(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
+    if value < 1 << 20:
+        raise ConfigError(f"--memory-budget {text}: at least 1M")
+    return int(value)
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """The faiss index to build and why: ``factory`` is a faiss index_factory string."""
+
+    kind: str
+    factory: str
+    nlist: int
+    m: int
+    nprobe: int
+    n_train: int
+    reason: str
+
+
+def _nlist(n: int) -> int:
+    """IVF lists for N vectors: faiss' guidelines (65536 for 1–10 M, 262144 for 10–100 M, 1048576 beyond),
+    below 1 M about 4·√N rounded to a power of two; at most the power of two ≤ N / 39 (faiss' minimum
+    points per list), so 16384 at 1 M."""
+    if n >= 100_000_000:
+        lists = 1 << 20
+    elif n >= 10_000_000:
+        lists = 1 << 18
+    elif n >= 1_000_000:
+        lists = 1 << 16
+    else:
+        lists = 1 << max(0, round(math.log2(4 * math.sqrt(n))))
+    cap = 1 << max(0, int(math.log2(max(1, n // 39))))  # a power of two with ≥ 39 points per list
+    return int(max(1, min(lists, cap)))
+
+
+def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int | None = None,
+                 nprobe: int | None = None) -> IndexChoice:
+    """Pick the index for N vectors of D' channels under ``budget`` bytes of RAM.
+
+    The budget bounds what must stay in RAM: the training sample (≤ budget/4), the coarse quantizer, one
+    shard while adding, and — for fast search — the codes, which are memory-mapped from disk: flat when
+    N ≤ 100k and the vectors fit in half the budget; IVF-Flat when the raw vectors (N·D'·4 B) fit in the
+    budget; else IVF-PQ with the most bytes per vector that fit (D'/4 at most), with an OPQ rotation and an
+    HNSW coarse quantizer from 10 M vectors on (faiss' guideline for 10 M–1 B).
+    """
+    if kind not in INDEX_KINDS:
+        raise ConfigError(f"--index-type {kind}: choose one of {', '.join(INDEX_KINDS)}")
+    raw = n * dim * 4
+    gib = 1024 ** 3
+    size = f"{n} × {dim} × 4 B = {raw / gib:.3g} GiB"
+    if kind == "auto":
+        if n <= FLAT_MAX and raw <= budget / 2:
+            kind, reason = "flat", f"{n} ≤ {FLAT_MAX} vectors and {size} fit in half the budget: exact search"
+        elif raw <= budget:
+            kind, reason = "ivfflat", f"{size} fit in the budget ({budget / gib:.3g} GiB): IVF without compression"
+        else:
+            kind, reason = "ivfpq", f"{size} exceed the budget ({budget / gib:.3g} GiB): IVF-PQ codes"
+    else:
+        reason = f"--index-type {kind} given"
+    if kind == "flat":
+        return IndexChoice("flat", "Flat", 0, 0, 0, 0, reason)
+    lists = nlist or _nlist(n)
+    if lists < 1 or lists > n:
+        raise ConfigError(f"--nlist {lists}: must be between 1 and the {n} vectors")
+    probe = nprobe or max(1, min(lists, 32 if lists < 4096 else 128))
+    n_train = int(min(n, TRAIN_PER_LIST * lists, max(budget // 4 // (dim * 4), 39 * lists)))
+    if kind == "ivfflat":
+        return IndexChoice("ivfflat", f"IVF{lists},Flat", lists, 0, probe, n_train, reason)
+    # PQ: the most sub-quantisers (bytes/vector, 8 bits each) that divide D', ≤ D'/4, and fit the budget
+    divisors = [m for m in range(1, dim // 4 + 1) if dim % m == 0 and (m % 4 == 0 or m == dim // 4)] or [1]
+    fits = [m for m in divisors if n * (m + 8) <= budget]  # 8: the id stored beside each code
+    m = max(fits) if fits else min(d for d in divisors if d >= min(8, max(divisors)))
+    reason += f"; PQ{m}: {n} × ({m} B code + 8 B id) = {n * (m + 8) / gib:.3g} GiB"
+    if not fits:
+        reason += " (over the budget: the lists stay on disk, memory-mapped)"
+    n_train = max(n_train, min(n, 256 * 39))  # PQ's 256 centroids per sub-quantiser need ≥ 39·256 points
+    pq = f"PQ{m}"
+    if n_train < 256 * 39:  # too few points for 8-bit codebooks: 16 centroids per sub-quantiser
+        pq += "x4"
+        reason += "; 4-bit codes (fewer than 9984 training points)"
+    if n >= 10_000_000:
+        reason += "; ≥ 10 M vectors: OPQ rotation + HNSW coarse quantizer (faiss guideline)"
+        return IndexChoice("opq-ivfhnsw-pq", f"OPQ{m},IVF{lists}_HNSW32,{pq}", lists, m, probe, n_train, reason)
+    return IndexChoice("ivfpq", f"IVF{lists},{pq}", lists, m, probe, n_train, reason)
+
+
+# ============================================================================ vectors of the shards
+
+class ShardVectors:
+    """The exact vectors of all shards as one (N, D') array-like: ``vectors[global_ids]`` gathers rows
+    from the shards' memory-mapped .npy copies (nothing is loaded until asked)."""
+
+    def __init__(self, paths: Sequence[Path], offsets: Sequence[int]):
+        self.arrays = [np.load(p, mmap_mode="r") for p in paths]
+        self.offsets = np.asarray(offsets, np.int64)  # (S + 1,) start row of each shard, then N
+        self.shape = (int(self.offsets[-1]), self.arrays[0].shape[1] if self.arrays else 0)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64).ravel()
+        out = np.empty((len(ids), self.shape[1]), np.float32)
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        for s in np.unique(shard):
+            rows = shard == s
+            out[rows] = self.arrays[s][ids[rows] - self.offsets[s]]
+        return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def _add_shard(emb: str, out: str, name: str, offset: int) -> dict[str, Any]:
+    """Add one shard to a copy of the trained index with global ids; write its index and vector files."""
+    import faiss
+
+    start = time.perf_counter()
+    vectors = np.ascontiguousarray(read_shard(emb, name, ["vector"])["vector"], np.float32)
+    _save_npy(Path(out) / "vectors" / f"{name}.npy", vectors)
+    index = faiss.read_index(str(Path(out) / "trained.index"))
+    index.add_with_ids(vectors, np.arange(offset, offset + len(vectors), dtype=np.int64))
+    atomic_write(Path(out) / "shards" / f"{name}.index", lambda tmp: faiss.write_index(index, tmp))
+    return {"shard": name, "rows": len(vectors), "seconds": time.perf_counter() - start}
+
+
+# ============================================================================ build
+
+def _sample(emb: Path, shards: Sequence[tuple[str, int]], rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted global ids) of the shards, reading one shard at a time."""
+    out = []
+    offset = 0
+    for name, count in shards:
+        mine = rows[(rows >= offset) & (rows < offset + count)] - offset
+        if len(mine):
+            out.append(read_shard(emb, name, ["vector"])["vector"][mine])
+        offset += count
+    return np.concatenate(out).astype(np.float32)
+
+
+def _exact_topk(vectors: ShardVectors, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k global ids of queries (Q, D') by inner product, streaming over the shards."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for s, array in enumerate(vectors.arrays):
+        scores = queries @ np.asarray(array, np.float32).T  # (Q, rows of this shard)
+        ids = np.broadcast_to(np.arange(vectors.offsets[s], vectors.offsets[s + 1]), scores.shape)
+        best_s, best_i = np.concatenate([best_s, scores], 1), np.concatenate([best_i, ids], 1)
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_i
+
+
+def _recall(exact: np.ndarray, got: np.ndarray, own: np.ndarray, k: int = 10) -> float:
+    """Mean recall@k of ``got`` against ``exact`` (both (Q, ≥ k+1)), each query's own row left out."""
+    total = 0.0
+    for e, g, o in zip(exact, got, own):
+        truth = [i for i in e if i != o][:k]
+        found = {i for i in g if i != o and i >= 0}
+        total += len(found.intersection(truth)) / len(truth)
+    return total / len(exact)
+
+
+def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_budget: int | str = "4G",
+                index_type: str = "auto", nlist: int | None = None, nprobe: int | None = None, rerank: int = 100,
+                engine: str = "local", queries: int = 200, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Build (or resume building) a faiss index of the embeddings folder ``embeddings`` into ``out``.
+
+    Returns the content of ``out/index.json``: the choice and its reason, seconds per stage, peak RSS,
+    recall@10 with and without re-ranking, shard offsets. Resumes: a trained index for the same choice
+    and the shards' index files already written are kept, so only missing shards are added again.
+    """
+    import faiss
+    from tqdm import tqdm
+
+    budget = parse_size(memory_budget)
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine}: choose local or ray")
+    coll = Collection.load(embeddings)
+    if coll.pending():
+        raise DataError(f"{coll.root}: {len(coll.pending())} of {len(coll.shards)} shard(s) not embedded yet; "
+                        f"finish them with `vitdense embed` (same sources, same --out)")
+    shards = [(name, rows) for name, rows in coll.done_rows() if rows > 0]
+    n = sum(rows for _, rows in shards)
+    if n == 0:
+        raise DataError(f"{coll.root}: no embedded rows to index")
+    offsets = np.concatenate([[0], np.cumsum([rows for _, rows in shards])]).astype(np.int64)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "build.json").exists():
+        raise DataError(f"{out}: folder exists and is not a vitdense sharded index; choose an empty or new --out")
+    times: dict[str, float] = {}
+    rss: dict[str, int] = {}
+
+    # ---- choose
+    t0 = time.perf_counter()
+    choice = choose_index(n, coll.dim, budget, index_type, nlist, nprobe)
+    plan = {"choice": asdict(choice), "shards": shards, "dim": coll.dim, "seed": seed,
+            "backbone": coll.backbone["fingerprint"]}
+    build_path = out / "build.json"
+    if build_path.exists() and json.loads(build_path.read_text()) != json.loads(json.dumps(plan)):
+        LOG.info("%s: another index plan than last time; starting over", out)
+        for sub in ("shards", "vectors"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "trained.index").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(build_path, lambda tmp: Path(tmp).write_text(json.dumps(plan) + "\n"))
+    times["choose"] = time.perf_counter() - t0
+
+    # ---- train (on a sample; the held-out queries are drawn beside it, never trained on)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    n_queries = int(min(queries, max(1, n // 10)))
+    picked = rng.choice(n, min(n, choice.n_train + n_queries), replace=False)
+    query_ids = np.sort(picked[:n_queries])
+    trained_now = False
+    if not (out / "trained.index").exists():
+        index = faiss.index_factory(coll.dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
+        if choice.kind != "flat":
+            train_ids = np.sort(picked[n_queries:]) if len(picked) > n_queries else np.sort(picked)
+            sample = _sample(coll.root, shards, train_ids)
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the IVF-PQ class, not IndexIVF
+            ivf.cp.seed = seed
+            if hasattr(ivf, "do_polysemous_training"):
+                # index_factory turns on polysemous training (Hamming filtering we never use): most of the time
+                ivf.do_polysemous_training = False
+            index.train(sample)
+            del sample
+        if choice.kind == "flat":
+            index = faiss.IndexIDMap(index)
+        atomic_write(out / "trained.index", lambda tmp: faiss.write_index(index, tmp))
+        del index
+        trained_now = True
+    times["train"], rss["train"] = time.perf_counter() - t0, peak_rss()
+
+    # ---- add, shard by shard
+    t0 = time.perf_counter()
+    (out / "shards").mkdir(exist_ok=True)
+    (out / "vectors").mkdir(exist_ok=True)
+    todo = [(name, int(offsets[i])) for i, (name, _) in enumerate(shards)
+            if not ((out / "shards" / f"{name}.index").exists() and (out / "vectors" / f"{name}.npy").exists())]
+    if todo and engine == "ray":
+        _add_with_ray(str(coll.root), str(out), todo, progress)
+    else:
+        for name, offset in tqdm(todo, desc="add", unit="shard", disable=not progress):
+            _add_shard(str(coll.root), str(out), name, offset)
+    times["add"], rss["add"] = time.perf_counter() - t0, peak_rss()
+
+    # ---- merge into one index (IVF: on-disk inverted lists)
+    t0 = time.perf_counter()
+    old = json.loads((out / "index.json").read_text()) if (out / "index.json").exists() else {}
+    gen = int(old.get("generation", 0)) + 1
+    files = [str(out / "shards" / f"{name}.index") for name, _ in shards]
+    if choice.kind == "flat":
+        merged = faiss.read_index(str(out / "trained.index"))
+        for name, offset in zip([s for s, _ in shards], offsets):
+            vec = np.load(out / "vectors" / f"{name}.npy")
+            merged.add_with_ids(vec, np.arange(offset, offset + len(vec), dtype=np.int64))
+        atomic_write(out / f"populated-{gen}.index", lambda tmp: faiss.write_index(merged, tmp))
+    else:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merged = faiss.read_index(str(out / "trained.index"))
+        ivfdata = out / f"merged-{gen}.ivfdata"
+        ivfdata.unlink(missing_ok=True)
+        merge_ondisk(merged, files, str(ivfdata))
+        atomic_write(out / f"populated-{gen}.index", lambda tmp: faiss.write_index(merged, tmp))
+    del merged
+    times["merge"], rss["merge"] = time.perf_counter() - t0, peak_rss()
+
+    # ---- evaluate: recall@10 against exact search for held-out queries
+    t0 = time.perf_counter()
+    vectors = ShardVectors([out / "vectors" / f"{name}.npy" for name, _ in shards], offsets)
+    index = _open_faiss(out / f"populated-{gen}.index", choice)
+    q = vectors[query_ids]
+    k = min(11, n)
+    exact = _exact_topk(vectors, q, k)
+    _, plain = faiss_search(index, q, k)
+    _, reranked = faiss_search(index, q, k, vectors, rerank if choice.kind != "flat" else 0)
+    recall = {"queries": int(len(query_ids)), "k": 10, "nprobe": choice.nprobe, "rerank": rerank,
+              "recall_at_10": round(_recall(exact, plain, query_ids), 4),
+              "recall_at_10_reranked": round(_recall(exact, reranked, query_ids), 4)}
+    del index
+    times["evaluate"], rss["evaluate"] = time.perf_counter() - t0, peak_rss()
+
+    meta = {"version": SHARDED_INDEX_VERSION, "kind": "sharded", "generation": gen,
+            "embeddings": str(coll.root.resolve()), "count": n, "dim": coll.dim,
+            "descriptor": coll.descriptor.to_dict(), "backbone": coll.backbone,
+            "choice": asdict(choice), "memory_budget": budget, "rerank": rerank, "engine": engine,
+            "shards": [{"name": name, "rows": rows, "offset": int(offsets[i])} for i, (name, rows) in enumerate(shards)],
+            "stages": {"seconds": {k: round(v, 3) for k, v in times.items()},
+                       "peak_rss": rss, "trained_now": trained_now, "shards_added": [name for name, _ in todo]},
+            "peak_rss": max(rss.values()), "within_budget": max(rss.values()) <= budget, "recall": recall,
+            "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    text = json.dumps(meta, indent=1)
+    atomic_write(out / "index.json", lambda tmp: Path(tmp).write_text(text + "\n"))
+    for path in list(out.glob("populated-*.index")) + list(out.glob("merged-*.ivfdata")):
+        if path.name not in (f"populated-{gen}.index", f"merged-{gen}.ivfdata"):
+            path.unlink(missing_ok=True)
+    return meta
+
+
+def _add_with_ray(emb: str, out: str, todo: Sequence[tuple[str, int]], progress: bool) -> None:
+    """The add stage as parallel Ray tasks (one per shard; Ray retries a task whose worker died)."""
+    from tqdm import tqdm
+
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray: pip install 'vitdense[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=3)(_add_shard)
+        pending = [task.remote(emb, out, name, offset) for name, offset in todo]
+        with tqdm(total=len(pending), desc="add", unit="shard", disable=not progress) as bar:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                bar.update(len(ready))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _open_faiss(path: Path, choice: IndexChoice):
+    """Read a populated index memory-mapped and set nprobe. IVF: the OnDiskInvertedLists map their .ivfdata
+    (looked up beside the index file, so the folder can move) themselves; IO_FLAG_MMAP on top of them
+    crashes faiss 1.15 at search time, so it is only used for flat indexes."""
+    import faiss
+
+    if choice.kind == "flat":
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    faiss.extract_index_ivf(index).nprobe = choice.nprobe
+    return index
+
+
+# ============================================================================ searching
+
+class ShardedIndex:
+    """A built sharded index, opened memory-mapped; :meth:`search` re-ranks exactly from the shards'
+    vectors and :meth:`ids` names the results by the collection's ids."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = Path(root)
+        path = root / "index.json"
+        try:
+            meta = json.loads(path.read_text())
+            if meta.get("kind") != "sharded":
+                raise DataError(f"{root}: not a sharded index (built from an image folder; open it with ImageIndex)")
+            self.choice = IndexChoice(**meta["choice"])
+            self.descriptor = DescriptorConfig.from_dict(meta["descriptor"])
+            shards = meta["shards"]
+            offsets = [s["offset"] for s in shards] + [meta["count"]]
+            self.vectors = ShardVectors([root / "vectors" / f"{s['name']}.npy" for s in shards], offsets)
+            self.index = _open_faiss(root / f"populated-{meta['generation']}.index", self.choice)
+        except FileNotFoundError as err:
+            raise DataError(f"{root}: index incomplete ({Path(err.filename or str(err)).name} missing); re-run "
+                            f"`vitdense index --embeddings`") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: corrupt index metadata ({err}); re-run `vitdense index --embeddings`") from None
+        except RuntimeError as err:
+            raise DataError(f"{root}: cannot read the faiss index ({str(err).splitlines()[0]}); re-run "
+                            f"`vitdense index --embeddings`") from None
+        self.root, self.meta, self.backbone = root, meta, meta["backbone"]
+        self.shard_names = [s["name"] for s in shards]
+        self.embeddings = Path(meta["embeddings"])
+        self.rerank = int(meta.get("rerank", 0))
+        self._ids: dict[int, list[str]] = {}
+
+    def check_backbone(self, identity: dict[str, Any]) -> None:
+        """ConfigError when ``identity`` is not the network the collection was embedded with."""
+        ImageIndex.check_backbone(self, identity)  # type: ignore[arg-type]  (same fields: root, backbone)
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of queries (Q, D') → (scores (Q, K), global ids (Q, K)); -1 where fewer results."""
+        if queries.shape[1] != self.vectors.shape[1]:
+            raise ConfigError(f"{self.root}: query descriptors have {queries.shape[1]} channels, the index "
+                              f"{self.vectors.shape[1]}")
+        rerank = self.rerank if self.choice.kind != "flat" else 0
+        return faiss_search(self.index, queries, k, self.vectors, rerank)
+
+    def ids(self, global_ids: np.ndarray) -> list[str | None]:
+        """The collection's ids (paths, TAR::MEMBER) of global ids (None for -1), read from the shards."""
+        offsets = self.vectors.offsets
+        out: list[str | None] = []
+        for g in np.asarray(global_ids).ravel():
+            if g < 0:
+                out.append(None)
+                continue
+            s = int(np.searchsorted(offsets, g, side="right") - 1)
+            if s not in self._ids:
+                self._ids[s] = read_shard(self.embeddings, self.shard_names[s], ["id"])["id"]
+            out.append(self._ids[s][int(g - offsets[s])])
+        return out
+
+
+def open_index(root: str | os.PathLike) -> "ImageIndex | ShardedIndex":
+    """Open an index folder for searching: a :class:`ShardedIndex` when its index.json says it was built
+    from embedding shards, else the :class:`ImageIndex` of an image folder (both have ``search``)."""
+    meta_path = Path(root) / "index.json"
+    try:
+        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
+    except ValueError:
+        kind = None
+    return ShardedIndex(root) if kind == "sharded" else ImageIndex.load(root)

@@ -1,0 +1,209 @@
+"""The embeddings folder: Parquet shards, their done-markers, and the collection's manifest.
+
+    EMB/manifest.json              backbone identity + weights fingerprint, descriptor settings, dimension,
+                                   dtype, the shard plan with each shard's status and row count
+    EMB/inputs/shard-NNNNN.txt     the files of a file shard (fixed when the shard is planned)
+    EMB/shard-NNNNN.parquet        rows: id, sha256, meta (JSON), vector (D' float32)
+    EMB/shard-NNNNN.done.json      written after the Parquet file: rows, skipped rows (id + reason), time
+
+A shard is done when its Parquet file and its done-marker both exist (img2dataset's rule); a rerun embeds
+only the shards that are not. Each file is written atomically (tmp + rename), the marker last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backbones import atomic_write
+from ..errors import ConfigError, DataError
+from ..retrieval import DescriptorConfig
+from .embed import ShardRows
+from .sources import ShardSpec, plan_shards
+
+MANIFEST_VERSION = 1
+
+
+def _pyarrow():
+    """pyarrow and pyarrow.parquet; ConfigError naming the extra when they are not installed."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("embedding shards need pyarrow: pip install 'vitdense[ray]'") from None
+    return pa, pq
+
+
+def shard_path(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / f"{name}.parquet"
+
+
+def marker_path(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / f"{name}.done.json"
+
+
+def is_done(root: str | os.PathLike, name: str) -> bool:
+    return shard_path(root, name).is_file() and marker_path(root, name).is_file()
+
+
+def write_shard(root: str | os.PathLike, name: str, rows: ShardRows, seconds: float) -> dict[str, Any]:
+    """Write a shard's Parquet file, then its done-marker (both atomically); return the marker's content."""
+    pa, pq = _pyarrow()
+    dim = rows.vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(rows.vectors, np.float32).ravel(), pa.float32())
+    table = pa.table({"id": pa.array(rows.ids, pa.string()), "sha256": pa.array(rows.sha256, pa.string()),
+                      "meta": pa.array(rows.meta, pa.string()),
+                      "vector": pa.FixedSizeListArray.from_arrays(flat, dim)})
+    atomic_write(shard_path(root, name), lambda tmp: pq.write_table(table, tmp))
+    marker = {"shard": name, "rows": len(rows.ids), "dim": dim, "skipped": [list(s) for s in rows.skipped],
+              "seconds": round(seconds, 3), "host": socket.gethostname(), "pid": os.getpid(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write(marker_path(root, name), lambda tmp: Path(tmp).write_text(json.dumps(marker) + "\n"))
+    return marker
+
+
+def read_marker(root: str | os.PathLike, name: str) -> dict[str, Any]:
+    return json.loads(marker_path(root, name).read_text())
+
+
+def read_shard(root: str | os.PathLike, name: str, columns: Sequence[str] = ("id", "vector")) -> dict[str, Any]:
+    """Columns of one shard: "vector" as (N, D') float32, the others as lists; DataError when unreadable."""
+    _, pq = _pyarrow()
+    path = shard_path(root, name)
+    try:
+        table = pq.read_table(path, columns=list(columns))
+    except Exception as err:  # pyarrow raises several types for bad files
+        raise DataError(f"{path}: cannot read the shard ({str(err).splitlines()[0]}); delete it and its "
+                        f".done.json and re-run `vitdense embed`") from None
+    out: dict[str, Any] = {}
+    for column in columns:
+        if column == "vector":
+            arr = table.column("vector").combine_chunks()
+            dim = arr.type.list_size
+            out["vector"] = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32,
+                                                                                                 copy=False)
+        else:
+            out[column] = table.column(column).to_pylist()
+    return out
+
+
+# ============================================================================ manifest
+
+@dataclass
+class Collection:
+    """An embeddings folder: its settings and shard plan (see the module doc)."""
+
+    root: Path
+    backbone: dict[str, Any]
+    descriptor: DescriptorConfig
+    dim: int
+    shards: list[ShardSpec]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def pending(self) -> list[ShardSpec]:
+        return [s for s in self.shards if not is_done(self.root, s.name)]
+
+    def done_rows(self) -> list[tuple[str, int]]:
+        """(shard name, rows) of the done shards, in plan order."""
+        return [(s.name, read_marker(self.root, s.name)["rows"]) for s in self.shards if is_done(self.root, s.name)]
+
+    def write_manifest(self) -> dict[str, Any]:
+        """Write manifest.json (atomically) with every shard's current status; return it."""
+        shards = []
+        for spec in self.shards:
+            entry = spec.to_dict()
+            if is_done(self.root, spec.name):
+                marker = read_marker(self.root, spec.name)
+                entry.update(status="done", rows=marker["rows"], skipped=len(marker["skipped"]))
+            else:
+                entry.update(status="pending", rows=None, skipped=None)
+            shards.append(entry)
+        manifest = {"version": MANIFEST_VERSION, "backbone": self.backbone, "descriptor": self.descriptor.to_dict(),
+                    "dim": self.dim, "dtype": "float32", "rows": sum(s["rows"] or 0 for s in shards),
+                    "complete": all(s["status"] == "done" for s in shards), "shards": shards,
+                    "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+        text = json.dumps(manifest, indent=1)
+        atomic_write(self.manifest_path, lambda tmp: Path(tmp).write_text(text + "\n"))
+        return manifest
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Collection":
+        """Open an embeddings folder; DataError naming it when it is not one or is corrupt."""
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise DataError(f"{root}: not a vitdense embeddings folder (no manifest.json); make one with "
+                            f"`vitdense embed`")
+        try:
+            meta = json.loads(path.read_text())
+            if meta.get("version") != MANIFEST_VERSION:
+                raise DataError(f"{path}: manifest version {meta.get('version')}, this vitdense reads "
+                                f"{MANIFEST_VERSION}")
+            shards = []
+            for s in meta["shards"]:
+                items: tuple[str, ...] = ()
+                if s["kind"] == "files":
+                    items = tuple((root / "inputs" / f"{s['name']}.txt").read_text().splitlines())
+                shards.append(ShardSpec(s["name"], s["kind"], items, s.get("tar")))
+            return cls(root, meta["backbone"], DescriptorConfig.from_dict(meta["descriptor"]), int(meta["dim"]),
+                       shards)
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise DataError(f"{path}: corrupt manifest ({err})") from None
+
+    @classmethod
+    def open_or_create(cls, root: str | os.PathLike, files: Sequence[str], tars: Sequence[str],
+                       backbone: dict[str, Any], descriptor: DescriptorConfig, dim: int,
+                       shard_size: int) -> "Collection":
+        """The collection at ``root`` with ``files`` and ``tars`` planned into shards.
+
+        A new folder is planned from scratch. An existing one must have the same backbone (weights
+        fingerprint, stride) and descriptor settings (ConfigError otherwise: a collection never mixes
+        vectors of two settings); its plan is kept and inputs it does not hold yet become new shards.
+        """
+        root = Path(root)
+        files = list(dict.fromkeys(files))  # a file named twice is one row
+        tars = list(dict.fromkeys(tars))
+        if (root / "manifest.json").exists():
+            coll = cls.load(root)
+            coll.check(backbone, descriptor)
+            planned = {i for s in coll.shards for i in s.items}
+            planned_tars = {s.tar for s in coll.shards if s.tar}
+            new = plan_shards([f for f in files if f not in planned], [t for t in tars if t not in planned_tars],
+                              shard_size, start=len(coll.shards))
+        else:
+            if root.exists() and any(root.iterdir()):
+                raise DataError(f"{root}: folder exists and is not a vitdense embeddings folder; choose an empty "
+                                f"or new --out")
+            coll = cls(root, backbone, descriptor, dim, [])
+            new = plan_shards(files, tars, shard_size)
+        for spec in new:
+            if spec.kind == "files":
+                text = "\n".join(spec.items) + "\n"
+                atomic_write(root / "inputs" / f"{spec.name}.txt", lambda tmp, t=text: Path(tmp).write_text(t))
+        coll.shards += new
+        coll.write_manifest()
+        return coll
+
+    def check(self, backbone: dict[str, Any], descriptor: DescriptorConfig) -> None:
+        """ConfigError when the backbone or descriptor settings are not the collection's."""
+        own = self.backbone
+        if backbone["fingerprint"] != own["fingerprint"] or backbone["stride"] != own["stride"]:
+            raise ConfigError(
+                f"{self.manifest_path}: the collection was embedded with model '{own['model']}' (stride "
+                f"{own['stride']}, weights fingerprint {own['fingerprint']}), not '{backbone['model']}' (stride "
+                f"{backbone['stride']}, fingerprint {backbone['fingerprint']}); use its backbone or another --out")
+        ours, theirs = self.descriptor.to_dict(), descriptor.to_dict()
+        diff = [f"{k}: collection {ours[k]!r} vs requested {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+        if diff:
+            raise ConfigError(f"{self.manifest_path}: descriptor settings differ from the collection's "
+                              f"({'; '.join(diff)}); use its settings or another --out")
