@@ -207,13 +207,21 @@ def method_clash(method: str, names: list[str]) -> str:
            f"{'it' if len(names) == 1 else 'them'} out"
 
 
-def apply_method(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """Options of a command line with the chosen method's own defaults for those not given (``explicit``);
-    ConfigError when an option of the other method is given (``--local-crops 0`` is fine for BYOL)."""
+def apply_method(values: dict[str, Any], explicit: set[str] | None) -> dict[str, Any]:
+    """Options of a command line with the chosen method's own defaults for those not given (``explicit``;
+    None: those that differ from the dataclass default); ConfigError when an option of the other method is
+    given (``--local-crops 0`` is fine for BYOL)."""
     method = values.get("method") or "dino"
     own = METHOD_DEFAULTS.get(method, {})
+
+    def norm(v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    if explicit is None:
+        explicit = {k for k, v in values.items() if k in _FIELDS and v is not None
+                    and norm(v) != _FIELDS[k].default}
     foreign = [name for other, names in METHOD_ONLY.items() if other != method for name in names
-               if name in explicit and values.get(name) is not None and values[name] != own.get(name, object())]
+               if name in explicit and values.get(name) is not None and norm(values[name]) != own.get(name, object())]
     if foreign:
         raise ConfigError(method_clash(method, foreign))
     return {**values, **{k: v for k, v in own.items() if k not in explicit}}
@@ -270,7 +278,7 @@ def config_from_args(args: argparse.Namespace | dict[str, Any], explicit: set[st
         return resume_config(values, set(values) if explicit is None else explicit)
     if not values.get("data_dir"):
         raise ConfigError("DATA_DIR: give the folder of training images (or --resume RUN to continue a run)")
-    return PretrainConfig.from_dict(apply_method(values, set(values) if explicit is None else explicit))
+    return PretrainConfig.from_dict(apply_method(values, explicit))
 
 
 def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
