@@ -64,6 +64,8 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     import matplotlib.pyplot as plt
 
     panels = [(key, name) for key, name in PANELS if any(key in r for r in records)]
+    if any("output_std" in r for r in records):  # a BYOL run: its loss is another one
+        panels = [(key, "loss 2 - 2 cos(q, sg(z'))" if key == "loss" else name) for key, name in panels]
     if not panels:
         return
     cols = 4
