@@ -190,19 +190,24 @@ def _parse(argv: list[str]) -> PretrainConfig:
     return config_from_args(build_argparser().parse_args(argv), explicit_options(argv))
 
 
-def test_method_options_and_one_line_errors(tmp_path):
+def test_method_options_and_one_line_errors(tmp_path, capsys):
     cfg = _parse(["imgs", "--method", "byol"])
     assert (cfg.method, cfg.local_crops, cfg.global_scale) == ("byol", 0, (0.08, 1.0))  # BYOL's own defaults
     assert _parse(["imgs", "--method", "byol", "--global-scale", "0.3", "1"]).global_scale == (0.3, 1.0)
     assert _parse(["imgs", "--method", "byol", "--local-crops", "0"]).local_crops == 0
     assert _parse(["imgs"]).global_scale == (0.4, 1.0) and _parse(["imgs"]).local_crops == 8
-    for argv, option in ((["--teacher-temp", "0.04"], "--teacher-temp"), (["--out-dim", "64"], "--out-dim"),
-                         (["--local-crops", "4"], "--local-crops")):
-        done = subprocess.run([sys.executable, "-m", "pretrain", str(tmp_path), "--method", "byol", *argv,
-                               "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO)
-        assert done.returncode == 2, done.stderr
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and option in lines[0] and "--method byol" in lines[0], done.stderr
+    done = subprocess.run([sys.executable, "-m", "pretrain", str(tmp_path), "--method", "byol", "--teacher-temp",
+                           "0.04", "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("pretrain: error: --teacher-temp means nothing for --method byol"), lines
+    from pretrain.__main__ import main as module_main
+
+    for argv, option in ((["--out-dim", "64"], "--out-dim"), (["--local-crops", "4"], "--local-crops"),
+                         (["--hidden-dim", "64", "--student-temp", "0.2"], "--hidden-dim, --student-temp")):
+        assert module_main([str(tmp_path), "--method", "byol", *argv, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{option} mean" in err[0] and "--method byol" in err[0], err
     from vitdense.cli import main
 
     result = CliRunner().invoke(main, ["pretrain", str(tmp_path), "--projector-dim", "64", "--out",
