@@ -5,6 +5,10 @@ the same seed, grade every teacher in one report card beside one random floor, a
         --variant base= --variant "dim256=--out-dim 256" --variant "temp02=--teacher-temp 0.02" \\
         -- --arch vit_tiny --patch-size 16 --global-size 96 --local-size 48 --batch-size 32 --epochs 3
 
+DINO against BYOL: keep the method's own options in its variant and the shared ones in the base, e.g.
+``--variant "dino=--local-crops 4 --local-size 48 --out-dim 4096" --variant "byol=--method byol"``
+(an option of the other method is an error, see ``pretrain/config.py``).
+
 Everything after ``--`` is the base recipe (``python -m pretrain`` options); each ``--variant NAME=FLAGS``
 adds its FLAGS after them (the later option wins), ``NAME=`` being the base itself. The study sets
 ``--out``, ``--max-steps`` and ``--seed``. Give ``--epochs`` so that the schedules (learning rate, weight
@@ -40,6 +44,8 @@ RESERVED = ("--out", "--max-steps", "--seed", "--resume")
 COLUMNS = (("coseg", "jaccard", "coseg J"), ("saliency", "jaccard", "saliency J"),
            ("knn", "cls_top1", "k-NN CLS top-1"))
 TAIL = 10  # steps at the end of a run whose loss and entropy are averaged (one batch is noisy)
+# the training diagnostics of a log record: DINO's teacher entropy and KL, BYOL's normalised output std
+DIAGNOSTICS = ("loss", "teacher_entropy", "kl", "output_std")
 
 
 @dataclass
@@ -51,7 +57,8 @@ class Variant:
     minutes: float = math.nan
     steps: int = 0
     out_dim: int = 0
-    final: dict[str, float] = field(default_factory=dict)  # loss, teacher_entropy, kl at the end
+    method: str = "dino"
+    final: dict[str, float] = field(default_factory=dict)  # loss and the DIAGNOSTICS of its method at the end
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
 
 
@@ -92,13 +99,13 @@ def pretrain_command(data: Path, base: list[str], variant: Variant, run_dir: Pat
 
 
 def end_of_run(run_dir: Path, tail: int = TAIL) -> tuple[dict[str, Any], dict[str, float]]:
-    """The last step record of a run's log.jsonl and the mean loss, teacher entropy and KL of its last
-    ``tail`` steps."""
+    """The last step record of a run's log.jsonl and the means of its last ``tail`` steps' loss and
+    diagnostics (teacher entropy and KL for DINO, normalised output std for BYOL)."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r][-tail:]
     if not steps:
         sys.exit(f"{run_dir / 'log.jsonl'}: no training step was logged")
-    final = {key: sum(r[key] for r in steps) / len(steps) for key in ("loss", "teacher_entropy", "kl")}
+    final = {key: sum(r[key] for r in steps) / len(steps) for key in DIAGNOSTICS if key in steps[-1]}
     return steps[-1], final
 
 
@@ -147,14 +154,16 @@ def study_markdown(study: dict[str, Any]) -> str:
         finite = [x for x in values if math.isfinite(x)]
         best[(task, metric)] = max(finite) if finite else None
     head = ["variant", "flags"] + [title for _, _, title in COLUMNS] + \
-        ["loss", "teacher entropy (of ln K)", "KL", "minutes"]
+        ["loss", "teacher entropy (of ln K)", "KL", "output std", "minutes"]
     lines = ["# Recipe study", "",
              f"Data `{study['data']}`; {study['max_steps']} steps each, seed {study['seed']}. Base recipe: "
              f"`{shlex.join(study['base'])}`.", "",
              f"Scores: one `vitdense evaluate --tasks {study['tasks']}` call{' (--quick)' if study['quick'] else ''} "
              f"(report in `report/`), the floor a randomly initialised backbone of the same architecture. "
              f"Loss, teacher entropy and KL(teacher ‖ student): means of the last {TAIL} steps; a teacher "
-             f"entropy near ln K with a KL near 0 is the uniform collapse of DINO's Fig. 7.", "",
+             f"entropy near ln K with a KL near 0 is the uniform collapse of DINO's Fig. 7. BYOL's loss is "
+             f"2 - 2 cos (0 to 4, not comparable with DINO's cross-entropy); its output std (of z/||z||, "
+             f"times sqrt P) is about 1 for outputs spread like random directions, 0 when collapsed.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in rows:
         cells = [v.name, f"`{shlex.join(v.flags)}`" if v.flags else ("" if v.name == FLOOR else "(base recipe)")]
@@ -164,11 +173,13 @@ def study_markdown(study: dict[str, Any]) -> str:
             cells.append(f"**{text}**" if v.name != FLOOR and value is not None and value == best[(task, metric)]
                          else text)
         if v.name == FLOOR:
-            cells += ["", "", "", ""]
+            cells += ["", "", "", "", ""]
         else:
             f = v.final
-            cells += [f"{f['loss']:.3f}", f"{f['teacher_entropy']:.2f} ({math.log(v.out_dim):.2f})",
-                      f"{f['kl']:.3f}", f"{v.minutes:.1f}"]
+            cells += [f"{f['loss']:.3f}",
+                      f"{f['teacher_entropy']:.2f} ({math.log(v.out_dim):.2f})" if "teacher_entropy" in f else "–",
+                      f"{f['kl']:.3f}" if "kl" in f else "–",
+                      f"{f['output_std']:.3f}" if "output_std" in f else "–", f"{v.minutes:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     train_minutes = sum(v.minutes for v in variants)
     lines += ["", f"Training {train_minutes:.1f} minutes in all, evaluation {study['eval_minutes']:.1f} minutes "
@@ -234,13 +245,16 @@ def main(argv: list[str] | None = None) -> None:
         v.minutes = done["minutes"]
         last, v.final = end_of_run(run_dir)
         config = json.loads((run_dir / "config.json").read_text())
-        v.steps, v.out_dim = last["step"], config["out_dim"]
+        v.method = config.get("method", "dino")
+        v.steps = last["step"]
+        v.out_dim = config["projector_dim"] if v.method == "byol" else config["out_dim"]
         span = config["momentum_teacher_end"] - config["momentum_teacher"]
         if span and (config["momentum_teacher_end"] - last["momentum"]) / span > 0.01:
             print(f"warning: {v.name} stopped mid-schedule (teacher momentum {last['momentum']:.4f} at step "
                   f"{v.steps}): give --epochs that end at --max-steps", flush=True)
-        print(f"{v.name}: {v.steps} steps in {v.minutes:.1f} min, loss {v.final['loss']:.3f}, teacher entropy "
-              f"{v.final['teacher_entropy']:.2f} of ln K = {math.log(v.out_dim):.2f}", flush=True)
+        shown = (f"teacher entropy {v.final['teacher_entropy']:.2f} of ln K = {math.log(v.out_dim):.2f}"
+                 if "teacher_entropy" in v.final else f"output std {v.final['output_std']:.3f}")
+        print(f"{v.name}: {v.steps} steps in {v.minutes:.1f} min, loss {v.final['loss']:.3f}, {shown}", flush=True)
 
     t0 = time.perf_counter()
     report_dir = out / "report"

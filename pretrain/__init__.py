@@ -1,5 +1,6 @@
-"""DINO self-distillation pretraining (Caron et al. 2021): from a folder of images to a teacher backbone
-that ``vitdense.ViTExtractor(weights=RUN/teacher_backbone.pth)`` loads.
+"""DINO self-distillation pretraining (Caron et al. 2021), or BYOL (Grill et al. 2020, ``method="byol"``):
+from a folder of images to a teacher backbone that ``vitdense.ViTExtractor(weights=RUN/teacher_backbone.pth)``
+loads.
 
     from pretrain import PretrainConfig, train
     train(PretrainConfig(data_dir="photos", out="runs/mine", arch="vit_tiny", global_size=128, local_size=64))
@@ -18,12 +19,12 @@ from typing import Any
 # options of `vitdense pretrain`) without importing torch. To add one: name -> submodule here, and __all__.
 _EXPORTS: dict[str, str] = {
     "PretrainConfig": "config", "MultiCropAugmentation": "data", "find_images": "data", "DINOHead": "heads",
-    "MultiCropWrapper": "heads",
+    "MultiCropWrapper": "heads", "BYOLHead": "byol", "BYOLLoss": "byol",
     "knn_accuracy": "knn", "knn_scores": "knn", "DINOLoss": "loss", "Schedules": "schedules",
     "TrainResult": "train", "train": "train",
 }
 
-__all__ = ["PretrainConfig", "DINOHead", "MultiCropWrapper", "DINOLoss", "MultiCropAugmentation", "Schedules",
+__all__ = ["PretrainConfig", "DINOHead", "MultiCropWrapper", "DINOLoss", "BYOLHead", "BYOLLoss", "MultiCropAugmentation", "Schedules",
            "train", "TrainResult", "knn_scores", "knn_accuracy", "find_images"]
 
 

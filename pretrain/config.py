@@ -1,4 +1,4 @@
-"""Every hyper-parameter of DINO pretraining, with its default and a one-line help, in one dataclass.
+"""Every hyper-parameter of DINO (and BYOL) pretraining, with its default and a one-line help, in one dataclass.
 
 The defaults are those of facebookresearch/dino (``main_dino.py``) and of the paper's ViT-S/16 recipe
 (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"). Both command lines
@@ -17,6 +17,17 @@ from vitdense.errors import ConfigError
 
 # Short names → timm architecture prefixes; the patch size and 224 are appended.
 SHORT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+METHODS = ("dino", "byol")
+# Options that mean something for one method only: given for the other, they are a ConfigError.
+METHOD_ONLY = {
+    "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "student_temp", "warmup_teacher_temp",
+             "teacher_temp", "warmup_teacher_temp_epochs", "center_momentum", "freeze_last_layer", "local_size",
+             "local_scale", "local_crops"),
+    "byol": ("projector_hidden_dim", "projector_dim"),
+}
+# A method's own defaults where they differ from the dataclass's (DINO's): BYOL trains on two views cropped
+# at 8-100 % of the image (Grill et al. 2020, Table 6).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"dino": {}, "byol": {"local_crops": 0, "global_scale": (0.08, 1.0)}}
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -31,6 +42,10 @@ class PretrainConfig:
     out: str = _opt("runs/dino", "Run folder: checkpoint.pth, teacher_backbone.pth, log.jsonl, curves.png.")
 
     # ----- model
+    method: str = _opt("dino", "dino: self-distillation with multi-crop (Caron et al. 2021); byol: an online network "
+                               "with a predictor regresses the EMA target's projection of the other view (Grill et "
+                               "al. 2020; two views, its own crop scale 0.08-1 unless --global-scale is given).",
+                       choices=METHODS)
     arch: str = _opt("vit_small", "vit_tiny/vit_small/vit_base, or any timm ViT name "
                                   "(vit_small_patch8_224, ...).")
     patch_size: int = _opt(0, "Patch size (0 = from the timm name, 16 for short names).")
@@ -43,6 +58,8 @@ class PretrainConfig:
     hidden_dim: int = _opt(2048, "Hidden width of the DINO head's MLP.")
     bottleneck_dim: int = _opt(256, "Bottleneck width of the DINO head (L2-normalised).")
     norm_last_layer: bool = _opt(True, "Fix the norm of the head's weight-normalised last layer to 1.")
+    projector_hidden_dim: int = _opt(4096, "BYOL: hidden width of the projector and predictor MLPs.")
+    projector_dim: int = _opt(256, "BYOL: output dimension of the projector and predictor.")
 
     # ----- loss and teacher
     student_temp: float = _opt(0.1, "Student softmax temperature.")
@@ -121,8 +138,25 @@ class PretrainConfig:
             raise ConfigError(f"--arch {self.arch}: use vit_tiny, vit_small, vit_base or a timm ViT name")
         return arch, dict(img_size=self.img_size or self.global_size, patch_size=patch)
 
+    @classmethod
+    def for_method(cls, method: str, **values: Any) -> "PretrainConfig":
+        """The config of ``method`` with that method's own defaults (METHOD_DEFAULTS) for the fields not in
+        ``values``: ``PretrainConfig.for_method("byol", data_dir="photos", arch="vit_tiny")``."""
+        return cls(method=method, **{**METHOD_DEFAULTS.get(method, {}), **values})
+
+    def foreign_options(self) -> list[str]:
+        """The fields set away from their default that mean nothing for this config's method."""
+        own = METHOD_DEFAULTS.get(self.method, {})
+        return [name for other, names in METHOD_ONLY.items() if other != self.method for name in names
+                if getattr(self, name) != own.get(name, _FIELDS[name].default)]
+
     def validate(self) -> None:
         """ConfigError naming the option when a value cannot work."""
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method}: use {' or '.join(METHODS)}")
+        foreign = self.foreign_options()
+        if foreign:
+            raise ConfigError(method_clash(self.method, foreign))
         _, kwargs = self.timm_arch()
         patch = kwargs["patch_size"]
         checks = [
@@ -145,6 +179,8 @@ class PretrainConfig:
             (self.source_size == 0 or self.source_size >= self.global_size,
              f"--source-size {self.source_size} must be 0 or at least --global-size {self.global_size}"),
             (self.out_dim >= 1, "--out-dim must be at least 1"),
+            (self.projector_hidden_dim >= 1 and self.projector_dim >= 1,
+             "--projector-hidden-dim and --projector-dim must be at least 1"),
             (self.knn_k >= 1, "--knn-k must be at least 1"),
             (0 <= self.composite_p <= 1, "--composite-p must be between 0 and 1"),
             (not self.backgrounds or self.cutouts, "--backgrounds needs --cutouts (the composites' objects)"),
@@ -167,8 +203,38 @@ class PretrainConfig:
 
 
 # Fields whose change makes a checkpoint incompatible with the run that resumes it.
-MODEL_FIELDS = ("arch", "patch_size", "img_size", "out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer",
-                "global_size")
+MODEL_FIELDS = ("method", "arch", "patch_size", "img_size", "out_dim", "hidden_dim", "bottleneck_dim",
+                "norm_last_layer", "projector_hidden_dim", "projector_dim", "global_size")
+
+
+def method_clash(method: str, names: list[str]) -> str:
+    """The one-line message for options of another method given with ``--method method``."""
+    opts = ", ".join("--" + n.replace("_", "-") for n in names)
+    why = {"byol": "BYOL trains two views through a projector and predictor, with no DINO head, temperatures "
+                   "or local crops",
+           "dino": "they size BYOL's projector and predictor"}[method]
+    return f"{opts} {'means' if len(names) == 1 else 'mean'} nothing for --method {method} ({why}); leave " \
+           f"{'it' if len(names) == 1 else 'them'} out"
+
+
+def apply_method(values: dict[str, Any], explicit: set[str] | None) -> dict[str, Any]:
+    """Options of a command line with the chosen method's own defaults for those not given (``explicit``;
+    None: those that differ from the dataclass default); ConfigError when an option of the other method is
+    given (``--local-crops 0`` is fine for BYOL)."""
+    method = values.get("method") or "dino"
+    own = METHOD_DEFAULTS.get(method, {})
+
+    def norm(v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    if explicit is None:
+        explicit = {k for k, v in values.items() if k in _FIELDS and v is not None
+                    and norm(v) != _FIELDS[k].default}
+    foreign = [name for other, names in METHOD_ONLY.items() if other != method for name in names
+               if name in explicit and values.get(name) is not None and norm(values[name]) != own.get(name, object())]
+    if foreign:
+        raise ConfigError(method_clash(method, foreign))
+    return {**values, **{k: v for k, v in own.items() if k not in explicit}}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
@@ -222,7 +288,7 @@ def config_from_args(args: argparse.Namespace | dict[str, Any], explicit: set[st
         return resume_config(values, set(values) if explicit is None else explicit)
     if not values.get("data_dir"):
         raise ConfigError("DATA_DIR: give the folder of training images (or --resume RUN to continue a run)")
-    return PretrainConfig.from_dict(values)
+    return PretrainConfig.from_dict(apply_method(values, explicit))
 
 
 def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
@@ -242,5 +308,6 @@ def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
     if clashes:
         raise ConfigError(f"{path}: cannot resume with " + ", ".join(clashes) + ": a resumed run keeps its model "
                           "options; leave them out, or start a new run with another --out")
+    apply_method({**saved, **{k: given[k] for k in explicit}}, explicit)  # options of the other method: error
     merged = {**saved, **{k: given[k] for k in explicit}, "resume": str(values["resume"])}
     return PretrainConfig.from_dict(merged)

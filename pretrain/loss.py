@@ -20,6 +20,11 @@ class LossTerms:
     teacher_entropy: torch.Tensor  # scalar: mean entropy h(P_t) of the teacher distributions
     kl: torch.Tensor  # scalar: loss - teacher_entropy = mean KL(P_t || P_s) over view pairs
 
+    @property
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """The detached scalars the log records beside the loss (keys of log.jsonl)."""
+        return {"teacher_entropy": self.teacher_entropy, "kl": self.kl}
+
 
 class DINOLoss(nn.Module):
     """Cross-entropy between centred, sharpened teacher and student distributions (Caron et al. 2021, Eq. 1-3).

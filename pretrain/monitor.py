@@ -15,7 +15,22 @@ from vitdense.backbones import atomic_write
 PANELS = (("loss", "loss H(P_t, P_s)"), ("teacher_entropy", "teacher entropy h(P_t)"),
           ("kl", "KL(P_t || P_s)"), ("lr", "learning rate"), ("weight_decay", "weight decay"),
           ("momentum", "teacher momentum"), ("teacher_temp", "teacher temperature"),
-          ("knn_top1", "k-NN top-1 (%)"))
+          ("output_std", "BYOL: std of z/||z|| x sqrt(P)"), ("knn_top1", "k-NN top-1 (%)"))
+
+
+def collapse_warning(record: dict[str, Any]) -> str | None:
+    """A one-line warning when a log record shows a collapsed run, else None.
+
+    BYOL (``output_std``, see :func:`pretrain.byol.normalised_std`): below
+    :data:`pretrain.byol.COLLAPSE_STD` every image gets nearly the same output.
+    """
+    from .byol import COLLAPSE_STD
+
+    std = record.get("output_std")
+    if std is not None and std < COLLAPSE_STD:
+        return (f"collapse: the online outputs' normalised std is {std:.4f} (about 1 when they spread, 0 when "
+                f"every image gets the same output); lower --lr or raise --momentum-teacher")
+    return None
 
 
 class JsonlLog:
@@ -49,6 +64,8 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     import matplotlib.pyplot as plt
 
     panels = [(key, name) for key, name in PANELS if any(key in r for r in records)]
+    if any("output_std" in r for r in records):  # a BYOL run: its loss is another one
+        panels = [(key, "loss 2 - 2 cos(q, sg(z'))" if key == "loss" else name) for key, name in panels]
     if not panels:
         return
     cols = 4

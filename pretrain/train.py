@@ -1,4 +1,7 @@
-"""DINO training, top to bottom: set up processes, data, models and optimiser, then one loop.
+"""DINO (or BYOL) training, top to bottom: set up processes, data, models and optimiser, then one loop.
+
+``--method byol`` swaps three pieces (:mod:`pretrain.byol`): the head (projector, and a predictor on the
+student/online side), the loss, and the augmentation (two views); the teacher is BYOL's target network.
 
 Runs unchanged on one CPU, one GPU, or many GPUs/nodes under ``torchrun`` (DDP, ``env://``; gloo on CPU,
 nccl on CUDA). The global batch ``--batch-size`` is split across processes and every schedule is a
@@ -30,6 +33,7 @@ from vitdense.errors import ConfigError, DataError
 from vitdense.extractor import resolve_device
 from vitdense.io import check_output, describe_skipped, save_json
 
+from .byol import BYOLHead, BYOLLoss, byol_augmentation
 from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import MODEL_FIELDS, PretrainConfig
 from .data import (ImageFolderDataset, MultiCropAugmentation, ResidentSources, StepBatchSampler, collate_crops,
@@ -37,7 +41,7 @@ from .data import (ImageFolderDataset, MultiCropAugmentation, ResidentSources, S
 from .gpu_augment import GPUMultiCrop
 from .heads import DINOHead, MultiCropWrapper
 from .loss import DINOLoss
-from .monitor import JsonlLog, plot_curves
+from .monitor import JsonlLog, collapse_warning, plot_curves
 from .schedules import Schedules
 from .warmstart import WarmStart, apply_to_config, load_warm_start
 
@@ -133,12 +137,16 @@ def save_estimate_s(*modules: nn.Module, write_mb_per_s: float = 150.0) -> float
 
 
 def build_model(cfg: PretrainConfig, student: bool, init: WarmStart | None = None) -> MultiCropWrapper:
-    """A timm ViT + DINO head; the student gets stochastic depth, the teacher none. With ``init`` the ViT
-    has the warm start's architecture and weights (the head is always new)."""
+    """A timm ViT + DINO head (BYOL: projector, and the predictor on the student); the student gets stochastic
+    depth, the teacher none. With ``init`` the ViT has the warm start's architecture and weights (the head is
+    always new)."""
     arch, kwargs = (init.arch, init.kwargs) if init is not None else cfg.timm_arch()
     backbone = create_vit(arch, **kwargs, dynamic_img_size=True, drop_path_rate=cfg.drop_path if student else 0.0)
     if init is not None:
         backbone.load_state_dict(init.state)
+    if cfg.method == "byol":
+        return MultiCropWrapper(backbone, BYOLHead(backbone.embed_dim, cfg.projector_hidden_dim, cfg.projector_dim,
+                                                   predictor=student))
     head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                     norm_last_layer=cfg.norm_last_layer)
     return MultiCropWrapper(backbone, head)
@@ -165,9 +173,12 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
 
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """EMA: teacher <- m * teacher + (1 - m) * student, parameter by parameter."""
-    s_params = [p.detach() for p in student.parameters()]
-    t_params = [p for p in teacher.parameters()]
+    """EMA: teacher <- m * teacher + (1 - m) * student, parameter by parameter (paired by name: BYOL's
+    student has a predictor the teacher lacks)."""
+    t_named = dict(teacher.named_parameters())
+    pairs = [(p.detach(), t_named[name]) for name, p in student.named_parameters() if name in t_named]
+    assert len(pairs) == len(t_named), "every teacher parameter has a student counterpart"
+    s_params, t_params = [s for s, _ in pairs], [t for _, t in pairs]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
@@ -193,10 +204,13 @@ def export_meta(cfg: PretrainConfig, step: int, init: WarmStart | None = None, s
     mean, std = (init.mean, init.std) if init is not None else (IMAGENET_MEAN, IMAGENET_STD)
     run = {"out": str(cfg.out), "init": init.weights if init is not None else None, "data_dir": str(cfg.data_dir),
            "steps": step, "minutes": round(seconds / 60, 2), "batch_size": cfg.batch_size, "lr": cfg.lr,
-           "global_size": cfg.global_size, "local_crops": cfg.local_crops, "out_dim": cfg.out_dim}
+           "global_size": cfg.global_size, "local_crops": cfg.local_crops, "out_dim": cfg.out_dim,
+           "method": cfg.method}
+    if cfg.method == "byol":
+        run["out_dim"] = cfg.projector_dim
     chain = (init.chain if init is not None else []) + [run]
-    return backbone_meta(arch, kwargs, mean, std, name=f"dino_{Path(cfg.out).name}", trained_steps=step,
-                         data_dir=str(cfg.data_dir), init=run["init"], chain=chain)
+    return backbone_meta(arch, kwargs, mean, std, name=f"{cfg.method}_{Path(cfg.out).name}", trained_steps=step,
+                         data_dir=str(cfg.data_dir), init=run["init"], chain=chain, method=cfg.method)
 
 
 def make_checkpoint(cfg: PretrainConfig, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
@@ -334,9 +348,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if cfg.resume:
         ckpt_path = resolve_resume(cfg.resume)
         ckpt = load_checkpoint(ckpt_path)
-        check_compatible(ckpt_path, ckpt["config"], cfg.to_dict(), MODEL_FIELDS)
-    augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.local_crops, cfg.global_scale,
-                                    cfg.local_scale)
+        check_compatible(ckpt_path, PretrainConfig.from_dict(ckpt["config"]).to_dict(), cfg.to_dict(), MODEL_FIELDS)
+    if cfg.method == "byol":
+        augment = byol_augmentation(cfg.global_size, cfg.global_scale)
+    else:
+        augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.local_crops, cfg.global_scale,
+                                        cfg.local_scale)
     on_device = cfg.gpu_augment == "on" or (cfg.gpu_augment == "auto" and device.type == "cuda")
     source_size = (cfg.source_size or cfg.global_size * 3 // 2) if on_device else 0
     composer = None
@@ -378,10 +395,14 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if init is not None:
         LOG.info("warm start from %s", init.weights)
         init.state = {}  # the weights live in the models now
-    teacher.load_state_dict(student.state_dict())
+    missing, _ = teacher.load_state_dict(student.state_dict(), strict=False)  # BYOL: no predictor on the teacher
+    assert not missing, missing
     for p in teacher.parameters():
         p.requires_grad_(False)
-    loss_fn = DINOLoss(cfg.out_dim, augment.ncrops, cfg.student_temp, cfg.center_momentum).to(device)
+    if cfg.method == "byol":
+        loss_fn: nn.Module = BYOLLoss()
+    else:
+        loss_fn = DINOLoss(cfg.out_dim, augment.ncrops, cfg.student_temp, cfg.center_momentum).to(device)
     # lr and weight decay are set every step; the fused kernel on CUDA (one launch for all parameters)
     optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
     torch.manual_seed(cfg.seed + 1000 * procs.rank + 1)  # drop-path masks differ between processes
@@ -439,7 +460,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             save_checkpoint(ckpt_file, make_checkpoint(cfg, student, teacher, optimizer, loss_fn, step, epoch, rng,
                                                        meta))
             save_backbone(teacher.backbone.state_dict(), export_file, meta=meta)
-            plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
+            plot_curves(log.records, plot_file, title=f"{cfg.method.upper()} {cfg.arch} on {cfg.data_dir}")
         if clock is not None:
             clock.save_s = max(clock.save_s, 1.5 * (time.perf_counter() - started))
 
@@ -470,8 +491,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
         done, epoch, values = pending["step"], pending["epoch"], pending["values"]
         seconds = pending["seconds"] or time.perf_counter() - pending["t_data"]
         read = pending["stats"].tolist()
-        loss, entropy, kl = read[:3]
-        n_failed, stop_asked, clock_stop, plan = read[3:] if len(read) > 3 else pending["host"]
+        numbers, names = read[:1 + len(pending["names"])], pending["names"]
+        loss, diagnostics = numbers[0], dict(zip(names, numbers[1:]))
+        n_failed, stop_asked, clock_stop, plan = read[len(numbers):] or pending["host"]
         pending_wait = pending["data_wait"]
         pending = None
         if stop_asked > 0:  # read one step late, summed over processes: every process stops at the same step
@@ -485,10 +507,16 @@ def train(cfg: PretrainConfig) -> TrainResult:
             clock.durations.append(seconds)
             clock_decisions(done, clock_stop, plan)
         if procs.main and (done % cfg.log_every == 0 or done == last_step):
-            log.append({"step": done, "epoch": epoch, "loss": loss, "teacher_entropy": entropy, "kl": kl,
-                        "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
-                        "teacher_temp": values.teacher_temp, "images_per_s": cfg.batch_size / max(seconds, 1e-9),
-                        "data_wait_s": pending_wait, "skipped_files": skipped})
+            record = {"step": done, "epoch": epoch, "loss": loss, **diagnostics, "lr": values.lr,
+                      "weight_decay": values.weight_decay, "momentum": values.momentum,
+                      "teacher_temp": values.teacher_temp, "images_per_s": cfg.batch_size / max(seconds, 1e-9),
+                      "data_wait_s": pending_wait, "skipped_files": skipped}
+            if cfg.method == "byol":
+                del record["teacher_temp"]
+            log.append(record)
+            warning = collapse_warning(record)
+            if warning:
+                LOG.warning("step %d: %s", done, warning)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
 
@@ -542,7 +570,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 terms.loss.backward()
                 if cfg.clip_grad > 0:
                     clip_gradients(student, cfg.clip_grad)
-                if epoch < cfg.freeze_last_layer:
+                if cfg.method == "dino" and epoch < cfg.freeze_last_layer:
                     for p in student.head.last_layer.parameters():
                         p.grad = None  # AdamW skips parameters without gradient: no step, no decay
                 optimizer.step()
@@ -554,19 +582,22 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 # Host values (substituted images, Ctrl-C, the clock's stop and plan; rank 0's clock decides
                 # for all) reach the device only to be summed over processes, through pinned memory: no copy
                 # that waits.
-                stats = torch.stack([terms.loss.detach(), terms.teacher_entropy, terms.kl])
+                diagnostics = terms.diagnostics
+                stats = torch.stack([terms.loss.detach(), *diagnostics.values()])
                 clock_stop = float(clock is not None and procs.main and clock.must_stop())
                 plan = float((clock.plan(step) or 0) if clock is not None and procs.main else 0)
                 host = [float(n_failed), float(stop.requested), clock_stop, plan]
                 if procs.world_size > 1:
+                    n_mean = len(stats)
                     extra = torch.tensor(host)
                     extra = extra.pin_memory() if device.type == "cuda" else extra
                     stats = torch.cat([stats, extra.to(device, non_blocking=True)])
                     dist.all_reduce(stats)
-                    stats[:3] /= procs.world_size
+                    stats[:n_mean] /= procs.world_size
                 report()
-                pending = {"step": step, "epoch": epoch, "stats": stats, "values": values, "t_data": t_data,
-                           "data_wait": t_step - t_data, "seconds": None, "host": host}
+                pending = {"step": step, "epoch": epoch, "stats": stats, "names": list(diagnostics),
+                           "values": values, "t_data": t_data, "data_wait": t_step - t_data, "seconds": None,
+                           "host": host}
                 if cfg.save_every and step % cfg.save_every == 0:
                     save(epoch)
                     saved_at = step
@@ -610,7 +641,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if cfg.knn_data and knn_at != step:
         knn_eval(step // steps_per_epoch)
     if procs.main:
-        plot_curves(log.records, plot_file, title=f"DINO {cfg.arch} on {cfg.data_dir}")
+        plot_curves(log.records, plot_file, title=f"{cfg.method.upper()} {cfg.arch} on {cfg.data_dir}")
     if procs.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

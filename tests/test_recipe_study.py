@@ -88,3 +88,24 @@ def test_variant_flags_follow_the_base(app, tmp_path):
     cmd = app.pretrain_command(tmp_path, ["--lr", "0.002"], variant, tmp_path / "run", 5, 0)
     assert cmd[cmd.index("--lr") + 1] == "0.002" and cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1] == "0.004"
     assert cmd[-6:] == ["--out", str(tmp_path / "run"), "--max-steps", "5", "--seed", "0"]
+
+
+def test_a_byol_variant_shows_its_own_diagnostics(app, tmp_path):
+    """A BYOL run's log has output_std instead of teacher entropy/KL: the end-of-run means and the table
+    show each method's own columns."""
+    run_dir = tmp_path / "byol"
+    run_dir.mkdir()
+    records = [{"step": s, "loss": 1.0 + s, "output_std": 0.5 + 0.01 * s, "momentum": 1.0} for s in range(1, 13)]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    last, final = app.end_of_run(run_dir, tail=4)
+    assert last["step"] == 12 and final == pytest.approx({"loss": 11.5, "output_std": 0.605})
+    dino = app.Variant("dino", [], minutes=1.0, steps=12, out_dim=64,
+                       final={"loss": 4.0, "teacher_entropy": 3.0, "kl": 0.5}, scores={"coseg": {"jaccard": 0.2}})
+    byol = app.Variant("byol", ["--method", "byol"], minutes=2.0, steps=12, out_dim=32, method="byol", final=final,
+                       scores={"coseg": {"jaccard": 0.3}})
+    study = {"data": "d", "base": [], "max_steps": 12, "seed": 0, "tasks": "coseg", "quick": False,
+             "variants": [vars(dino), vars(byol)], "floor": {"coseg": {"jaccard": 0.1}}, "eval_minutes": 1.0,
+             "whole_image_jaccard": 0.1, "knn_majority_top1": 10.0}
+    table = app.study_markdown(study)
+    assert "| dino | (base recipe) | 0.200 | – | – | 4.000 | 3.00 (4.16) | 0.500 | – | 1.0 |" in table
+    assert "| byol | `--method byol` | **0.300** | – | – | 11.500 | – | – | 0.605 | 2.0 |" in table

@@ -33,7 +33,8 @@ def _config_options(fn: Callable) -> Callable:
 @main.command("pretrain")
 @_config_options
 def pretrain_command(**options: Any) -> None:
-    """Train a ViT with DINO self-distillation on the images under DATA_DIR (no labels needed).
+    """Train a ViT with DINO self-distillation (or BYOL: --method byol) on the images under DATA_DIR (no labels
+    needed).
 
     Writes OUT/checkpoint.pth, OUT/teacher_backbone.pth (use with --weights in every other command),
     OUT/log.jsonl and OUT/curves.png. `vitdense pretrain --resume OUT` continues a run with its saved
