@@ -7,6 +7,7 @@ match matched, click a point of the query for the similarity heat map, screensho
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import socket
 import tempfile
@@ -74,7 +75,7 @@ def main() -> None:
         options.binary_location = shutil.which("chromium")
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--no-first-run", f"--user-data-dir={work / 'profile'}",
-                    "--window-size=1200,1500", "--force-device-scale-factor=1", "--hide-scrollbars"):
+                    "--window-size=1200,2600", "--force-device-scale-factor=1", "--hide-scrollbars"):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=ChromeService(shutil.which("chromedriver")), options=options)
         wait = WebDriverWait(driver, 300, poll_frequency=0.1)
@@ -104,11 +105,10 @@ def main() -> None:
                 "var i = document.getElementById('heat-img'); return !i.hidden && i.complete && i.naturalWidth > 0"))
             driver.execute_script("window.scrollTo(0, 0)")
             time.sleep(0.5)
-            for _ in range(3):  # the window grows to the page, which may reflow the pictures: measure again
-                height = driver.execute_script("return document.documentElement.scrollHeight")
-                driver.set_window_size(1200, min(height + 20, 2600))
-                time.sleep(0.5)
-            driver.save_screenshot(args.out)
+            # a tall window holds the whole page; the picture is cut to the page's own height
+            height = driver.execute_script("return document.body.getBoundingClientRect().bottom")
+            shot = Image.open(io.BytesIO(driver.get_screenshot_as_png()))
+            shot.crop((0, 0, shot.width, min(shot.height, int(height) + 16))).save(args.out)
         finally:
             driver.quit()
             server.should_exit = True

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("starlette")
@@ -290,6 +289,8 @@ def test_paths_and_tricks_are_404(client, service, setup, route):
 
 def test_symlinks_out_of_the_collection_are_not_served(client, service, setup, tmp_path):
     # indexed through a symlink that leads out of the collection: in the index, never served
+    meta = json.loads((setup["index"] / "index.json").read_text())
+    assert meta["source"] == str(setup["coll"].resolve()) == service.snapshot.collection  # recorded by `index`
     names = [Path(e.path).name for e in service.snapshot.index.entries]
     assert "private.png" in names
     out_id = service.snapshot.ids[names.index("private.png")]
@@ -450,3 +451,24 @@ def test_a_broken_generation_keeps_the_old_one(setup, tmp_path):
     (index / "index.json").write_text(json.dumps(meta))
     assert svc.reload() is False and "vectors-7.npy" in svc.reload_error
     assert svc.snapshot.generation == 1 and svc.health()["images"] == 6
+
+
+def test_the_poller_reloads_a_new_generation(setup, photos, tmp_path):
+    import shutil
+    import time
+
+    coll = tmp_path / "coll"
+    shutil.copytree(setup["coll"], coll, symlinks=True)
+    index = tmp_path / "index"
+    build_index(coll, index, setup["weights"])
+    svc = make_service(index)
+    svc.config.poll_s = 0.1
+    with TestClient(create_app(svc, watch=True)) as c:  # the lifespan starts the poller
+        assert c.get("/health").json()["generation"] == 1
+        Image.fromarray(photos["rocket"][::-1]).resize((80, 60)).save(coll / "new.png")
+        build_index(coll, index, setup["weights"])
+        deadline = time.time() + 20
+        while c.get("/health").json()["generation"] != 2:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert c.get("/health").json()["images"] == 7
