@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="time per client count (upper bound)")
     parser.add_argument("--baseline", type=int, default=4, help="queries for the `vitdense search` baseline")
     parser.add_argument("--soak-s", type=float, default=60, help="memory soak length (300: the 5-minute soak)")
+    parser.add_argument("--soak-only", action="store_true", help="skip the load table and the baseline")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args()
 
@@ -212,8 +213,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         index, queries, files = make_data(Path(tmp), args.model, args.load_size, args.device)
         report["index_images"] = len(PHOTOS) + 1
-        for label, options in (("batching (5 ms window, up to 32)", ["--batch-window-ms", "5", "--max-batch", "32"]),
-                               ("no batching (--max-batch 1)", ["--max-batch", "1"])):
+        settings = (("batching (5 ms window, up to 32)", ["--batch-window-ms", "5", "--max-batch", "32"]),
+                    ("no batching (--max-batch 1)", ["--max-batch", "1"]))
+        for label, options in settings if not args.soak_only else ():
             server = Server(index, args.device, *options)
             try:
                 asyncio.run(load(server.url, queries, 4, 16, 60))  # warm-up: weights paged in, allocator pools
@@ -232,9 +234,10 @@ def main() -> None:
                       f"largest {batching['largest_batch']}, server RSS {server.rss_mb():.0f} MB", flush=True)
             finally:
                 server.stop()
-        report["baseline"] = baseline(index, files, args.baseline, args.device)
-        print(f"`vitdense search` once per query: {report['baseline']['qps']} q/s, p50 {report['baseline']['p50_ms']} ms",
-              flush=True)
+        if not args.soak_only:
+            report["baseline"] = baseline(index, files, args.baseline, args.device)
+            print(f"`vitdense search` once per query: {report['baseline']['qps']} q/s, p50 "
+                  f"{report['baseline']['p50_ms']} ms", flush=True)
         if args.soak_s > 0:
             server = Server(index, args.device, "--batch-window-ms", "5", "--max-batch", "32")
             try:
