@@ -105,7 +105,8 @@ def _brute_force(service: Service, image: Image.Image) -> tuple[np.ndarray, np.n
     ext, desc = service.extractor, service.snapshot.index.descriptor
     q = global_descriptors(ext, preprocess_image(image, desc, ext.mean, ext.std)[None], desc)[0].numpy()
     scores = np.asarray(service.snapshot.index.vectors) @ q
-    return scores, np.argsort(-scores, kind="stable")
+    order = [i for i in np.argsort(-scores, kind="stable") if i not in service.snapshot.hidden]  # outside: unnamed
+    return scores, np.array(order)
 
 
 # ----------------------------------------------------------------------------------------- the API
@@ -147,8 +148,10 @@ def test_search_by_id_uses_the_stored_vector(client, service):
     row = [Path(e.path).name for e in snap.index.entries].index("chelsea.png")
     res = client.get(f"/search?id={snap.ids[row]}&k=4").json()
     scores = vectors @ vectors[row]
-    scores[row] = -np.inf  # the query itself is left out
+    scores[row] = -np.inf  # the query itself is left out, and the image outside the collection
+    scores[list(snap.hidden)] = -np.inf
     order = np.argsort(-scores, kind="stable")[:4]
+    assert np.isfinite(scores[order]).all()
     assert [h["id"] for h in res["results"]] == [snap.ids[i] for i in order]
     np.testing.assert_allclose([h["score"] for h in res["results"]], scores[order], atol=1e-5)
     assert res["query"]["name"] == "chelsea.png"
@@ -296,6 +299,9 @@ def test_symlinks_out_of_the_collection_are_not_served(client, service, setup, t
     out_id = service.snapshot.ids[names.index("private.png")]
     _one_line_error(client.get(f"/image/{out_id}"), 404)
     _one_line_error(client.get(f"/thumb/{out_id}"), 404)
+    _one_line_error(client.get(f"/search?id={out_id}"), 404)
+    listed = client.get(f"/search?id={service.snapshot.ids[0]}&k=100").json()["results"]
+    assert len(listed) == 4 and out_id not in {h["id"] for h in listed}  # never named in an answer
     # an indexed file replaced by a symlink to a file elsewhere after indexing: not served either
     victim = setup["files"][3]
     backup = tmp_path / "backup.png"

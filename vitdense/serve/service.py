@@ -53,7 +53,7 @@ class Snapshot:
     """One loaded generation of an index: never modified after it is built.
 
     ids[i] is the public id of row i; rows maps an id back to its row; collection is the folder outside
-    which no file is served.
+    which no file is served; hidden: rows of images outside it (never named in an answer).
     """
 
     index: ImageIndex
@@ -62,6 +62,7 @@ class Snapshot:
     collection: str | None
     stamp: tuple[int, int, int]
     loaded_at: float
+    hidden: frozenset[int] = frozenset()
 
     @property
     def generation(self) -> int:
@@ -73,7 +74,7 @@ class Snapshot:
     def row(self, id_: str) -> int:
         """Row of an id; RequestError 404 for anything that is not an id of this generation."""
         row = self.rows.get(check_id(id_))
-        if row is None:
+        if row is None or row in self.hidden:
             raise RequestError(404, "no such image")
         return row
 
@@ -114,12 +115,12 @@ def open_index(root: str | os.PathLike, collection: str | os.PathLike | None = N
         folder = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else None
         LOG.warning("%s: the index does not record its collection folder (built before vitdense serve); "
                     "serving files under %s (set --root to narrow it)", root, folder)
-    outside = sum(not inside(p, folder) for p in paths) if folder else 0
-    if outside:
+    hidden = frozenset(r for r, p in enumerate(paths) if folder and not inside(p, folder))
+    if hidden:
         LOG.warning("%d indexed image(s) lie outside %s (symlinks out of the collection) and are not served",
-                    outside, folder)
+                    len(hidden), folder)
     ids = [image_id(p) for p in paths]
-    return Snapshot(idx, ids, {i: r for r, i in enumerate(ids)}, folder, stamp, time.time())
+    return Snapshot(idx, ids, {i: r for r, i in enumerate(ids)}, folder, stamp, time.time(), hidden)
 
 
 # ============================================================================ batching
@@ -347,9 +348,10 @@ class Service:
                 ) -> list[dict[str, Any]]:
         """Top-k hits of one (D',) descriptor in ``snapshot`` as JSON-ready dicts (``exclude``: a row left
         out, the query itself when it is indexed)."""
-        extra = 1 if exclude is not None else 0
+        extra = (exclude is not None) + len(snapshot.hidden)
         scores, rows = snapshot.index.search(np.asarray(vector, np.float32)[None], k + extra)
-        hits = [(float(s), int(r)) for s, r in zip(scores[0], rows[0]) if r >= 0 and r != exclude][:k]
+        hits = [(float(s), int(r)) for s, r in zip(scores[0], rows[0])
+                if r >= 0 and r != exclude and r not in snapshot.hidden][:k]
         return [{"rank": n + 1, "id": snapshot.ids[r], "score": round(s, 6), "name": snapshot.name(r)}
                 for n, (s, r) in enumerate(hits)]
 
@@ -483,7 +485,7 @@ class Service:
         snap = self.snapshot
         idx = snap.index
         b = self.batcher
-        return {"images": len(snap), "generation": snap.generation, "dim": int(idx.vectors.shape[1]),
+        return {"images": len(snap), "outside_collection": len(snap.hidden), "generation": snap.generation, "dim": int(idx.vectors.shape[1]),
                 "faiss": idx.faiss_config.kind, "descriptor": idx.descriptor.to_dict(),
                 "backbone": {k: idx.backbone.get(k) for k in ("model", "model_arg", "weights_used", "fingerprint",
                                                                "patch_size", "embed_dim", "stride")},
