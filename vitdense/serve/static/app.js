@@ -80,6 +80,7 @@
 
   async function searchId(id, name) {
     state.query = { id, name };
+    $("file").value = "";  // the picked file is no longer the query
     showQuery(withToken("/thumb/" + id), name);
     closeWhy();
     status("searching…");
