@@ -16,6 +16,7 @@ from conftest import run_cli
 # {img}: a folder of images, {w}: a weights file; None: the command writes nothing.
 ROWS = {
     "models": None,
+    "serve": None,  # writes nothing (a server: its own tests send it bad requests and SIGHUP)
     "extract": (["{img}", "--weights", "{w}"], "--out", False, "vitdense.extractor.ViTExtractor.__init__"),
     "pca": (["{img}", "--weights", "{w}"], "--out", True, "vitdense.extractor.ViTExtractor.__init__"),
     "attention": (["{img}", "--weights", "{w}"], "--out", True, "vitdense.extractor.ViTExtractor.__init__"),

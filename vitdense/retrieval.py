@@ -441,6 +441,7 @@ class ImageIndex:
     skipped: list[dict[str, str]] = field(default_factory=list)
     complete: bool = True
     generation: int = 0
+    source: str | None = None  # the collection folder the images were listed from (None: not recorded)
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -478,7 +479,7 @@ class ImageIndex:
                 raise DataError(f"{root / f'faiss-{gen}.index'}: cannot read the faiss index "
                                 f"({str(err).splitlines()[0]}); re-run `vitdense index`") from None
         return cls(root, descriptor, meta["backbone"], faiss_config, entries, vectors, index,
-                   meta.get("skipped", []), bool(meta["complete"]), gen)
+                   meta.get("skipped", []), bool(meta["complete"]), gen, meta.get("source"))
 
     def check_backbone(self, identity: dict[str, Any]) -> None:
         """ConfigError when ``identity`` (see :func:`backbone_identity`) is not the network the index used."""
@@ -545,7 +546,7 @@ class ImageIndex:
                 "descriptor": self.descriptor.to_dict(), "backbone": self.backbone,
                 "faiss": asdict(self.faiss_config), "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
                 "count": len(self.entries), "entries": [asdict(e) for e in self.entries],
-                "skipped": self.skipped, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "skipped": self.skipped, "source": self.source, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         text = json.dumps(meta, indent=1)
         atomic_write(self.root / "index.json", lambda tmp: Path(tmp).write_text(text + "\n"))
         self.generation = gen
@@ -575,7 +576,8 @@ def _save_npy(tmp: str, array: np.ndarray) -> None:
 def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTExtractor,
                  descriptor: DescriptorConfig, faiss_config: FaissConfig, weights: str | os.PathLike | None = None,
                  model_arg: str | None = None, batch_size: int = 16, num_workers: int = 0, progress: bool = True,
-                 checkpoint_every: int = 2000) -> tuple[ImageIndex, UpdatePlan]:
+                 checkpoint_every: int = 2000, source: str | os.PathLike | None = None
+                 ) -> tuple[ImageIndex, UpdatePlan]:
     """Create or incrementally update the index folder ``root`` for the images ``paths``.
 
     An existing index must have been built with the same backbone and descriptor settings (ConfigError
@@ -585,6 +587,7 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
     is more (each checkpoint rewrites all vectors, so fixed intervals would cost O(N²) writes on large
     collections; this way the total is O(N) and an interruption loses at most a quarter of the work), so an
     interrupted run resumes where it stopped. Unreadable files are skipped and listed in ``index.skipped``.
+    ``source``: the collection folder, recorded so that ``vitdense serve`` serves no file outside it.
     """
     root = Path(root)
     if not paths:
@@ -603,6 +606,8 @@ def update_index(root: str | os.PathLike, paths: Sequence[Path], extractor: ViTE
         if root.exists() and any(root.iterdir()):
             raise DataError(f"{root}: folder exists and is not a vitdense index; choose an empty or new --out")
         current = ImageIndex(root, descriptor, identity, faiss_config, [], np.zeros((0, 0), np.float32))
+    if source is not None:
+        current.source = str(Path(source).resolve())
     plan = current.plan_update(paths)
     kept_rows = [row for _, row in plan.keep]
     entries = [e for e, _ in plan.keep]

@@ -88,6 +88,33 @@ def _embed(extractor, items: Sequence, config, batch_size: int, workers: int, wh
 
 # ---------------------------------------------------------------------------------- index / search
 
+def index_extractor(idx, index_dir: str | Path, model: str | None = None, weights: str | None = None,
+                    device: str = "auto"):
+    """The extractor an index's queries need: the index's own backbone (rebuilt from what it recorded) unless
+    --model/--weights say otherwise, in the index's dtype and stride; ConfigError when it is another network.
+    Used by ``vitdense search`` and ``vitdense serve``."""
+    from ..retrieval import backbone_identity
+
+    own = idx.backbone
+    if model in (None, "auto") and weights is None:  # rebuild the index's backbone
+        model, weights = own.get("model_arg"), own.get("weights")
+        if weights is None and model in (None, "auto"):
+            model = own["model"]  # what auto chose then, not what it would choose now
+        if weights is not None and not Path(weights).is_file():
+            raise DataError(f"{index_dir}: the index was built with --weights {weights}, which no longer exists; "
+                            f"pass --weights with the same file")
+    elif weights is None and model not in (own["model"], own.get("model_arg")):
+        # another backbone is an error anyway: say so before loading it (a hub name could need the network)
+        what = f"model '{own['model']}'" + (f" with --weights {own['weights']}" if own.get("weights") else "")
+        raise ConfigError(f"{index_dir}: the index was built with {what}, not --model {model}; query with the "
+                          f"index's backbone (leave out --model) or rebuild the index with this one into a new "
+                          f"folder")
+    extractor = _extractor(dict(model=model, weights=weights, device=device, dtype=idx.descriptor.dtype,
+                                stride=idx.descriptor.stride))
+    idx.check_backbone(backbone_identity(extractor, weights, model))
+    return extractor
+
+
 @main.command()
 @click.argument("img_dir", type=click.Path(), required=False)
 @click.option("--out", "out_dir", type=OutputPath(folder=True), required=True,
@@ -139,7 +166,7 @@ def index(img_dir: str | None, out_dir: str, embeddings: str | None, memory_budg
     faiss_config = FaissConfig("ivfpq" if compressed else "flat", nlist, pq_m, 8, nprobe, rerank)
     result, plan = update_index(out_dir, paths, extractor, config, faiss_config, weights=opts["weights"],
                                 model_arg=opts["model"], batch_size=opts["batch_size"],
-                                num_workers=opts["workers"])
+                                num_workers=opts["workers"], source=img_dir)
     for item in result.skipped:
         click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
     click.echo(f"index {out_dir}: {len(result.entries)} image(s), dim {result.vectors.shape[1]}, "
@@ -171,7 +198,6 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     """
     from ..collection.index import open_index
     from ..io import expand_inputs, replace_outputs, save_json, save_png, write_outputs
-    from ..retrieval import backbone_identity
     from ..viz import contact_sheet
 
     if k < 1:
@@ -185,23 +211,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
         raise ConfigError(f"{index_dir}: the index was embedded with --dtype {idx.descriptor.dtype}, queries "
                           f"must be too (got --dtype {dtype})")
     paths = expand_inputs(queries)
-    own = idx.backbone
-    if model in (None, "auto") and weights is None:  # rebuild the index's backbone
-        model, weights = own.get("model_arg"), own.get("weights")
-        if weights is None and model in (None, "auto"):
-            model = own["model"]  # what auto chose then, not what it would choose now
-        if weights is not None and not Path(weights).is_file():
-            raise DataError(f"{index_dir}: the index was built with --weights {weights}, which no longer exists; "
-                            f"pass --weights with the same file")
-    elif weights is None and model not in (own["model"], own.get("model_arg")):
-        # another backbone is an error anyway: say so before loading it (a hub name could need the network)
-        what = f"model '{own['model']}'" + (f" with --weights {own['weights']}" if own.get("weights") else "")
-        raise ConfigError(f"{index_dir}: the index was built with {what}, not --model {model}; query with the "
-                          f"index's backbone (leave out --model) or rebuild the index with this one into a new "
-                          f"folder")
-    extractor = _extractor(dict(model=model, weights=weights, device=device, dtype=idx.descriptor.dtype,
-                                stride=idx.descriptor.stride))
-    idx.check_backbone(backbone_identity(extractor, weights, model))
+    extractor = index_extractor(idx, index_dir, model, weights, device)
     result = _embed(extractor, paths, idx.descriptor, 8, workers, "queries")
     scores, ids = idx.search(result.vectors, k)
     records, writers = [], []

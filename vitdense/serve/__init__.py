@@ -1,0 +1,22 @@
+"""``vitdense serve``: an image index as an HTTP service with a search page.
+
+    app.py       routes (Starlette): parse a request, call one Service method, shape the answer
+    service.py   the loaded index (swapped atomically on reload), the query batcher, the page's analyses
+    security.py  ids instead of paths, upload limits, the token and bind rules
+    static/      the search page (plain HTML/JS/CSS, served by the app; nothing from a CDN)
+
+Needs the ``serve`` extra (``pip install 'vitdense[serve]'``: starlette and uvicorn).
+"""
+from __future__ import annotations
+
+from .security import Limits, RequestError
+from .service import ServeConfig, Service, Snapshot, open_index
+
+__all__ = ["Limits", "RequestError", "ServeConfig", "Service", "Snapshot", "open_index", "create_app"]
+
+
+def create_app(*args, **kwargs):
+    """See :func:`vitdense.serve.app.create_app` (imported on use: starlette is an optional extra)."""
+    from .app import create_app as _create
+
+    return _create(*args, **kwargs)
