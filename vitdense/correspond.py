@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import ConfigError, ImageError
-from .io import load_image
+from .io import array_to_pil, load_image, to_rgb
 
 LOG = logging.getLogger("vitdense.correspond")
 
@@ -429,12 +429,9 @@ def default_layer(depth: int) -> int:
 
 def _to_pil(image: ImageLike) -> tuple[Image.Image, str]:
     if isinstance(image, Image.Image):
-        return image.convert("RGB"), "image"
+        return to_rgb(image), "image"
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB"), "image"
+        return array_to_pil(image), "image"
     return load_image(image), str(image)
 
 

@@ -42,6 +42,7 @@ from .attention import keep_mass
 from .cosegment import (ELBOW_K, ELBOW_KS, ELBOW_OBJECTIVE, ELBOW_OBJECTIVES, MIN_SAMPLE, REFINE, REFINEMENTS,
                         SALIENCY_RES, SALIENCY_RESOLUTIONS)
 from .errors import ConfigError
+from .io import load_image
 
 LOG = logging.getLogger("vitdense.evaluate")
 
@@ -184,8 +185,7 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(load_image(path))
 
 
 def _draw(image: np.ndarray, pred: np.ndarray | None, gt: np.ndarray | None) -> np.ndarray:

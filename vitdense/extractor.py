@@ -39,7 +39,7 @@ from torch import nn
 
 from .backbones import AUTO, Backbone, IMAGENET_MEAN, IMAGENET_STD, load_backbone
 from .errors import ConfigError, ImageError
-from .io import load_image
+from .io import array_to_pil, load_image, to_rgb
 
 FACETS = ("key", "query", "value", "token")
 MAX_UPSCALE = 4.0  # resizing an image up by more than this invents its details: warn (once per image)
@@ -234,15 +234,12 @@ class ViTExtractor:
         warning (once per file) when the image is enlarged more than MAX_UPSCALE times. ``name``: how
         messages call an image passed as an array or PIL image (default: its path, or "image").
         """
-        pil = image_path if isinstance(image_path, Image.Image) else None
-        if isinstance(image_path, np.ndarray):
-            arr = image_path
-            if arr.dtype != np.uint8:
-                arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-            pil = Image.fromarray(arr)
-        if pil is None:
+        if isinstance(image_path, Image.Image):
+            pil = to_rgb(image_path)
+        elif isinstance(image_path, np.ndarray):
+            pil = array_to_pil(image_path)
+        else:
             pil = load_image(image_path)
-        pil = pil.convert("RGB")
         label = name or (str(image_path) if isinstance(image_path, (str, os.PathLike)) else "image")
         hgt, wid = resize_size((pil.height, pil.width), load_size)
         if min(hgt, wid) < self.p:

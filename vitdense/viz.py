@@ -97,7 +97,11 @@ def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, alpha: float = 
     ``outline`` > 0 also draws every label boundary as a white line inside a black one (``outline`` px
     each side of the boundary): visible where the tint is not, e.g. a red tint on a red object.
     """
-    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
+    if isinstance(image, Image.Image):
+        from .io import to_rgb
+
+        image = to_rgb(image)
+    img = np.asarray(image).astype(np.float32)
     labels = np.asarray(labels).astype(np.int64)
     if labels.shape != img.shape[:2]:
         labels = upsample(labels, img.shape[:2], nearest=True).astype(np.int64)

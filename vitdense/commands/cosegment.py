@@ -164,11 +164,11 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header (the pixels were already decoded by preprocess)."""
-    from PIL import Image
+    """(H, W) of an image file as shown (EXIF orientation applied) from its header (the pixels were already
+    decoded by preprocess)."""
+    from ..io import image_size
 
-    with Image.open(path) as im:
-        return im.height, im.width
+    return image_size(path)
 
 
 # ---------------------------------------------------------------------------------- shared options
