@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,8 @@ from vitdense.errors import ConfigError
 
 # Short names → timm architecture prefixes; the patch size and 224 are appended.
 SHORT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+# --arch when none is given and there is no --init (whose weights bring their own architecture).
+DEFAULT_ARCH = "vit_small"
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -31,8 +35,8 @@ class PretrainConfig:
     out: str = _opt("runs/dino", "Run folder: checkpoint.pth, teacher_backbone.pth, log.jsonl, curves.png.")
 
     # ----- model
-    arch: str = _opt("vit_small", "vit_tiny/vit_small/vit_base, or any timm ViT name "
-                                  "(vit_small_patch8_224, ...).")
+    arch: str = _opt("", f"vit_tiny/vit_small/vit_base, or any timm ViT name (vit_small_patch8_224, ...); "
+                         f"not given: {DEFAULT_ARCH}, or with --init the weights' own.")
     patch_size: int = _opt(0, "Patch size (0 = from the timm name, 16 for short names).")
     init: str = _opt("", "Start both backbones from these weights (a name from `vitdense models`, an official "
                          "DINO/DINOv2 file or a pretrain export; the DINO head starts fresh). The "
@@ -101,7 +105,7 @@ class PretrainConfig:
     # ------------------------------------------------------------------ derived values
     def timm_arch(self) -> tuple[str, dict[str, Any]]:
         """The timm architecture name and the constructor overrides (patch_size, img_size)."""
-        arch = self.arch
+        arch = self.arch or DEFAULT_ARCH
         match = re.search(r"_patch(\d+)", arch)
         if arch in SHORT_ARCHS:
             patch = self.patch_size or 16
@@ -143,6 +147,16 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def make_paths_absolute(self) -> None:
+        """Turn the folder and file options into absolute paths (from the current folder), so a run's records
+        (config.json, checkpoints, exports) mean the same wherever they are read or resumed from. ``init``
+        only when it names an existing file (otherwise it is a model name)."""
+        for name in ("data_dir", "out", "knn_data", "resume"):
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+        if self.init and Path(self.init).exists():
+            self.init = os.path.abspath(self.init)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -212,13 +226,16 @@ def config_from_args(args: argparse.Namespace | dict[str, Any], explicit: set[st
         return resume_config(values, set(values) if explicit is None else explicit)
     if not values.get("data_dir"):
         raise ConfigError("DATA_DIR: give the folder of training images (or --resume RUN to continue a run)")
-    return PretrainConfig.from_dict(values)
+    cfg = PretrainConfig.from_dict(values)
+    cfg.make_paths_absolute()
+    return cfg
 
 
 def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
     """The settings of a resumed run: those saved in its checkpoint, with the explicitly given options
     (``explicit``) on top. A model option that differs from the saved one (MODEL_FIELDS) is a one-line
-    ConfigError; the others (epochs, workers, data folder, ...) simply override."""
+    ConfigError; the others (epochs, workers, data folder, ...) simply override. The run continues in the
+    folder of the checkpoint, wherever it is resumed from, unless ``--out`` is given."""
     from .checkpoint import load_checkpoint, resolve_resume
 
     path = resolve_resume(values["resume"])
@@ -233,4 +250,8 @@ def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
         raise ConfigError(f"{path}: cannot resume with " + ", ".join(clashes) + ": a resumed run keeps its model "
                           "options; leave them out, or start a new run with another --out")
     merged = {**saved, **{k: given[k] for k in explicit}, "resume": str(values["resume"])}
-    return PretrainConfig.from_dict(merged)
+    if "out" not in explicit:  # not the saved "out": older runs saved it relative to where they started
+        merged["out"] = str(path.parent)
+    cfg = PretrainConfig.from_dict(merged)
+    cfg.make_paths_absolute()
+    return cfg

@@ -156,7 +156,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
     import numpy as np
     from tqdm import tqdm
 
-    from .io import expand_inputs, save_npz
+    from .io import expand_inputs, record_path, save_npz
 
     paths = expand_inputs(images)
     extractor = build_extractor(**opts)
@@ -171,7 +171,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, la
             arrays[f"saliency_{i}"] = feats.saliency[0].cpu().numpy()
         arrays[f"grid_{i}"] = np.array(feats.num_patches)
         arrays[f"load_size_{i}"] = np.array(feats.load_size)
-    arrays["paths"] = np.array([str(p) for p in paths])
+    arrays["paths"] = np.array([record_path(p) for p in paths])
     arrays["settings"] = np.array(f"model={extractor.model_type} layer={layer} facet={facet} bin={use_bin} "
                                   f"stride={extractor.stride[0]}")
     arrays["weights"] = np.array(extractor.weights_used)

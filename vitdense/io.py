@@ -151,6 +151,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def record_path(path: str | os.PathLike) -> str:
+    """How outputs record a file they name: its absolute path (a record must not depend on the folder it
+    was written or is read from)."""
+    return os.path.abspath(path)
+
+
 def load_images(paths: Sequence[str | os.PathLike], strict: bool = False
                 ) -> tuple[list[Path], list[Image.Image], list[tuple[Path, str]]]:
     """Load many images; unreadable ones are skipped and returned as (path, reason) unless ``strict``."""

@@ -308,7 +308,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
     from PIL import Image
     from tqdm import tqdm
 
-    from ..io import load_image, save_json, save_png
+    from ..io import load_image, record_path, save_json, save_png
     from ..viz import contact_sheet, fit_within, outline_width, overlay, palette, upsample
 
     start = time.perf_counter()
@@ -333,7 +333,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
         thumbs.append(np.asarray(thumb))
         titles.append(name)
         counts = np.bincount(labels.reshape(-1), minlength=n_labels) / labels.size
-        entry = {"file": str(path), "mask": f"{name}_mask.png", "overlay": f"{name}_overlay.png",
+        entry = {"file": record_path(path), "mask": f"{name}_mask.png", "overlay": f"{name}_overlay.png",
                  "size": list(data.original[i]), "resized": list(data.sizes[i]), "grid": list(data.grids[i])}
         if binary:
             entry["foreground_fraction"] = float(counts[1:].sum())
@@ -342,13 +342,15 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
         per_image.append(entry)
     save_png(out_dir / "contact_sheet.png", contact_sheet(thumbs, titles))
     summary["images"] = per_image
-    summary["skipped"] = [{"file": str(p), "reason": why} for p, why in data.skipped]
+    summary["skipped"] = [{"file": record_path(p), "reason": why} for p, why in data.skipped]
     summary["timings_s"]["write"] = time.perf_counter() - start
     save_json(out_dir / "summary.json", summary)
     return time.perf_counter() - start
 
 
 def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
+    from ..io import record_path
+
     n = data.n_images
     sizes = np.zeros(result.clustering.k, np.int64)  # tokens per cluster over the original inlier images
     for labels in result.labels[:n]:
@@ -358,8 +360,8 @@ def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
         "k": result.clustering.k, "elbow_objectives": result.clustering.objectives,
         "kmeans_sample": result.clustering.sample, "cluster_tokens": sizes,
         "votes": result.votes, "salient_clusters": np.flatnonzero(result.salient),
-        "inliers": [str(p) for p, ok in zip(data.paths, result.inliers[:n]) if ok],
-        "outliers": [str(p) for p, ok in zip(data.paths, result.inliers[:n]) if not ok],
+        "inliers": [record_path(p) for p, ok in zip(data.paths, result.inliers[:n]) if ok],
+        "outliers": [record_path(p) for p, ok in zip(data.paths, result.inliers[:n]) if not ok],
         "cluster_saliency": np.round(np.nan_to_num(result.mean_saliency[:n], nan=-1.0), 4),
         "descriptors_on_disk": data.on_disk,
     }

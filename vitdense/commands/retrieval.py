@@ -144,7 +144,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     Queries are embedded with the index's descriptor settings; a backbone other than the index's is an
     error.
     """
-    from ..io import expand_inputs, save_json, save_png, write_outputs
+    from ..io import expand_inputs, record_path, save_json, save_png, write_outputs
     from ..retrieval import ImageIndex, backbone_identity
     from ..viz import contact_sheet
 
@@ -184,7 +184,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
         qpath = paths[qi]
         hits = [{"rank": r + 1, "path": idx.entries[j].path, "score": float(s)}
                 for r, (s, j) in enumerate(zip(scores[row], ids[row])) if j >= 0]
-        records.append({"query": str(qpath), "results": hits})
+        records.append({"query": record_path(qpath), "results": hits})
         click.echo(f"{qpath}")
         for hit in hits:
             click.echo(f"  {hit['rank']:3d}  {hit['score']:.4f}  {hit['path']}")
@@ -195,7 +195,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
         writers.append(lambda sheet=sheet, name=name: save_png(out / name, sheet))
     report = {"index": str(Path(index_dir).resolve()), "k": k, "descriptor": idx.descriptor.to_dict(),
               "weights_used": extractor.weights_used,
-              "queries": records, "skipped": [{"path": str(paths[i]), "reason": r} for i, r in result.skipped]}
+              "queries": records, "skipped": [{"path": record_path(paths[i]), "reason": r} for i, r in result.skipped]}
     write_outputs(writers + [lambda: save_json(out / "results.json", report)])
     click.echo(f"wrote {out / 'results.json'} and {len(records)} contact sheet(s)")
 
@@ -225,7 +225,7 @@ def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_querie
     DATASET_DIR is revisitop's data-set folder (e.g. roxford5k/, holding gnd_roxford5k.pkl and jpg/) or the
     folder of the images themselves (then give --gnd).
     """
-    from ..io import load_image, save_json, save_png, write_outputs
+    from ..io import load_image, record_path, save_json, save_png, write_outputs
     from ..retrieval_eval import load_revisited_gnd, ranks_from_similarity, revisited_map
     from ..viz import contact_sheet
 
@@ -263,7 +263,7 @@ def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_querie
                             f"image")
     ranks = ranks_from_similarity(qs.vectors @ db.vectors.T)  # (N, Q)
     results = revisited_map(ranks, cfg["gnd"])
-    report: dict[str, Any] = {"gnd": str(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries,
+    report: dict[str, Any] = {"gnd": record_path(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries,
                               "weights_used": extractor.weights_used}
     for setup, res in results.items():
         report[setup] = {"mAP": res.map * 100, "mP@k": dict(zip(map(str, res.kappas), res.mp_at_k * 100)),
@@ -375,7 +375,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
 def eval_copy(img_dir: str, copies: int, strength: float, color: float, distractors: str | None, seed: int,
               k: int, out_dir: str, **opts: Any) -> None:
     """Copy detection: augmented copies of the IMG_DIR images must find their source (top-1, mAP)."""
-    from ..io import list_images, load_images, save_json, save_png, write_outputs
+    from ..io import list_images, load_images, record_path, save_json, save_png, write_outputs
     from ..retrieval import faiss_search, build_faiss, FaissConfig
     from ..retrieval_eval import copy_detection_scores, strong_augment
     from ..viz import contact_sheet
@@ -394,12 +394,12 @@ def eval_copy(img_dir: str, copies: int, strength: float, color: float, distract
     extractor = _extractor(opts)
     config = _descriptor_config(opts, extractor)
     db = _embed(extractor, images, config, opts["batch_size"], opts["workers"], "originals").vectors
-    db_paths = [str(p) for p in good]
+    db_paths = [record_path(p) for p in good]
     if distractors:
         dpaths = list_images(distractors, recursive=True)
         dres = _embed(extractor, dpaths, config, opts["batch_size"], opts["workers"], "distractors")
         db = np.concatenate([db, dres.vectors])
-        db_paths += [str(dpaths[i]) for i in dres.indices]
+        db_paths += [record_path(dpaths[i]) for i in dres.indices]
     qv = _embed(extractor, queries, config, opts["batch_size"], opts["workers"], "copies").vectors
     scores, ids = faiss_search(build_faiss(db, FaissConfig("flat")), qv, k)
     res = copy_detection_scores(ids, [[s] for s in sources])

@@ -135,7 +135,9 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
         sheet = contact_sheet([thumbs[i] for i in pick], titles=[names[i * keep_every] for i in pick],
                               cell=max(thumbs[0].shape[:2]), cols=min(4, len(pick)))
         save_png(job.sheet_path, sheet)
-    return {"frames": str(job.frames_path), "mask": str(job.mask_path), "n_frames": len(names),
+    from ..io import record_path
+
+    return {"frames": record_path(job.frames_path), "mask": record_path(job.mask_path), "n_frames": len(names),
             "frame_names": names, "objects": objects, "seconds": round(seconds, 3),
             "frames_per_second": round((len(names) - 1) / seconds, 3) if seconds > 0 and len(names) > 1 else None,
             "outputs": str(job.out_dir), "object_pixels_per_frame": areas}
