@@ -106,12 +106,17 @@ def build_extractor(model: str | None, weights: str | None, device: str, dtype: 
     were used and why."""
     import torch
 
+    import warnings
+
+    from .errors import WeakWeightsWarning
     from .extractor import ViTExtractor
 
     if weights is not None and not Path(weights).is_file():
         raise VitdenseError(f"{weights}: weights file not found")
-    extractor = ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
-                             dtype=getattr(torch, dtype))
+    with warnings.catch_warnings():  # the line below says it, for a person at a terminal
+        warnings.simplefilter("ignore", WeakWeightsWarning)
+        extractor = ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
+                                 dtype=getattr(torch, dtype))
     if extractor.weights_note:
         click.echo(f"weights: {extractor.weights_used}: {extractor.weights_note}", err=True)
     return extractor

@@ -28,6 +28,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import AUTO, Backbone, IMAGENET_MEAN, IMAGENET_STD, load_backbone
-from .errors import ConfigError, ImageError
+from .backbones import AUTO, AUTO_PREFERRED, MODELS, Backbone, IMAGENET_MEAN, IMAGENET_STD, load_backbone
+from .errors import ConfigError, ImageError, WeakWeightsWarning
 from .io import array_to_pil, load_image, to_rgb
 
 FACETS = ("key", "query", "value", "token")
@@ -150,6 +151,23 @@ class Features:
     load_size: tuple[int, int]
 
 
+_warned_fallback: list[str] = []  # once per process: a notebook re-running a cell is told once
+
+
+def _warn_bundled_fallback(backbone: Backbone) -> None:
+    """The Python counterpart of the CLI's stderr line when ``auto`` fell back to the bundled backbone."""
+    if _warned_fallback:
+        return
+    _warned_fallback.append(backbone.weights)
+    official = MODELS[AUTO_PREFERRED].official_file
+    reason = backbone.note.split(";")[0]
+    warnings.warn(f"ViTExtractor(): using the weights {backbone.weights}, not the official DINO ViT-S/8: {reason}. "
+                  f"The bundled backbone grades no better than a random ViT (README, report card). For the "
+                  f"official weights run once online (they are then cached), or download {official} "
+                  f"(github.com/facebookresearch/dino) and pass ViTExtractor(weights=\"{official}\").",
+                  WeakWeightsWarning, stacklevel=3)
+
+
 class ViTExtractor:
     """Dense descriptors and saliency maps from a ViT (drop-in for dino-vit-features' extractor).
 
@@ -185,6 +203,8 @@ class ViTExtractor:
             backbone = load_backbone(model_type, weights, pretrained=pretrained)
         self.model_type = backbone.name
         self.weights_used, self.weights_note = backbone.weights, backbone.note
+        if backbone.note and backbone.weights.endswith("(bundled)"):
+            _warn_bundled_fallback(backbone)
         self.model = backbone.model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
