@@ -326,7 +326,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
 
     from ..io import save_json, save_png, write_outputs
     from ..retrieval_eval import knn_classify
-    from ..viz import heatmap
+    from ..viz import confusion_picture
 
     if k < 1 or temperature <= 0:
         raise ConfigError(f"-k {k} / --temperature {temperature}: need k >= 1 and a positive temperature")
@@ -342,19 +342,20 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
     votes, pred = knn_classify(torch.from_numpy(tr.vectors), ytr, torch.from_numpy(va.vectors), k, temperature,
                                len(classes))
     top1 = (pred == yva).float().mean().item() * 100
-    top5 = (votes.topk(min(5, len(classes)), dim=1).indices == yva[:, None]).any(1).float().mean().item() * 100
+    # top-5 with 5 or fewer classes is 100 % by construction: reported only when it can say something
+    top5 = (votes.topk(5, dim=1).indices == yva[:, None]).any(1).float().mean().item() * 100 \
+        if len(classes) > 5 else None
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, (yva.numpy(), pred.numpy()), 1)
-    report = {"top1": top1, "top5": top5, "k": k, "temperature": temperature, "classes": classes,
-              "confusion": confusion, "train": len(tr.indices), "val": len(va.indices),
+    report = {"top1": top1, **({"top5": top5} if top5 is not None else {}), "k": k, "temperature": temperature,
+              "classes": classes, "confusion": confusion, "train": len(tr.indices), "val": len(va.indices),
               "descriptor": config.to_dict(), "weights_used": extractor.weights_used}
-    click.echo(f"k-NN (k={k}, T={temperature}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+    top5_text = f"  top-5 {top5:.2f}%" if top5 is not None else ""
+    click.echo(f"k-NN (k={k}, T={temperature}): top-1 {top1:.2f}%{top5_text}  "
                f"({len(va.indices)} val / {len(tr.indices)} train images, {len(classes)} classes)")
-    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    cell = max(1, 256 // len(classes))
     out = Path(out_dir)
     write_outputs([lambda: save_json(out / "knn.json", report),
-                   lambda: save_png(out / "knn_confusion.png", heatmap(norm, (len(classes) * cell,) * 2))])
+                   lambda: save_png(out / "knn_confusion.png", confusion_picture(confusion, classes))])
     click.echo(f"wrote {out / 'knn.json'} and {out / 'knn_confusion.png'}")
 
 
