@@ -327,6 +327,7 @@ def test_auto_downloads_once_when_the_hub_answers(online, dino_vits8_file, monke
 
 
 @needs_bundled
+@pytest.mark.filterwarnings("ignore::vitdense.errors.WeakWeightsWarning")  # tested on its own below
 @pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "VITDENSE_OFFLINE"])
 def test_auto_offline_switch_takes_the_bundled_backbone_without_trying(online, monkeypatch, switch):
     monkeypatch.setenv(switch, "1")
