@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,9 @@ METHOD_ONLY = {
 # at 8-100 % of the image (Grill et al. 2020, Table 6).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"dino": {}, "byol": {"local_crops": 0, "global_scale": (0.08, 1.0)}}
 
+# --arch when none is given and there is no --init (whose weights bring their own architecture).
+DEFAULT_ARCH = "vit_small"
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata=dict(help=help, **extra))
@@ -46,8 +51,8 @@ class PretrainConfig:
                                "with a predictor regresses the EMA target's projection of the other view (Grill et "
                                "al. 2020; two views, its own crop scale 0.08-1 unless --global-scale is given).",
                        choices=METHODS)
-    arch: str = _opt("vit_small", "vit_tiny/vit_small/vit_base, or any timm ViT name "
-                                  "(vit_small_patch8_224, ...).")
+    arch: str = _opt("", f"vit_tiny/vit_small/vit_base, or any timm ViT name (vit_small_patch8_224, ...); "
+                         f"not given: {DEFAULT_ARCH}, or with --init the weights' own.")
     patch_size: int = _opt(0, "Patch size (0 = from the timm name, 16 for short names).")
     init: str = _opt("", "Start both backbones from these weights (a name from `vitdense models`, an official "
                          "DINO/DINOv2 file or a pretrain export; the DINO head starts fresh). The "
@@ -125,7 +130,7 @@ class PretrainConfig:
     # ------------------------------------------------------------------ derived values
     def timm_arch(self) -> tuple[str, dict[str, Any]]:
         """The timm architecture name and the constructor overrides (patch_size, img_size)."""
-        arch = self.arch
+        arch = self.arch or DEFAULT_ARCH
         match = re.search(r"_patch(\d+)", arch)
         if arch in SHORT_ARCHS:
             patch = self.patch_size or 16
@@ -189,6 +194,16 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def make_paths_absolute(self) -> None:
+        """Turn the folder and file options into absolute paths (from the current folder), so a run's records
+        (config.json, checkpoints, exports) mean the same wherever they are read or resumed from. ``init``
+        only when it names an existing file (otherwise it is a model name)."""
+        for name in ("data_dir", "out", "knn_data", "resume"):
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+        if self.init and Path(self.init).exists():
+            self.init = os.path.abspath(self.init)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -288,13 +303,16 @@ def config_from_args(args: argparse.Namespace | dict[str, Any], explicit: set[st
         return resume_config(values, set(values) if explicit is None else explicit)
     if not values.get("data_dir"):
         raise ConfigError("DATA_DIR: give the folder of training images (or --resume RUN to continue a run)")
-    return PretrainConfig.from_dict(apply_method(values, explicit))
+    cfg = PretrainConfig.from_dict(apply_method(values, explicit))
+    cfg.make_paths_absolute()
+    return cfg
 
 
 def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
     """The settings of a resumed run: those saved in its checkpoint, with the explicitly given options
     (``explicit``) on top. A model option that differs from the saved one (MODEL_FIELDS) is a one-line
-    ConfigError; the others (epochs, workers, data folder, ...) simply override."""
+    ConfigError; the others (epochs, workers, data folder, ...) simply override. The run continues in the
+    folder of the checkpoint, wherever it is resumed from, unless ``--out`` is given."""
     from .checkpoint import load_checkpoint, resolve_resume
 
     path = resolve_resume(values["resume"])
@@ -310,4 +328,8 @@ def resume_config(values: dict[str, Any], explicit: set[str]) -> PretrainConfig:
                           "options; leave them out, or start a new run with another --out")
     apply_method({**saved, **{k: given[k] for k in explicit}}, explicit)  # options of the other method: error
     merged = {**saved, **{k: given[k] for k in explicit}, "resume": str(values["resume"])}
-    return PretrainConfig.from_dict(merged)
+    if "out" not in explicit:  # not the saved "out": older runs saved it relative to where they started
+        merged["out"] = str(path.parent)
+    cfg = PretrainConfig.from_dict(merged)
+    cfg.make_paths_absolute()
+    return cfg

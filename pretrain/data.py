@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from vitdense.backbones import IMAGENET_MEAN, IMAGENET_STD
 from vitdense.errors import DataError
-from vitdense.io import IMAGE_SUFFIXES, natural_key
+from vitdense.io import IMAGE_SUFFIXES, natural_key, to_rgb
 
 if TYPE_CHECKING:
     from .composite import Composer
@@ -250,7 +250,7 @@ class ImageFolderDataset(Dataset):
                 scale = need / max(1, min(im.size))
                 if im.format == "JPEG" and scale < 0.5:
                     im.draft("RGB", (int(im.width * scale) + 1, int(im.height * scale) + 1))
-                return im.convert("RGB")
+                return to_rgb(im)
 
     def source(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         """((3, h, w) uint8 source, view parameter rows) for the device path; ``image`` is already shrunk to

@@ -35,7 +35,7 @@ from vitdense.io import check_output, describe_skipped, save_json
 
 from .byol import BYOLHead, BYOLLoss, byol_augmentation
 from .checkpoint import check_compatible, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from .config import MODEL_FIELDS, PretrainConfig
+from .config import DEFAULT_ARCH, MODEL_FIELDS, PretrainConfig
 from .data import (ImageFolderDataset, MultiCropAugmentation, ResidentSources, StepBatchSampler, collate_crops,
                    find_images, readable_images)
 from .gpu_augment import GPUMultiCrop
@@ -319,9 +319,11 @@ def train(cfg: PretrainConfig) -> TrainResult:
     """Train student and teacher as configured; return where the results are (rank 0's view)."""
     t_run = time.perf_counter()  # --time-limit counts from here: decoding and model building included
     check_output(cfg.out, folder=True)  # before any work (with --resume: the run's own folder)
+    cfg.make_paths_absolute()  # what config.json and the exports record: absolute paths
     init = load_warm_start(cfg.init) if cfg.init else None
     if init is not None:
         apply_to_config(cfg, init)
+    cfg.arch = cfg.arch or DEFAULT_ARCH
     cfg.validate()
     procs = init_processes(cfg)
     device = procs.device

@@ -8,6 +8,7 @@ given; when given they must agree. Exports of a warm-started run record the chai
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,19 +72,30 @@ def load_warm_start(source: str) -> WarmStart:
 
 
 def check_architecture(cfg: PretrainConfig, init: WarmStart) -> None:
-    """ConfigError when --arch/--patch-size were changed from their defaults and contradict the weights."""
-    default = PretrainConfig()
-    if cfg.arch == default.arch and cfg.patch_size == default.patch_size:
+    """ConfigError when a given --arch (even the default's name) or --patch-size contradicts the weights:
+    the weights decide the architecture, so an option asking for another one would be silently ignored."""
+    if not cfg.arch and not cfg.patch_size:  # neither given: the weights' own
         return
     arch, kwargs = cfg.timm_arch()
-    patch = kwargs["patch_size"]
-    dim = _SHORT_DIMS.get(cfg.arch) or _named_dim(arch)
-    # widths outside the named sizes (custom models) are checked by loading the weights
-    standard = init.embed_dim in _SHORT_DIMS.values()
-    if patch != init.patch_size or (dim is not None and standard and dim != init.embed_dim):
+    asked, problems = [], []
+    if cfg.arch:
+        dim = _SHORT_DIMS.get(cfg.arch) or _named_dim(arch)
+        # widths outside the named sizes (custom models) are checked by loading the weights
+        standard = init.embed_dim in _SHORT_DIMS.values()
+        named_patch = re.search(r"_patch(\d+)", cfg.arch)
+        asked.append(f"--arch {cfg.arch}")
+        if dim is not None and standard and dim != init.embed_dim:
+            problems.append(f"{dim} channels")
+        if named_patch and int(named_patch.group(1)) != init.patch_size and not cfg.patch_size:
+            problems.append(f"{named_patch.group(1)}-px patches")
+    if cfg.patch_size:
+        asked.append(f"--patch-size {cfg.patch_size}")
+        if cfg.patch_size != init.patch_size:
+            problems.append(f"{cfg.patch_size}-px patches")
+    if problems:
         raise ConfigError(f"--init {init.source}: a ViT with {init.embed_dim} channels and {init.patch_size}-px "
-                          f"patches, but --arch {cfg.arch} --patch-size {cfg.patch_size} asks for "
-                          f"{dim or '?'} channels and {patch}-px patches; leave --arch out to use the weights' own")
+                          f"patches, but {' '.join(asked)} asks for {' and '.join(problems)}; leave "
+                          f"{' and '.join(a.split()[0] for a in asked)} out to use the weights' own")
 
 
 def _named_dim(arch: str) -> int | None:
@@ -104,5 +116,7 @@ def apply_to_config(cfg: PretrainConfig, init: WarmStart) -> None:
     short = {dim: name for name, dim in _SHORT_DIMS.items()}.get(init.embed_dim)
     if short is not None:
         cfg.arch = short
+    elif not cfg.arch:
+        cfg.arch = init.arch
     cfg.patch_size = init.patch_size
     cfg.img_size = grid

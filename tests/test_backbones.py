@@ -327,12 +327,49 @@ def test_auto_downloads_once_when_the_hub_answers(online, dino_vits8_file, monke
 
 
 @needs_bundled
+@pytest.mark.filterwarnings("ignore::vitdense.errors.WeakWeightsWarning")  # tested on its own below
 @pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "VITDENSE_OFFLINE"])
 def test_auto_offline_switch_takes_the_bundled_backbone_without_trying(online, monkeypatch, switch):
     monkeypatch.setenv(switch, "1")
     ext = ViTExtractor(device="cpu")  # the `online` fixture fails the test on any network use
     assert ext.model_type == "vitdense_vits8" and ext.weights_used == "vitdense_vits8 (bundled)"
     assert f"{switch}=1" in ext.weights_note and "\n" not in ext.weights_note
+
+
+@needs_bundled
+def test_python_fallback_to_the_bundled_backbone_warns_once_per_process(online, monkeypatch, capsys):
+    """A notebook user gets a warning naming the weights and how to get the official ones (once, however
+    often the cell runs); the CLI says it in its own stderr line instead of a Python warning."""
+    import warnings
+
+    import vitdense.extractor
+    from vitdense.cli import build_extractor
+    from vitdense.errors import WeakWeightsWarning
+
+    monkeypatch.setenv("VITDENSE_OFFLINE", "1")
+    monkeypatch.setattr(vitdense.extractor, "_warned_fallback", [])
+    with pytest.warns(WeakWeightsWarning) as record:
+        ViTExtractor(device="cpu")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "vitdense_vits8 (bundled)" in message and "VITDENSE_OFFLINE=1" in message
+    assert 'weights="dino_deitsmall8_pretrain.pth"' in message and "online" in message
+    assert record[0].filename == __file__  # points at the user's line, not inside vitdense
+    # The same fallback again, without loading the 43 MB file again: a tiny model with the same record.
+    loaded = backbones.Backbone(tiny_vit(depth=1), "vitdense_vits8", backbones.IMAGENET_MEAN, backbones.IMAGENET_STD,
+                                None, "vitdense_vits8 (bundled)", backbones.resolve_auto().reason)
+    monkeypatch.setattr(vitdense.extractor, "load_backbone", lambda *args, **kwargs: loaded)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        ViTExtractor(device="cpu")
+    assert not [w for w in again if issubclass(w.category, WeakWeightsWarning)]
+
+    monkeypatch.setattr(vitdense.extractor, "_warned_fallback", [])
+    with warnings.catch_warnings(record=True) as cli:
+        warnings.simplefilter("always")
+        build_extractor("auto", None, "cpu", "float32", 8)
+    assert not [w for w in cli if issubclass(w.category, WeakWeightsWarning)]
+    assert "weights: vitdense_vits8 (bundled): " in capsys.readouterr().err
 
 
 @needs_bundled

@@ -3,6 +3,7 @@ head, k-NN, batch order, configuration and command-line derivation."""
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import numpy as np
@@ -299,7 +300,7 @@ def test_command_lines_are_derived_from_the_dataclass():
     args = build_argparser().parse_args(["imgs", "--arch", "vit_tiny", "--global-size", "128", "--local-crops", "6",
                                          "--global-scale", "0.3", "1", "--no-norm-last-layer", "--precision", "bf16"])
     cfg = config_from_args(args)
-    assert (cfg.data_dir, cfg.arch, cfg.global_size, cfg.local_crops) == ("imgs", "vit_tiny", 128, 6)
+    assert (cfg.data_dir, cfg.arch, cfg.global_size, cfg.local_crops) == (os.path.abspath("imgs"), "vit_tiny", 128, 6)
     assert cfg.global_scale == (0.3, 1.0) and cfg.norm_last_layer is False and cfg.precision == "bf16"
     assert cfg.lr == 0.0005 and cfg.out_dim == 65536 and cfg.teacher_temp == 0.07  # DINO defaults
     command = main.commands["pretrain"]

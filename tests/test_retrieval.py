@@ -437,6 +437,9 @@ def test_cli_evaluations(tmp_path, photos, weights):
     confusion = np.array(report["confusion"])
     assert confusion.sum() == 4 and (tmp_path / "knn" / "knn_confusion.png").is_file()
     assert report["top1"] == pytest.approx(100 * np.trace(confusion) / confusion.sum())  # the table's diagonal
+    assert "top5" not in report and "top-5" not in res.output  # 2 classes: the label is always in the top 5
+    picture = np.asarray(Image.open(tmp_path / "knn" / "knn_confusion.png").convert("RGB"))
+    assert (picture.min(axis=2) < 100).sum() > 100  # counts and class names written, not a blur of 4 colours
     # copy detection: the scores equal those of a ranking computed here from independently embedded copies
     imgs = tmp_path / "imgs"
     paths = _write_photos(imgs, photos, ["astronaut", "chelsea", "coffee", "rocket"])

@@ -653,7 +653,7 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
             heads = MODELS["dino_vits8"].saliency_heads  # an official DINO ViT-S/8 file
     model = create_vit(arch, **kwargs)
     load_state(model, state, weights)
-    return Backbone(model.eval(), label, mean, std, heads, str(weights))
+    return Backbone(model.eval(), label, mean, std, heads, os.path.abspath(weights))  # recorded in outputs
 
 
 def _load_auto() -> Backbone:

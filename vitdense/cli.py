@@ -164,12 +164,17 @@ def build_extractor(model: str | None, weights: str | None, device: str, dtype: 
     were used and why."""
     import torch
 
+    import warnings
+
+    from .errors import WeakWeightsWarning
     from .extractor import ViTExtractor
 
     if weights is not None and not Path(weights).is_file():
         raise VitdenseError(f"{weights}: weights file not found")
-    extractor = ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
-                             dtype=getattr(torch, dtype))
+    with warnings.catch_warnings():  # the line below says it, for a person at a terminal
+        warnings.simplefilter("ignore", WeakWeightsWarning)
+        extractor = ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
+                                 dtype=getattr(torch, dtype))
     if extractor.weights_note:
         click.echo(f"weights: {extractor.weights_used}: {extractor.weights_note}", err=True)
     return extractor
@@ -218,7 +223,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, st
     from tqdm import tqdm
 
     from .errors import DataError, ImageError
-    from .io import expand_inputs, save_npz
+    from .io import expand_inputs, record_path, save_npz
     from .resume import ResumeStore
 
     paths = expand_inputs(images)
@@ -262,7 +267,7 @@ def extract(images: tuple[str, ...], out: str, use_bin: bool, saliency: bool, st
     warn_skipped(skipped)
     if not good:
         raise DataError(f"none of the {len(paths)} image(s) could be read: {skipped[0][0]}: {skipped[0][1]}")
-    arrays["paths"] = np.array([str(p) for p in good])
+    arrays["paths"] = np.array([record_path(p) for p in good])
     arrays["skipped"] = np.array([f"{p}: {why}" for p, why in skipped], dtype=str)
     arrays["settings"] = np.array(settings)
     arrays["weights"] = np.array(extractor.weights_used)

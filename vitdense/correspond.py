@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import ConfigError, ImageError
-from .io import load_image
+from .io import array_to_pil, load_image, to_rgb
 
 LOG = logging.getLogger("vitdense.correspond")
 
@@ -429,12 +429,9 @@ def default_layer(depth: int) -> int:
 
 def _to_pil(image: ImageLike) -> tuple[Image.Image, str]:
     if isinstance(image, Image.Image):
-        return image.convert("RGB"), "image"
+        return to_rgb(image), "image"
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB"), "image"
+        return array_to_pil(image), "image"
     return load_image(image), str(image)
 
 
@@ -539,7 +536,9 @@ def draw_correspondences(image_a: Image.Image | np.ndarray, image_b: Image.Image
     (N, 2) (y, x) in each image's own pixels, joined by lines. Both images are scaled to ``height``
     (default: the larger height, at most 640). Numbers and lines are drawn for up to 50 pairs unless set.
     """
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
+
+    from .viz import label_font
 
     ims = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im).astype(np.uint8))
            for im in (image_a, image_b)]
@@ -556,10 +555,7 @@ def draw_correspondences(image_a: Image.Image | np.ndarray, image_b: Image.Image
     labels = n <= 50 if labels is None else labels
     lines = n <= 50 if lines is None else lines
     draw = ImageDraw.Draw(canvas)
-    try:  # a scalable font where Pillow has one (>= 10.1 with FreeType), else the small bitmap font
-        font = ImageFont.load_default(size=max(12, round(height / 32)))
-    except (TypeError, ImportError, OSError):
-        font = ImageFont.load_default()
+    font = label_font(max(12, round(height / 32)))
     radius = 6 if n <= 50 else 2
     offset_b = ims[0].width + gap
     pa = np.asarray(points_a, dtype=np.float64).reshape(-1, 2) * scales[0]

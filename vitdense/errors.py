@@ -44,3 +44,7 @@ class ConfigError(VitdenseError):
 
 class DataError(VitdenseError):
     """A folder or data set is empty or malformed."""
+
+
+class WeakWeightsWarning(UserWarning):
+    """``ViTExtractor()`` fell back to the bundled backbone, whose features are much weaker than DINO's."""

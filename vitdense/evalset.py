@@ -87,6 +87,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .io import to_rgb
 from .splits import photo_split, stamp_split
 
 log = logging.getLogger(__name__)
@@ -401,7 +402,7 @@ def readme_licences(text: str) -> dict[str, str]:
 
 def _decode(data: bytes | Path, mode: str, max_side: int | None = None) -> np.ndarray:
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im = im.convert(mode)
+        im = to_rgb(im) if mode == "RGB" else im.convert(mode)
         if max_side and max(im.size) > max_side:
             scale = max_side / max(im.size)
             im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)

@@ -42,6 +42,7 @@ from .attention import keep_mass
 from .cosegment import (ELBOW_K, ELBOW_KS, ELBOW_OBJECTIVE, ELBOW_OBJECTIVES, MIN_SAMPLE, REFINE, REFINEMENTS,
                         SALIENCY_RES, SALIENCY_RESOLUTIONS)
 from .errors import ConfigError
+from .io import load_image
 
 LOG = logging.getLogger("vitdense.evaluate")
 
@@ -184,17 +185,19 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(load_image(path))
 
 
 def _draw(image: np.ndarray, pred: np.ndarray | None, gt: np.ndarray | None) -> np.ndarray:
-    """The image with a predicted mask tinted red (and outlined) and the ground truth outlined in green."""
+    """The image with a predicted mask tinted red (and outlined) and the ground truth outlined in green.
+
+    Masks are bool or label maps (0 = background, object ids): every object is red, and the outlines
+    include the boundaries between objects."""
     from .viz import label_edges, overlay
 
     out = np.asarray(image).copy()
     if pred is not None and pred.any():
-        out = overlay(out, pred.astype(np.int64), alpha=0.5, colors=np.array([[0, 0, 0], [255, 40, 40]]))
+        out = overlay(out, (pred > 0).astype(np.int64), alpha=0.5, colors=np.array([[0, 0, 0], [255, 40, 40]]))
         out[label_edges(pred)] = (255, 40, 40)
     if gt is not None:
         out[label_edges(gt)] = (40, 255, 40)
@@ -522,17 +525,14 @@ def run_video(ext: Any, root: Path, manifest: dict, settings: EvalSettings, prog
             if 0 < out.index < len(frames_rel) - 1:
                 preds.append(out.labels)
             if out.index in keep and len(pics) < 1:
-                shown.append((out.frame, out.labels, out.index))
+                shown.append((out.frame, out.labels, gt[out.index], out.index))
         objects = evaluate_sequence(gt, np.stack(preds), seq["name"])
         j = float(np.mean([np.nanmean(o.j) for o in objects]))
         f = float(np.mean([np.nanmean(o.f) for o in objects]))
         rows.append({"sequence": seq["name"], "frames": len(frames_rel), "objects": len(objects),
                      "j": j, "f": f, "jf": (j + f) / 2})
-        if shown:
-            from .viz import overlay
-
-            for frame, labels, index in shown:
-                pics.append((overlay(frame, labels, alpha=0.5), f"{seq['name']} #{index}"))
+        for frame, labels, truth, index in shown:  # prediction against ground truth, as in the other tasks
+            pics.append((_draw(frame, labels, truth), f"{seq['name']} #{index}"))
     scores = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in ("jf", "j", "f")}
     return TaskResult(scores, rows, pics, time.perf_counter() - start)
 

@@ -28,6 +28,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import AUTO, Backbone, IMAGENET_MEAN, IMAGENET_STD, load_backbone
-from .errors import ConfigError, ImageError
-from .io import load_image
+from .backbones import AUTO, AUTO_PREFERRED, MODELS, Backbone, IMAGENET_MEAN, IMAGENET_STD, load_backbone
+from .errors import ConfigError, ImageError, WeakWeightsWarning
+from .io import array_to_pil, load_image, to_rgb
 
 FACETS = ("key", "query", "value", "token")
 MAX_UPSCALE = 4.0  # resizing an image up by more than this invents its details: warn (once per image)
@@ -150,6 +151,23 @@ class Features:
     load_size: tuple[int, int]
 
 
+_warned_fallback: list[str] = []  # once per process: a notebook re-running a cell is told once
+
+
+def _warn_bundled_fallback(backbone: Backbone) -> None:
+    """The Python counterpart of the CLI's stderr line when ``auto`` fell back to the bundled backbone."""
+    if _warned_fallback:
+        return
+    _warned_fallback.append(backbone.weights)
+    official = MODELS[AUTO_PREFERRED].official_file
+    reason = backbone.note.split(";")[0]
+    warnings.warn(f"ViTExtractor(): using the weights {backbone.weights}, not the official DINO ViT-S/8: {reason}. "
+                  f"The bundled backbone grades no better than a random ViT (README, report card). For the "
+                  f"official weights run once online (they are then cached), or download {official} "
+                  f"(github.com/facebookresearch/dino) and pass ViTExtractor(weights=\"{official}\").",
+                  WeakWeightsWarning, stacklevel=3)
+
+
 class ViTExtractor:
     """Dense descriptors and saliency maps from a ViT (drop-in for dino-vit-features' extractor).
 
@@ -185,6 +203,8 @@ class ViTExtractor:
             backbone = load_backbone(model_type, weights, pretrained=pretrained)
         self.model_type = backbone.name
         self.weights_used, self.weights_note = backbone.weights, backbone.note
+        if backbone.note and backbone.weights.endswith("(bundled)"):
+            _warn_bundled_fallback(backbone)
         self.model = backbone.model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -235,15 +255,12 @@ class ViTExtractor:
         warning (once per file) when the image is enlarged more than MAX_UPSCALE times. ``name``: how
         messages call an image passed as an array or PIL image (default: its path, or "image").
         """
-        pil = image_path if isinstance(image_path, Image.Image) else None
-        if isinstance(image_path, np.ndarray):
-            arr = image_path
-            if arr.dtype != np.uint8:
-                arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-            pil = Image.fromarray(arr)
-        if pil is None:
+        if isinstance(image_path, Image.Image):
+            pil = to_rgb(image_path)
+        elif isinstance(image_path, np.ndarray):
+            pil = array_to_pil(image_path)
+        else:
             pil = load_image(image_path)
-        pil = pil.convert("RGB")
         label = name or (str(image_path) if isinstance(image_path, (str, os.PathLike)) else "image")
         if min(pil.height, pil.width) < self.p:  # fewer pixels than one token: resizing would invent them all
             raise ImageError(f"{label}: image of {pil.width}x{pil.height} px is smaller than one {self.p}x{self.p} "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .backbones import atomic_write
 from .errors import ConfigError, DataError, ImageError
@@ -22,8 +22,73 @@ def natural_key(path: str | os.PathLike) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
+# What a transparent pixel shows: white, as an image viewer or a web page shows it on its default background.
+BACKGROUND = (255, 255, 255)
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of a PIL image as a person sees it in an image viewer.
+
+    * EXIF orientation applied (``ImageOps.exif_transpose``): pixel coordinates of everything vitdense
+      writes (masks, points) refer to the upright image;
+    * 16-bit integer images (``I;16``, ``I;16B``, ``I;16L``; ``I`` when its values fit in 0..65535, as
+      Pillow opens 16-bit PNGs and TIFFs) scaled by their bit depth, ``v * 255 / 65535``; other ``I``
+      images and float (``F``) images outside [0, 1] stretched min-max to 0..255; ``F`` in [0, 1] times 255;
+    * transparency (``RGBA``, ``LA``, ``PA``, palette or grayscale with a transparent colour) composited
+      on :data:`BACKGROUND` (white);
+    * palette, 1-bit, CMYK, YCbCr and the rest converted by Pillow.
+
+    The common case (RGB, no orientation tag) costs one copy, as ``image.convert("RGB")`` does.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W) uint8 of a high-bit-depth grayscale array: see :func:`to_rgb` for the rule."""
+    arr = arr.astype(np.float64)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if mode.startswith("I") and lo >= 0 and hi <= 65535:
+        scaled = arr * (255 / 65535)
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = arr * 255
+    else:  # no bit depth to go by: the value range is the image's own
+        scaled = (arr - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file as :func:`load_image` returns it (EXIF orientation applied), from
+    its header without decoding the pixels; ImageError names the file when it is not an image. (A PNG's
+    orientation is seen when its eXIf chunk precedes the pixels, where Pillow and cameras write it.)"""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                exif = Image.Image.getexif(im)  # PNG's own getexif would decode the pixels to look further
+                swap = exif.get(EXIF_ORIENTATION, 1) in _TRANSPOSED
+                return (im.width, im.height) if swap else (im.height, im.width)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
+        raise ImageError(f"{path}: {kind}") from None
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image fully (so corrupt data fails here, not later) as RGB; ImageError names the file."""
+    """Open an image fully (so corrupt data fails here, not later) as RGB, as a person sees it (see
+    :func:`to_rgb`: upright, 16-bit scaled, transparency on white); ImageError names the file."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: file not found")
@@ -34,10 +99,26 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"corrupt image ({err})"
         raise ImageError(f"{path}: {kind}") from None
+
+
+def array_to_pil(arr: np.ndarray) -> Image.Image:
+    """An RGB PIL image of an (H, W) or (H, W, 3|4) array: uint8 as is, uint16 scaled by 255/65535, floats
+    with values in [0, 1] times 255, other numbers clipped to 0..255; an alpha channel composited on
+    :data:`BACKGROUND`."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint16:
+        arr = np.round(arr * (255 / 65535))
+    elif arr.dtype.kind == "f" and arr.size and arr.max() <= 1.0:
+        arr = arr * 255
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
@@ -68,6 +149,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     if not out:
         raise DataError("no input images given")
     return out
+
+
+def record_path(path: str | os.PathLike) -> str:
+    """How outputs record a file they name: its absolute path (a record must not depend on the folder it
+    was written or is read from)."""
+    return os.path.abspath(path)
 
 
 def load_images(paths: Sequence[str | os.PathLike], strict: bool = False

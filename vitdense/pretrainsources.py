@@ -52,6 +52,7 @@ from .evalset import (GCOMPRIS_PACKAGE, GCOMPRIS_RCC, STAMPS_PACKAGE, WALLPAPER_
                       readme_licences, wallpaper_name, wallpaper_photos)
 from .pretrainset import (COMPOSITES, EVALUATION_ONLY, SourcePhoto, fetch_wheel, read_pzl, select_pretraining,
                           video_frames)
+from .io import to_rgb
 from .splits import stamp_split
 
 LOG = logging.getLogger("vitdense.pretrainsources")
@@ -134,7 +135,7 @@ def _loader(data: bytes | Path, side: int = 512) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             im.draft("RGB", (side, side))
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_rgb(im))
 
     return load
 

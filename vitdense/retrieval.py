@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones import atomic_write
 from .errors import ConfigError, DataError, ImageError
 from .extractor import ViTExtractor, resize_size
-from .io import load_image
+from .io import load_image, to_rgb
 
 LOG = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str]:
         item = self.items[i]
         try:
-            image = item if isinstance(item, Image.Image) else load_image(item)
+            image = to_rgb(item) if isinstance(item, Image.Image) else load_image(item)
             return preprocess_image(image, self.config, self.mean, self.std), i, ""
         except ImageError as err:
             return None, i, str(err).split(": ", 1)[-1]

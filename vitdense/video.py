@@ -494,13 +494,10 @@ class VideoFrames:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from an image file's header; ImageError names the file when it is not an image."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
-        raise ImageError(f"{path}: {kind}") from None
+    """(height, width) from an image file's header, EXIF orientation applied; ImageError names the file."""
+    from .io import image_size
+
+    return image_size(path)
 
 
 def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, list[int] | None]:

@@ -4,6 +4,8 @@ Functions return uint8 arrays (h, w, 3); writing them is :func:`vitdense.io.save
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Sequence
 
 import numpy as np
@@ -97,7 +99,11 @@ def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, alpha: float = 
     ``outline`` > 0 also draws every label boundary as a white line inside a black one (``outline`` px
     each side of the boundary): visible where the tint is not, e.g. a red tint on a red object.
     """
-    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
+    if isinstance(image, Image.Image):
+        from .io import to_rgb
+
+        image = to_rgb(image)
+    img = np.asarray(image).astype(np.float32)
     labels = np.asarray(labels).astype(np.int64)
     if labels.shape != img.shape[:2]:
         labels = upsample(labels, img.shape[:2], nearest=True).astype(np.int64)
@@ -150,6 +156,19 @@ def fit_within(image: Image.Image, max_side: int) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
 
 
+@functools.lru_cache(maxsize=8)
+def label_font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The font of every label vitdense draws: DejaVu Sans, which ships with matplotlib and has the accented
+    and non-Latin letters of file names (é, ü, ø, Greek, Cyrillic) that Pillow's built-in font draws as
+    boxes; Pillow's font only if matplotlib's file is missing."""
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
 def contact_sheet(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, cols: int | None = None,
                   cell: int = 256, pad: int = 4) -> np.ndarray:
     """Tile RGB images (each fitted into a cell × cell box, aspect kept) into one uint8 picture."""
@@ -161,7 +180,7 @@ def contact_sheet(images: Sequence[np.ndarray], titles: Sequence[str] | None = N
     title_h = 14 if titles else 0
     sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + pad + title_h) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    font = label_font(11)
     for i, img in enumerate(images):
         im = Image.fromarray(np.asarray(img).astype(np.uint8))
         im.thumbnail((cell, cell))
@@ -171,3 +190,44 @@ def contact_sheet(images: Sequence[np.ndarray], titles: Sequence[str] | None = N
         if titles:
             draw.text((x0, y0), str(titles[i])[:40], fill="black", font=font)
     return np.asarray(sheet)
+
+
+def confusion_picture(confusion: np.ndarray, classes: Sequence[str], cell: int | None = None) -> np.ndarray:
+    """A labelled confusion matrix as a uint8 RGB picture: rows are the true classes, columns the predicted
+    ones, each cell shaded white → blue by the fraction of its row and, when cells are large enough to read
+    (up to about 40 classes), its count written in it; class names on both axes."""
+    conf = np.asarray(confusion, dtype=np.int64)
+    n = conf.shape[0]
+    cell = cell or int(np.clip(640 // max(n, 1), 14, 56))
+    font = label_font(int(np.clip(cell // 3, 9, 14)))
+    names = [str(c) if len(str(c)) <= 24 else str(c)[:23] + "…" for c in classes]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = int(font.size * 1.4) if hasattr(font, "size") else 14
+    label_w = int(max([probe.textlength(name, font=font) for name in names] + [probe.textlength("true", font=font)]))
+    left, top, pad = label_w + line + 8, label_w + line + 8, 6
+    picture = Image.new("RGB", (left + n * cell + pad, top + n * cell + pad), "white")
+    draw = ImageDraw.Draw(picture)
+    frac = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
+    light, dark = np.array([247, 251, 255.0]), np.array([8, 48, 107.0])  # white → dark blue
+    for i in range(n):
+        for j in range(n):
+            colour = tuple(int(c) for c in np.round(light + frac[i, j] * (dark - light)))
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(200, 200, 200))
+            if cell >= 18:
+                text = str(conf[i, j])
+                draw.text((x0 + cell / 2, y0 + cell / 2), text, font=font, anchor="mm",
+                          fill="white" if frac[i, j] > 0.5 else "black")
+    for i, name in enumerate(names):  # row labels: the true class, right-aligned against the matrix
+        draw.text((left - 4, top + i * cell + cell / 2), name, font=font, fill="black", anchor="rm")
+    for j, name in enumerate(names):  # column labels: the predicted class, written upwards
+        strip = Image.new("RGB", (label_w + 4, cell), "white")
+        ImageDraw.Draw(strip).text((2, cell / 2), name, font=font, fill="black", anchor="lm")
+        strip = strip.rotate(90, expand=True)
+        picture.paste(strip, (left + j * cell, top - 4 - strip.height))
+    draw.text((left + n * cell / 2, 2), "predicted", font=font, fill="black", anchor="mt")
+    strip = Image.new("RGB", (max(n * cell, 1), line), "white")
+    ImageDraw.Draw(strip).text((n * cell / 2, 0), "true", font=font, fill="black", anchor="mt")
+    picture.paste(strip.rotate(90, expand=True), (2, top))
+    return np.asarray(picture)
+

@@ -150,7 +150,7 @@ def _one_image(extractor: Any, item: Any, name: str, layer: int, keep: float, lo
     import numpy as np
 
     from ..attention import attention_maps
-    from ..io import save_npz, save_png
+    from ..io import record_path, save_npz, save_png
     from ..viz import contact_sheet, heatmap, overlay, upsample
 
     batch, pil = extractor.preprocess(item, load_size)
@@ -173,7 +173,7 @@ def _one_image(extractor: Any, item: Any, name: str, layer: int, keep: float, lo
     save_png(folder / "sheet.png", contact_sheet([mean, *heats, *overlays], titles, cols=len(heats) + 1, cell=CELL))
     save_npz(folder / "attention.npz", heads=maps.heads, mean=maps.mean, masks=masks, mean_mask=mean_mask,
              grid=np.array(maps.grid), load_size=np.array(maps.load_size), keep=np.array(keep))
-    record = {"name": name, "path": str(item) if isinstance(item, (str, Path)) else None,
+    record = {"name": name, "path": record_path(item) if isinstance(item, (str, Path)) else None,
               "load_size": list(maps.load_size), "grid": list(maps.grid),
               "mask_fraction": [round(float(m.mean()), 4) for m in masks],
               "mean_mask_fraction": round(float(mean_mask.mean()), 4),

@@ -57,8 +57,10 @@ def _pairs_from_folder(folder: Path) -> list[tuple[str, Path, Path]]:
 
 
 def _record(result, path_a: Path, path_b: Path, keep_all: bool) -> dict[str, Any]:
+    from ..io import record_path
+
     shown = result.buddies if keep_all else result.pairs
-    return {"image_a": str(path_a), "image_b": str(path_b),
+    return {"image_a": record_path(path_a), "image_b": record_path(path_b),
             "size_a": list(result.size_a), "size_b": list(result.size_b),
             "coordinates": "pixels of the original images; (0, 0) is the centre of the top-left pixel",
             "settings": result.settings, "num_mutual_neighbours": result.num_mutual,
@@ -111,7 +113,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
     from tqdm import tqdm
 
     from ..correspond import draw_correspondences, find_correspondences
-    from ..io import load_image, save_json, save_png
+    from ..io import load_image, record_path, save_json, save_png
 
     if num_pairs < 1 and not keep_all:
         raise VitdenseError(f"--num-pairs {num_pairs}: must be at least 1")
@@ -148,7 +150,8 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
             if not batch:
                 raise
             LOG.warning("skipping %s: %s", name, err)
-            summary.append({"name": name, "image_a": str(path_a), "image_b": str(path_b), "error": str(err)})
+            summary.append({"name": name, "image_a": record_path(path_a), "image_b": record_path(path_b),
+                            "error": str(err)})
             continue
         record = _record(result, path_a, path_b, keep_all)
         shown = result.buddies if keep_all else result.pairs
@@ -157,7 +160,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         save_png(target / "correspondences.png", picture)
         save_json(target / "correspondences.json", record)
         written += 1
-        summary.append({"name": name, "image_a": str(path_a), "image_b": str(path_b),
+        summary.append({"name": name, "image_a": record_path(path_a), "image_b": record_path(path_b),
                         "pairs": len(shown), "salient_buddies": len(result.buddies),
                         "message": result.message, "folder": str(target)})
         if result.message:

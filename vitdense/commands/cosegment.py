@@ -193,11 +193,11 @@ def extract_set(extractor: Any, paths: Sequence[Path], load_size: int | None, la
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header (the pixels were already decoded by preprocess)."""
-    from PIL import Image
+    """(H, W) of an image file as shown (EXIF orientation applied) from its header (the pixels were already
+    decoded by preprocess)."""
+    from ..io import image_size
 
-    with Image.open(path) as im:
-        return im.height, im.width
+    return image_size(path)
 
 
 # ---------------------------------------------------------------------------------- shared options
@@ -373,7 +373,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
     from PIL import Image
     from tqdm import tqdm
 
-    from ..io import load_image, replace_outputs, save_json, save_png
+    from ..io import load_image, record_path, replace_outputs, save_json, save_png
     from ..viz import contact_sheet, fit_within, outline_width, overlay, palette, upsample
 
     start = time.perf_counter()
@@ -398,7 +398,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
         thumbs.append(np.asarray(thumb))
         titles.append(name)
         counts = np.bincount(labels.reshape(-1), minlength=n_labels) / labels.size
-        entry = {"file": str(path), "mask": f"{name}_mask.png", "overlay": f"{name}_overlay.png",
+        entry = {"file": record_path(path), "mask": f"{name}_mask.png", "overlay": f"{name}_overlay.png",
                  "size": list(data.original[i]), "resized": list(data.sizes[i]), "grid": list(data.grids[i])}
         if binary:
             entry["foreground_fraction"] = float(counts[1:].sum())
@@ -407,7 +407,7 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
         per_image.append(entry)
     save_png(out_dir / "contact_sheet.png", contact_sheet(thumbs, titles))
     summary["images"] = per_image
-    summary["skipped"] = [{"file": str(p), "reason": why} for p, why in data.skipped]
+    summary["skipped"] = [{"file": record_path(p), "reason": why} for p, why in data.skipped]
     summary["timings_s"]["write"] = time.perf_counter() - start
     save_json(out_dir / "summary.json", summary)
     replace_outputs(out_dir, [name for e in per_image for name in (e["mask"], e["overlay"])]
@@ -417,6 +417,8 @@ def _write(out_dir: Path, data: ExtractedSet, masks: list[np.ndarray], n_labels:
 
 
 def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
+    from ..io import record_path
+
     n = data.n_images
     sizes = np.zeros(result.clustering.k, np.int64)  # tokens per cluster over the original inlier images
     for labels in result.labels[:n]:
@@ -426,8 +428,8 @@ def _coseg_summary(result: Any, data: ExtractedSet) -> dict[str, Any]:
         "k": result.clustering.k, "elbow_objectives": result.clustering.objectives,
         "kmeans_sample": result.clustering.sample, "cluster_tokens": sizes,
         "votes": result.votes, "salient_clusters": np.flatnonzero(result.salient),
-        "inliers": [str(p) for p, ok in zip(data.paths, result.inliers[:n]) if ok],
-        "outliers": [str(p) for p, ok in zip(data.paths, result.inliers[:n]) if not ok],
+        "inliers": [record_path(p) for p, ok in zip(data.paths, result.inliers[:n]) if ok],
+        "outliers": [record_path(p) for p, ok in zip(data.paths, result.inliers[:n]) if not ok],
         "cluster_saliency": np.round(np.nan_to_num(result.mean_saliency[:n], nan=-1.0), 4),
         "descriptors_on_disk": data.on_disk,
     }

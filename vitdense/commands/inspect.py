@@ -60,7 +60,7 @@ def inspect_command(images: tuple[str, ...], out: str, facets: str, layers: str,
     from tqdm import tqdm
 
     from ..inspect_page import InspectImage, InspectView, build_inspect_page
-    from ..io import check_output, expand_inputs, load_image, save_json
+    from ..io import check_output, expand_inputs, load_image, record_path, save_json
     from ..backbones import atomic_write
 
     facet_list, layer_list = _facets(facets), _layers(layers)
@@ -98,8 +98,8 @@ def inspect_command(images: tuple[str, ...], out: str, facets: str, layers: str,
     page = build_inspect_page(page_images, views, extractor.p, extractor.stride[0], dims=dims,
                               error_queries=error_queries, title=f"vitdense inspect: {len(paths)} image(s)",
                               info=info)
-    report = {"command": "inspect", "page": str(page_path), **page.report,
-              "images": [{**entry, "path": str(p)} for entry, p in zip(page.report["images"], paths)]}
+    report = {"command": "inspect", "page": record_path(page_path), **page.report,
+              "images": [{**entry, "path": record_path(p)} for entry, p in zip(page.report["images"], paths)]}
     atomic_write(page_path, lambda tmp: Path(tmp).write_text(page.html, encoding="utf-8"))
     save_json(report_path, report)
     errors = "; ".join(f"{v['label']}: mean {v['similarity_error']['mean']:.4f}, max "

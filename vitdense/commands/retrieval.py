@@ -197,7 +197,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     error.
     """
     from ..collection.index import open_index
-    from ..io import expand_inputs, replace_outputs, save_json, save_png, write_outputs
+    from ..io import expand_inputs, record_path, replace_outputs, save_json, save_png, write_outputs
     from ..viz import contact_sheet
 
     if k < 1:
@@ -222,7 +222,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
                                                                   for j in ids[row]]
         hits = [{"rank": r + 1, "path": name, "score": float(s)}
                 for r, (s, name) in enumerate(zip(scores[row], names)) if name is not None]
-        records.append({"query": str(qpath), "results": hits})
+        records.append({"query": record_path(qpath), "results": hits})
         click.echo(f"{qpath}")
         for hit in hits:
             click.echo(f"  {hit['rank']:3d}  {hit['score']:.4f}  {hit['path']}")
@@ -233,7 +233,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
         writers.append(lambda sheet=sheet, name=name: save_png(out / name, sheet))
     report = {"index": str(Path(index_dir).resolve()), "k": k, "descriptor": idx.descriptor.to_dict(),
               "weights_used": extractor.weights_used,
-              "queries": records, "skipped": [{"path": str(paths[i]), "reason": r} for i, r in result.skipped]}
+              "queries": records, "skipped": [{"path": record_path(paths[i]), "reason": r} for i, r in result.skipped]}
     write_outputs(writers + [lambda: save_json(out / "results.json", report)])
     replace_outputs(out, [f"{row:03d}_{paths[qi].stem}_results.png" for row, qi in enumerate(result.indices)]
                     + ["results.json"])
@@ -265,7 +265,7 @@ def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_querie
     DATASET_DIR is revisitop's data-set folder (e.g. roxford5k/, holding gnd_roxford5k.pkl and jpg/) or the
     folder of the images themselves (then give --gnd).
     """
-    from ..io import load_image, save_json, save_png, write_outputs
+    from ..io import load_image, record_path, save_json, save_png, write_outputs
     from ..retrieval_eval import load_revisited_gnd, ranks_from_similarity, revisited_map
     from ..viz import contact_sheet
 
@@ -303,7 +303,7 @@ def eval_revisited(dataset_dir: str, gnd_file: str | None, ext: str, crop_querie
                             f"image")
     ranks = ranks_from_similarity(qs.vectors @ db.vectors.T)  # (N, Q)
     results = revisited_map(ranks, cfg["gnd"])
-    report: dict[str, Any] = {"gnd": str(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries,
+    report: dict[str, Any] = {"gnd": record_path(gnd_file), "descriptor": config.to_dict(), "crop_queries": crop_queries,
                               "weights_used": extractor.weights_used}
     for setup, res in results.items():
         report[setup] = {"mAP": res.map * 100, "mP@k": dict(zip(map(str, res.kappas), res.mp_at_k * 100)),
@@ -366,7 +366,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
 
     from ..io import save_json, save_png, write_outputs
     from ..retrieval_eval import knn_classify
-    from ..viz import heatmap
+    from ..viz import confusion_picture
 
     if k < 1 or temperature <= 0:
         raise ConfigError(f"-k {k} / --temperature {temperature}: need k >= 1 and a positive temperature")
@@ -382,19 +382,20 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
     votes, pred = knn_classify(torch.from_numpy(tr.vectors), ytr, torch.from_numpy(va.vectors), k, temperature,
                                len(classes))
     top1 = (pred == yva).float().mean().item() * 100
-    top5 = (votes.topk(min(5, len(classes)), dim=1).indices == yva[:, None]).any(1).float().mean().item() * 100
+    # top-5 with 5 or fewer classes is 100 % by construction: reported only when it can say something
+    top5 = (votes.topk(5, dim=1).indices == yva[:, None]).any(1).float().mean().item() * 100 \
+        if len(classes) > 5 else None
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, (yva.numpy(), pred.numpy()), 1)
-    report = {"top1": top1, "top5": top5, "k": k, "temperature": temperature, "classes": classes,
-              "confusion": confusion, "train": len(tr.indices), "val": len(va.indices),
+    report = {"top1": top1, **({"top5": top5} if top5 is not None else {}), "k": k, "temperature": temperature,
+              "classes": classes, "confusion": confusion, "train": len(tr.indices), "val": len(va.indices),
               "descriptor": config.to_dict(), "weights_used": extractor.weights_used}
-    click.echo(f"k-NN (k={k}, T={temperature}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+    top5_text = f"  top-5 {top5:.2f}%" if top5 is not None else ""
+    click.echo(f"k-NN (k={k}, T={temperature}): top-1 {top1:.2f}%{top5_text}  "
                f"({len(va.indices)} val / {len(tr.indices)} train images, {len(classes)} classes)")
-    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    cell = max(1, 256 // len(classes))
     out = Path(out_dir)
     write_outputs([lambda: save_json(out / "knn.json", report),
-                   lambda: save_png(out / "knn_confusion.png", heatmap(norm, (len(classes) * cell,) * 2))])
+                   lambda: save_png(out / "knn_confusion.png", confusion_picture(confusion, classes))])
     click.echo(f"wrote {out / 'knn.json'} and {out / 'knn_confusion.png'}")
 
 
@@ -415,7 +416,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
 def eval_copy(img_dir: str, copies: int, strength: float, color: float, distractors: str | None, seed: int,
               k: int, out_dir: str, **opts: Any) -> None:
     """Copy detection: augmented copies of the IMG_DIR images must find their source (top-1, mAP)."""
-    from ..io import list_images, load_images, save_json, save_png, write_outputs
+    from ..io import list_images, load_images, record_path, save_json, save_png, write_outputs
     from ..retrieval import faiss_search, build_faiss, FaissConfig
     from ..retrieval_eval import copy_detection_scores, strong_augment
     from ..viz import contact_sheet
@@ -434,12 +435,12 @@ def eval_copy(img_dir: str, copies: int, strength: float, color: float, distract
     extractor = _extractor(opts)
     config = _descriptor_config(opts, extractor)
     db = _embed(extractor, images, config, opts["batch_size"], opts["workers"], "originals").vectors
-    db_paths = [str(p) for p in good]
+    db_paths = [record_path(p) for p in good]
     if distractors:
         dpaths = list_images(distractors, recursive=True)
         dres = _embed(extractor, dpaths, config, opts["batch_size"], opts["workers"], "distractors")
         db = np.concatenate([db, dres.vectors])
-        db_paths += [str(dpaths[i]) for i in dres.indices]
+        db_paths += [record_path(dpaths[i]) for i in dres.indices]
     qv = _embed(extractor, queries, config, opts["batch_size"], opts["workers"], "copies").vectors
     scores, ids = faiss_search(build_faiss(db, FaissConfig("flat")), qv, k)
     res = copy_detection_scores(ids, [[s] for s in sources])

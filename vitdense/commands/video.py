@@ -51,13 +51,16 @@ def _colors(palette: list[int] | None, ids: Sequence[int] = ()) -> np.ndarray:
 
 
 def _thumbnail(frame: np.ndarray, labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """The frame at most THUMB px with its objects tinted and outlined (as cosegment's overlays are: a tint
+    alone vanishes on an object of its own colour); outlined after shrinking, so the lines stay whole."""
     from PIL import Image
 
-    from ..viz import overlay
+    from ..viz import fit_within, outline_width, overlay, upsample
 
-    im = Image.fromarray(overlay(frame, labels, alpha=0.55, colors=colors))
-    im.thumbnail((THUMB, THUMB))
-    return np.asarray(im)
+    shown = fit_within(Image.fromarray(frame), THUMB)
+    if (shown.height, shown.width) != labels.shape:
+        labels = upsample(labels, (shown.height, shown.width), nearest=True)
+    return overlay(shown, labels, alpha=0.55, colors=colors, outline=outline_width((shown.height, shown.width)))
 
 
 def _save_gif(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> None:
@@ -135,7 +138,9 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
         sheet = contact_sheet([thumbs[i] for i in pick], titles=[names[i * keep_every] for i in pick],
                               cell=max(thumbs[0].shape[:2]), cols=min(4, len(pick)))
         save_png(job.sheet_path, sheet)
-    return {"frames": str(job.frames_path), "mask": str(job.mask_path), "n_frames": len(names),
+    from ..io import record_path
+
+    return {"frames": record_path(job.frames_path), "mask": record_path(job.mask_path), "n_frames": len(names),
             "frame_names": names, "objects": objects, "seconds": round(seconds, 3),
             "frames_per_second": round((len(names) - 1) / seconds, 3) if seconds > 0 and len(names) > 1 else None,
             "outputs": str(job.out_dir), "object_pixels_per_frame": areas}
