@@ -14,6 +14,7 @@ non-commercial licence, never a copy of an eval-split picture. ``--sources`` wri
 
     python apps/build_pretrain_set.py --out data/pretrain_set                   # the travel pack, ~15 MiB
     python apps/build_pretrain_set.py --out data/no_comp --sources wallpapers,gcompris-qt-data --composites 0
+    python apps/build_pretrain_set.py --pack --out data/pretrain_pack      # composites made while training
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def main() -> None:
     parser.add_argument("--sources", default="all",
                         help=f"comma-separated sources to write (default all): {', '.join(SOURCES)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the composites")
+    parser.add_argument("--pack", action="store_true",
+                        help="the layout for composites made afresh while training (photos/, backgrounds/, "
+                             "cutouts/ as WebP with alpha; no fixed composites): the device session's data")
+    parser.add_argument("--cutout-side", type=int, default=256, help="--pack: longer side of the cut-outs (px)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="package cache (default: the evaluation set's, <eval data dir>-packages)")
     parser.add_argument("--preview", type=Path, default=None,
@@ -59,11 +64,13 @@ def main() -> None:
 
     start = time.perf_counter()
     try:
-        cutouts = pretrain_cutouts(cache) if args.composites and (sources is None or COMPOSITES in sources) else []
+        use_cutouts = args.pack or (args.composites and (sources is None or COMPOSITES in sources))
+        cutouts = pretrain_cutouts(cache) if use_cutouts else []
         photos = gather_pretrain_photos(cache, args.frame_step, 2 * args.max_side)
         manifest = build_pretrain_set(args.out, photos, cutouts,
                                       n_composites=args.composites, seed=args.seed, max_side=args.max_side,
-                                      quality=args.quality, sources=sources, progress=True)
+                                      quality=args.quality, sources=sources, progress=True, pack=args.pack,
+                                      cutout_side=args.cutout_side)
     except DataError as err:
         print(f"build_pretrain_set: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -74,17 +81,15 @@ def main() -> None:
     for entry in manifest["left_out"]:
         if entry["reason"].startswith(("a copy", "non-commercial")):
             print(f"  left out {entry['key']}: {entry['reason']}", file=sys.stderr)
-    licences = Counter(entry["licence"].split(" (")[0] for entry in manifest["images"] if entry["source"] != COMPOSITES)
+    licences = Counter(entry.get("licence", "?").split(" (")[0] for entry in manifest["images"] if entry["source"] != COMPOSITES)
     print("licences: " + ", ".join(f"{lic} {n}" for lic, n in licences.most_common()))
     print("SOURCES")
     total_images = total_bytes = 0
-    for source in SOURCES:
-        if source in manifest["summary"]:
-            row = manifest["summary"][source]
-            total_images += row["images"]
-            total_bytes += row["bytes"]
-            print(f"  {source:<20} {row['images']:>5} images {row['bytes'] / 2**20:7.2f} MiB")
-    print(f"  {'total':<20} {total_images:>5} images {total_bytes / 2**20:7.2f} MiB   in {args.out} "
+    for source, row in sorted(manifest["summary"].items()):  # with --pack: photos/SOURCE, backgrounds/SOURCE
+        total_images += row["images"]
+        total_bytes += row["bytes"]
+        print(f"  {source:<32} {row['images']:>5} images {row['bytes'] / 2**20:7.2f} MiB")
+    print(f"  {'total':<32} {total_images:>5} images {total_bytes / 2**20:7.2f} MiB   in {args.out} "
           f"({seconds:.0f} s)")
 
     if args.preview is not None:

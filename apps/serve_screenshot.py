@@ -51,22 +51,19 @@ def main() -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from vitdense import create_serve_app, index_service
     from vitdense.cli import main as cli
-    from vitdense.commands.retrieval import index_extractor
-    from vitdense.serve import ServeConfig, Service, create_app, open_index
 
     work = Path(tempfile.mkdtemp(prefix="vitdense-serve-shot-"))
     try:
         collection(work / "photos")
         cli.main(["index", str(work / "photos"), "--out", str(work / "index"), "--model", "vitdense_vits8",
                   "--device", "cpu", "--workers", "0"], standalone_mode=False)
-        snap = open_index(work / "index")
-        service = Service(ServeConfig(str(work / "index"), poll_s=0),
-                          index_extractor(snap.index, work / "index", device="cpu"), snap)
+        service = index_service(work / "index", device="cpu", poll_s=0)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(service, watch=False), host="127.0.0.1", port=port,
+        server = uvicorn.Server(uvicorn.Config(create_serve_app(service, watch=False), host="127.0.0.1", port=port,
                                                log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         while not server.started:

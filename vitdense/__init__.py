@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "embed_collection": "collection.engines", "ExtractorSpec": "collection.embed", "EmbedReport": "collection.engines",
     "build_index": "collection.index", "ShardedIndex": "collection.index", "open_index": "collection.index",
     "choose_index": "collection.index",
+    "index_service": "serve", "create_serve_app": "serve:create_app",
 }
 
 __all__ = [
@@ -90,6 +91,8 @@ __all__ = [
     "build_faiss", "faiss_search",
     # collections past one machine (vitdense.collection)
     "embed_collection", "ExtractorSpec", "EmbedReport", "build_index", "ShardedIndex", "open_index", "choose_index",
+    # an index as a service (vitdense.serve; the serve extra)
+    "index_service", "create_serve_app",
     # data splits and package sources (vitdense.splits, vitdense.evalset)
     "stamp_split", "photo_split", "is_reserved_stamp", "fetch_package", "wallpaper_photos", "wallpaper_name",
     "is_non_commercial",

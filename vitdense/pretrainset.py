@@ -444,7 +444,8 @@ class _Kept:
 
 def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutouts: Sequence[Cutout],
                        n_composites: int = 2000, seed: int = 0, max_side: int = 256, quality: int = 85,
-                       sources: Collection[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                       sources: Collection[str] | None = None, progress: bool = False, pack: bool = False,
+                       cutout_side: int = 256) -> dict[str, Any]:
     """Select, check and write the pretraining set into ``out_dir``; returns the manifest (module doc).
 
     Every photo is examined (``why_left_out``; the eval-split ones are opened only to be hashed), so the
@@ -452,6 +453,11 @@ def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutou
     what is written (source names, ``"composites"`` included; None: all): a set built from some sources
     is exactly those sources' part of the full set. Cut-outs must be training-split photographic stamps
     (others are ignored). The set is written to a sibling folder and moved into place at the end.
+
+    ``pack``: the layout ``pretrain --cutouts`` makes composites from afresh instead of fixed composites:
+    ``photos/SOURCE/`` (the photos that are not backgrounds), ``backgrounds/SOURCE/`` (the composites'
+    background photos) and ``cutouts/`` (each training-split cut-out trimmed to its alpha, at most
+    ``cutout_side`` px, as WebP with its alpha matte).
     """
     out_dir = Path(out_dir)
     kept: list[_Kept] = []
@@ -488,6 +494,7 @@ def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutou
             left_out.append({"key": item.photo.key, "source": item.photo.source, "reason": reason})
     chosen_keys = {item.photo.key for item in chosen}
     scenes = [s for s in scenes if s.key in chosen_keys]
+    scene_rgb = {s.key: s.rgb for s in scenes}
 
     def wanted(source: str) -> bool:
         return sources is None or source in sources
@@ -519,10 +526,30 @@ def build_pretrain_set(out_dir: Path | str, photos: Iterable[SourcePhoto], cutou
         for item in chosen:
             photo = item.photo
             if wanted(photo.source):
-                write(photo.source, photo.name, item.jpeg,
-                      {**photo.origin.as_dict(), "key": photo.key, "split": "train",
-                       "width": item.width, "height": item.height})
-        if wanted(COMPOSITES) and n_composites:
+                folder, data, width, height = photo.source, item.jpeg, item.width, item.height
+                if pack:
+                    folder = f"{'backgrounds' if photo.background else 'photos'}/{photo.source}"
+                    if photo.background:  # twice the side: composites are cut from a part of them
+                        data, width, height = _jpeg(scene_rgb[photo.key], 2 * max_side, quality)
+                write(folder, photo.name, data,
+                      {**photo.origin.as_dict(), "key": photo.key, "split": "train", "width": width,
+                       "height": height})
+        if pack:
+            for cut in sorted((c for c in cutouts if stamp_split(c.key) == "train"), key=lambda c: c.key):
+                rgba = _trim(cut.rgba)
+                if max(rgba.shape[:2]) > cutout_side:
+                    rgba = _resize_cutout(rgba, cutout_side)
+                buf = BytesIO()
+                Image.fromarray(np.ascontiguousarray(rgba), "RGBA").save(buf, format="WEBP", quality=quality)
+                rel = f"cutouts/{_file_stem(cut.key.replace('/', '_'))}.webp"
+                (tmp / "cutouts").mkdir(exist_ok=True)
+                (tmp / rel).write_bytes(buf.getvalue())
+                images.append({"file": rel, "source": "cutouts", **(cut.origin.as_dict() if cut.origin else {}),
+                               "key": STAMPS_PREFIX + cut.key, "split": "train", "width": rgba.shape[1],
+                               "height": rgba.shape[0]})
+                summary["cutouts"]["images"] += 1
+                summary["cutouts"]["bytes"] += len(buf.getvalue())
+        elif wanted(COMPOSITES) and n_composites:
             for i, comp in enumerate(tqdm(compose_objects(cutouts, scenes, n_composites, seed, max_side),
                                           total=n_composites, desc="composites", disable=not progress)):
                 data, width, height = _jpeg(comp.rgb, max_side, quality)

@@ -12,7 +12,20 @@ from __future__ import annotations
 from .security import Limits, RequestError
 from .service import ServeConfig, Service, Snapshot, open_index
 
-__all__ = ["Limits", "RequestError", "ServeConfig", "Service", "Snapshot", "open_index", "create_app"]
+__all__ = ["Limits", "RequestError", "ServeConfig", "Service", "Snapshot", "open_index", "create_app",
+           "index_service"]
+
+
+def index_service(index_dir, device: str = "auto", model: str | None = None, weights: str | None = None,
+                  **settings) -> Service:
+    """The service ``vitdense serve INDEX`` runs: the index loaded once with its own backbone (``model`` /
+    ``weights`` only to name it), ``settings`` the other :class:`ServeConfig` fields. Exported from
+    ``vitdense`` as ``index_service``; ``vitdense.create_serve_app(service)`` makes the app."""
+    from ..commands.retrieval import index_extractor
+
+    config = ServeConfig(str(index_dir), **settings)
+    snapshot = open_index(index_dir, config.collection)
+    return Service(config, index_extractor(snapshot.index, index_dir, model, weights, device), snapshot)
 
 
 def create_app(*args, **kwargs):
