@@ -173,10 +173,93 @@ def make_toy_pack(folder: Path) -> Path:
     return folder
 
 
+CARRY = [".whl", ".peers", "data/pretrain_pack"]
+CARRY_LIMIT_MIB = 64.0
+MIRRORS = {"dino": ("facebookresearch+dino", ["LICENSE", "main_dino.py", "utils.py", "vision_transformer.py",
+                                              "eval_video_segmentation.py"]),
+           "dino-vit-features": ("ShirAmir+dino-vit-features", ["LICENSE", "extractor.py", "correspondences.py",
+                                                                "cosegmentation.py"])}
+
+
+def tree_mib(extra: list[str]) -> tuple[float, dict[str, float]]:
+    """MiB of what a device call sends: tracked and untracked-not-ignored files, plus the carried paths."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    tree = sum((ROOT / f.decode()).stat().st_size for f in listed if f and (ROOT / f.decode()).is_file())
+    carried = {p: sum(f.stat().st_size for f in (ROOT / p).rglob("*") if f.is_file()) / 2**20
+               for p in extra if (ROOT / p).exists()}
+    return tree / 2**20, carried
+
+
+def prepare(mirror_root: Path) -> None:
+    """Everything the device call carries, made here: the peers (from the search tool's fetched mirrors), the
+    packages the device image lacks (faiss-cpu and pydensecrf2 for its Python 3.12, packed with xz), the data
+    pack; then the size of what travels, checked against the limit, and the call to make."""
+    import importlib.metadata
+
+    for name, (mirror, files) in MIRRORS.items():
+        dest = ROOT / ".peers" / name
+        repo = mirror_root / mirror / "repo"
+        if dest.is_dir():
+            print(f"peers: {dest} present")
+        elif repo.is_dir():
+            dest.mkdir(parents=True)
+            archive = subprocess.run(["git", f"--git-dir={repo}", "archive", "HEAD", *files], capture_output=True,
+                                     check=True).stdout
+            subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+            print(f"peers: {dest} from {repo}")
+        else:
+            print(f"peers: {repo} missing: fetch github:{mirror.replace('+', '/')} with the search tool's fetch, "
+                  f"then run --prepare again (without peers the suite skips the baselines)")
+    if SITE_TAR.is_file():
+        print(f"packages: {SITE_TAR} present")
+    else:
+        work = Path(tempfile.mkdtemp(prefix="device_prepare_"))
+        faiss = importlib.metadata.version("faiss-cpu")
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work / "whl")]
+        subprocess.run(pip + ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+                              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+                              f"faiss-cpu=={faiss}"], check=True)
+        subprocess.run(pip + ["--no-binary=:all:", "pydensecrf2==1.1"], check=True)
+        candidates = [shutil.which("python3.12")] + sorted(map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")))
+        py312 = next((c for c in candidates if c and subprocess.run([c, "-c", "pass"], capture_output=True).returncode
+                      == 0), None)
+        if py312 is None:
+            raise SystemExit("--prepare needs python3.12 (the device's Python) to build pydensecrf2's wheel")
+        venv = work / "v312"
+        subprocess.run([py312, "-m", "venv", str(venv)], check=True)
+        subprocess.run([venv / "bin" / "pip", "install", "-q", "numpy", "cython", "setuptools", "wheel"], check=True)
+        sdist = next((work / "whl").glob("pydensecrf2-*.tar.gz"))
+        env = {**os.environ, "CFLAGS": "-g0 -O2", "CXXFLAGS": "-g0 -O2"}
+        subprocess.run([venv / "bin" / "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(work / "whl"), str(sdist)], check=True, env=env)
+        site = work / "site"
+        subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--target", str(site), *map(str, (work / "whl").glob("*.whl"))], check=True)
+        SITE_TAR.parent.mkdir(exist_ok=True)
+        subprocess.run(["tar", "-cJf", str(SITE_TAR), "--exclude=__pycache__", "-C", str(site), "."], check=True)
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"packages: wrote {SITE_TAR} ({SITE_TAR.stat().st_size / 2**20:.1f} MiB)")
+    pack = ROOT / "data" / "pretrain_pack"
+    if pack.is_dir():
+        print(f"data: {pack} present")
+    else:
+        subprocess.run([sys.executable, str(ROOT / "apps" / "build_pretrain_set.py"), "--pack", "--out", str(pack)],
+                       check=True, cwd=ROOT)
+    tree, carried = tree_mib(CARRY)
+    total = tree + sum(carried.values())
+    print(f"what travels: the tree {tree:.1f} MiB + " + " + ".join(f"{p} {m:.1f} MiB" for p, m in carried.items())
+          + f" = {total:.1f} MiB of {CARRY_LIMIT_MIB:.0f}")
+    if total > CARRY_LIMIT_MIB:
+        raise SystemExit(f"{total:.1f} MiB is over the device tool's {CARRY_LIMIT_MIB:.0f} MiB: carry less")
+    print("the call: run(carry=" + json.dumps(CARRY) + ", timeout_s=600, command=\"PYTHONUNBUFFERED=1 python3 "
+          "benchmarks/device_session.py --out $OUT\")")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path, help="the device tool's $OUT (created)")
+    parser.add_argument("--out", type=Path, help="the device tool's $OUT (created)")
     parser.add_argument("--rehearse", action="store_true",
                         help="the same steps on the CPU at toy sizes, deadlines scaled down (a tiny data pack, no "
                              "warm start, the suite's --toy)")
@@ -191,7 +274,17 @@ def main(argv: list[str] | None = None) -> None:
                                                                  "export of the chain")
     parser.add_argument("--skip", nargs="*", default=[], choices=("train", "suite", "tests"),
                         help="steps to leave out (a re-run of the suite on a warm machine, say)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="here, before the call: make what it carries (peers, packages, data pack) and check "
+                             "its size; then print the call")
+    parser.add_argument("--mirrors", type=Path, default=Path("/work/.mirror"),
+                        help="--prepare: where the search tool's fetch put the peers' repositories")
     args = parser.parse_args(argv)
+    if args.prepare:
+        prepare(args.mirrors)
+        return
+    if args.out is None:
+        parser.error("--out is required (or --prepare)")
     preset = REHEARSAL if args.rehearse else DEFAULTS
     budget = args.budget or preset["budget"]
     train_s = 0.0 if "train" in args.skip else (args.train_s or preset["train_s"])

@@ -71,7 +71,7 @@ def plan(toy: bool) -> dict[str, dict[str, Any]]:
         return {
             "pretrain": dict(archs=[["vit_small_patch16_224", 2], ["vit_small_patch8_224", 2]], min_batch=1,
                              global_size=32, local_size=16, local_crops=2, out_dim=256, warmup=1, steps=2,
-                             compute_warmup=1, workers=workers, distinct_images=8,
+                             compute_warmup=1, workers=workers, distinct_images=8, dino_steps=2,
                              dino_archs=["vit_small_patch16_224"], compile_archs=["vit_small_patch16_224"],
                              compile_backend="aot_eager", caps=dict(ours=150, compiled=240, dino=120)),
             "extract": dict(sizes=[32, 48, 64], large=[64], target_size=48, bins=[False, True],

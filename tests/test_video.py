@@ -320,7 +320,7 @@ def test_reference_normalization_is_dinos_video_script():
     assert frame_normalization(*imagenet, "model") == imagenet
     other = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # a model trained with other statistics keeps them
     assert frame_normalization(*other, "reference") == other
-    with pytest.raises(ConfigError, match="--normalization"):
+    with pytest.raises(ConfigError, match="normalization=.dino.: choose one of"):
         frame_normalization(*imagenet, "dino")
 
 

@@ -387,6 +387,8 @@ def match_descriptors(desc_a: torch.Tensor, desc_b: torch.Tensor, saliency_a: to
     ``inplace``: normalise the descriptor tensors in place (saves a copy of each at large sizes).
     ``salient``: the saliency rule of :func:`salient_buddies`; ``kmeans_impl``: that of :func:`select_pairs`.
     """
+    if salient not in SALIENT_RULES:  # named as the caller wrote it, before any work
+        raise ConfigError.argument("salient", salient, f"choose one of {', '.join(SALIENT_RULES)}")
     norm_a = desc_a.norm(dim=1, keepdim=True).clamp_min(1e-12)
     norm_b = desc_b.norm(dim=1, keepdim=True).clamp_min(1e-12)
     unit_a = desc_a.div_(norm_a) if inplace else desc_a / norm_a
