@@ -26,6 +26,7 @@ parts, its ``.sha256``, ``reports.tar.gz``, ``session.json`` and ``session.log``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -256,6 +257,59 @@ def prepare(mirror_root: Path) -> None:
           "benchmarks/device_session.py --out $OUT\")")
 
 
+SHIP_TASKS = (("coseg", "jaccard"), ("saliency", "jaccard"))  # the scores a new bundled file must win on
+
+
+def ship_decision(scores: dict[str, dict], new: str, current: str, floor: str = "random init"
+                  ) -> tuple[bool, list[str]]:
+    """(ship?, one line per score): the new export ships only when it beats both the random floor and the
+    current bundled file on every score of SHIP_TASKS (a report card's ``scores``, by backbone label)."""
+    ship, lines = True, []
+    for task, metric in SHIP_TASKS:
+        value = scores[new][task][metric]
+        others = {label: scores[label][task][metric] for label in (current, floor) if label in scores}
+        wins = all(value > other for other in others.values())
+        ship &= wins and len(others) == 2
+        lines.append(f"{task} {metric}: new {value:.3f} vs " + ", ".join(f"{k} {v:.3f}" for k, v in others.items())
+                     + (" -> better" if wins else " -> NOT better"))
+    return ship, lines
+
+
+def finish(files: Path, ship: bool, name: str = "vitdense_vits8") -> None:
+    """Here, after the call: join the export's parts, unpack the reports, grade the new export beside the
+    current bundled file and the random floor (``vitdense evaluate``), and with ``ship`` replace the bundled
+    file and its report card when the new one wins (:func:`ship_decision`)."""
+    spec = importlib.util.spec_from_file_location("train_bundled_backbone", ROOT / "apps" / "train_bundled_backbone.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    folder = ROOT / "runs" / "device" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True)
+    if (files / "reports.tar.gz").is_file():
+        with tarfile.open(files / "reports.tar.gz") as tar:
+            tar.extractall(folder / "reports", filter="data")
+    for extra in ("session.json", "session.log"):
+        if (files / extra).is_file():
+            shutil.copy(files / extra, folder / extra)
+    new = app.join_parts(files, folder / f"{name}.safetensors")
+    print(f"joined {new}; reports in {folder / 'reports'}")
+    report = folder / "report"
+    subprocess.run([sys.executable, "-m", "vitdense", "evaluate", "--weights", str(new), "--compare", name,
+                    "--out", str(report)], check=True, cwd=ROOT)
+    card = json.loads((report / "report.json").read_text())
+    labels = [b["label"] for b in card["backbones"]]
+    ok, lines = ship_decision(card["scores"], labels[0], name)
+    print("\n".join(lines))
+    if not ok:
+        print(f"not shipped: {new} stays in {folder}; the next session continues from it with "
+              f"--init {new} only if it travels (see benchmarks/device_suite.md)")
+    elif ship:
+        shutil.copy(new, ROOT / "vitdense" / "weights" / f"{name}.safetensors")
+        shutil.copy(report / "report.json", ROOT / "vitdense" / "weights" / "eval.json")
+        print(f"shipped: vitdense/weights/{name}.safetensors and eval.json replaced; update the model card")
+    else:
+        print("better on every score: run again with --ship to replace the bundled file")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,7 +333,14 @@ def main(argv: list[str] | None = None) -> None:
                              "its size; then print the call")
     parser.add_argument("--mirrors", type=Path, default=Path("/work/.mirror"),
                         help="--prepare: where the search tool's fetch put the peers' repositories")
+    parser.add_argument("--finish", type=Path, default=None, metavar="FILES",
+                        help="here, after the call: join the export in FILES (the call's files), grade it beside "
+                             "the bundled file and the floor, and say whether it ships")
+    parser.add_argument("--ship", action="store_true", help="--finish: replace the bundled file when it wins")
     args = parser.parse_args(argv)
+    if args.finish is not None:
+        finish(args.finish, args.ship)
+        return
     if args.prepare:
         prepare(args.mirrors)
         return

@@ -52,7 +52,7 @@ def load_warm_start(source: str) -> WarmStart:
     :func:`vitdense.load_backbone`; a backbone without a CLS token or position embedding cannot be a DINO
     student.
     """
-    from vitdense.backbones import infer_arch, load_backbone, name_or_file, read_weights
+    from vitdense.backbones import MODELS, WEIGHTS_DIR, infer_arch, load_backbone, name_or_file, read_weights
 
     name, weights = name_or_file(source)
     backbone = load_backbone(name, weights)
@@ -64,9 +64,14 @@ def load_warm_start(source: str) -> WarmStart:
     arch, kwargs = infer_arch(state, source)
     kwargs["num_heads"] = int(model.blocks[0].attn.num_heads)  # not visible in the weights' shapes
     chain: list[dict[str, Any]] = []
+    if weights is None and name in MODELS and MODELS[name].bundled_file:  # a shipped backbone: its own file
+        weights = str(WEIGHTS_DIR / MODELS[name].bundled_file)
     if weights is not None:
         _, meta = read_weights(weights)
         chain = list((meta or {}).get("chain", []))
+        if not chain and meta and meta.get("trained_steps"):  # trained before exports recorded their chain
+            chain = [{"name": meta.get("name"), "steps": meta["trained_steps"], "minutes": meta.get("train_minutes"),
+                      "data_dir": meta.get("data_dir"), "recipe": meta.get("recipe")}]
     return WarmStart(source, arch, kwargs, state, backbone.weights or source, tuple(backbone.mean),
                      tuple(backbone.std), chain)
 

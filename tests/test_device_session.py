@@ -68,3 +68,26 @@ def test_rehearsal_keeps_its_budget_and_brings_back_a_loadable_export(tmp_path):
     assert meta["name"] == "vitdense_vits8" and len(meta["chain"]) == 1
     assert meta["chain"][0]["steps"] == summary["steps"]
     ViTExtractor(weights=weights, stride=8, device="cpu")
+
+
+def test_a_new_bundled_file_ships_only_when_it_beats_the_floor_and_the_current_one():
+    session = _module(REPO / "benchmarks" / "device_session.py")
+
+    def card(new_coseg, new_sal, cur=(0.17, 0.09), floor=(0.14, 0.12)):
+        return {label: {"coseg": {"jaccard": c}, "saliency": {"jaccard": s}}
+                for label, (c, s) in (("new", (new_coseg, new_sal)), ("vitdense_vits8", cur), ("random init", floor))}
+
+    assert session.ship_decision(card(0.30, 0.20), "new", "vitdense_vits8")[0]
+    assert not session.ship_decision(card(0.30, 0.10), "new", "vitdense_vits8")[0]  # saliency below the floor
+    assert not session.ship_decision(card(0.16, 0.20), "new", "vitdense_vits8")[0]  # coseg below the current
+    ok, lines = session.ship_decision(card(0.30, 0.10), "new", "vitdense_vits8")
+    assert lines[1] == "saliency jaccard: new 0.100 vs vitdense_vits8 0.090, random init 0.120 -> NOT better"
+
+
+def test_warm_start_from_the_bundled_file_continues_its_chain():
+    from pretrain.warmstart import load_warm_start
+    from vitdense import read_weights
+
+    _, meta = read_weights(REPO / "vitdense" / "weights" / "vitdense_vits8.safetensors")
+    chain = load_warm_start("vitdense_vits8").chain
+    assert chain and chain[-1]["steps"] == meta["trained_steps"]
