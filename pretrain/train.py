@@ -451,9 +451,27 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     clock = RunClock(cfg.time_limit, t_run, save_estimate_s(student, teacher)) if cfg.time_limit > 0 else None
     stopped_by_clock = False
+    # PRETRAIN_SYNC_DEBUG=warn|error (CUDA): from the second step on, torch reports every operation that makes
+    # the host wait for the device, except the intended ones (reading the last step's numbers, saving).
+    sync_debug = os.environ.get("PRETRAIN_SYNC_DEBUG", "") if device.type == "cuda" else ""
+
+    @contextlib.contextmanager
+    def intended_sync():
+        mode = torch.cuda.get_sync_debug_mode() if sync_debug else 0
+        if mode:
+            torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            if mode:
+                torch.cuda.set_sync_debug_mode(mode)
 
     def save(epoch: int) -> None:
         """Checkpoint + teacher export + plot (rank 0 writes; every rank joins the RNG gather)."""
+        with intended_sync():
+            write_checkpoint(epoch)
+
+    def write_checkpoint(epoch: int) -> None:
         report()  # a diverged step must never reach a checkpoint
         started = time.perf_counter()
         rng = gather_rng(procs)
@@ -492,7 +510,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             return
         done, epoch, values = pending["step"], pending["epoch"], pending["values"]
         seconds = pending["seconds"] or time.perf_counter() - pending["t_data"]
-        read = pending["stats"].tolist()
+        with intended_sync():  # the step before last: done by now, the device is already on the next one
+            read = pending["stats"].tolist()
         numbers, names = read[:1 + len(pending["names"])], pending["names"]
         loss, diagnostics = numbers[0], dict(zip(names, numbers[1:]))
         n_failed, stop_asked, clock_stop, plan = read[len(numbers):] or pending["host"]
@@ -528,7 +547,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
         nonlocal knn_at
         knn_at = step
         if procs.main:
-            result = run_knn(cfg, teacher.backbone, device, autocast)
+            with intended_sync():
+                result = run_knn(cfg, teacher.backbone, device, autocast)
             log.append({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
             save_json(out / "knn.json", {"step": step, "k": cfg.knn_k, "temperature": cfg.knn_temp, **result})
             LOG.info("k-NN at step %d: top-1 %.2f%%, top-5 %.2f%%", step, result["top1"], result["top5"])
@@ -578,6 +598,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 optimizer.step()
                 update_teacher(student, teacher, values.momentum)
                 step += 1
+                if sync_debug and step == first_step + 1:  # after the first step (allocator, cuDNN choices)
+                    torch.cuda.set_sync_debug_mode(sync_debug)
 
                 # ----- monitoring (averaged over processes). Reading a value from the device waits for it, so
                 # this step's numbers are read after the next step is queued: the device never runs dry.
@@ -620,12 +642,16 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 knn_eval(epoch)
     except BaseException:
         stop.restore()
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode(0)
         raise
     if stopping:
         report()
         progress.close()
         save(step // steps_per_epoch)  # a second Ctrl-C meanwhile exits at once; the write is atomic
         stop.restore()
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode(0)
         LOG.warning("interrupted at step %d: checkpoint saved to %s; continue with --resume %s", step, ckpt_file, out)
         if procs.world_size > 1:
             dist.destroy_process_group()
@@ -633,6 +659,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
                                 f"`vitdense pretrain --resume {out}`")
 
     stop.restore()
+    if sync_debug:
+        torch.cuda.set_sync_debug_mode(0)
     report()
     progress.close()
     if stopped_by_clock:

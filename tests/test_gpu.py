@@ -78,3 +78,14 @@ def test_report_card_runs_on_cuda(tmp_path):
                                 EvalSettings(load_size=64, knn_load_size=64), progress=False)
     assert report.results["colour"]["coseg"].scores["jaccard"] > 0.8
     assert set(report.results["random init"]) == {"coseg", "saliency", "knn", "correspond", "video"}
+
+
+def test_training_steps_make_the_host_wait_only_where_intended(photo_dir, tmp_path, monkeypatch):  # noqa: F811
+    """PRETRAIN_SYNC_DEBUG=error: any operation in a step that waits for the device (a copy from pageable
+    memory, .item(), nonzero on the device...) raises; reading the last step's numbers and saving are allowed."""
+    monkeypatch.setenv("PRETRAIN_SYNC_DEBUG", "error")
+    cfg = PretrainConfig(data_dir=str(photo_dir), out=str(tmp_path / "run"), **TINY, batch_size=8, epochs=2,
+                         device="cuda", precision="bf16", gpu_augment="on", source_size=64, time_limit=600)
+    result = train(cfg)
+    assert result.steps == 2 * (24 // 8)
+    assert torch.cuda.get_sync_debug_mode() == 0  # left as found
