@@ -338,3 +338,33 @@ def test_davis_rerun_with_fewer_sequences_removes_the_dropped_ones(tmp_path, wei
         ["disk.gif", "disk_sheet.png"]
     assert (out / "disk" / "notes.txt").exists() and (out / "disk" / "00002.png").exists()
     assert not (out / "cube").exists()  # nothing of the user's in it: the whole folder went
+
+
+def test_davis_interrupted_in_the_second_sequence_keeps_the_first_finished(tmp_path, weights, monkeypatch):
+    from vitdense.video import LabelPropagator
+
+    write_davis(tmp_path / "DAVIS", {"disk": synthetic_video(n=3, seed=1), "ball": synthetic_video(n=3, seed=2)})
+    args = ["propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "res", "--weights", weights, *FAST]
+    real_step, calls = LabelPropagator.step, []
+
+    def step(self, features):
+        calls.append(1)
+        if len(calls) == 4:  # the second frame after the first of the second sequence
+            raise KeyboardInterrupt
+        return real_step(self, features)
+
+    monkeypatch.setattr(LabelPropagator, "step", step)
+    assert run_cli(*args).exit_code == 130
+    calls.clear()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "disk: resumed: skipped 3 finished frame(s)" in result.output
+    assert "ball: resumed: skipped 2 finished frame(s)" in result.output and len(calls) == 1
+    fresh = tmp_path / "fresh"
+    monkeypatch.undo()
+    assert run_cli(*args[:4], fresh, *args[5:]).exit_code == 0
+    for seq in ("disk", "ball"):
+        for i in range(3):
+            np.testing.assert_array_equal(np.array(Image.open(tmp_path / "res" / seq / f"{i:05d}.png")),
+                                          np.array(Image.open(fresh / seq / f"{i:05d}.png")))
+    assert not list((tmp_path / "res").rglob(".resume"))
