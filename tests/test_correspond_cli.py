@@ -317,3 +317,24 @@ def test_a_missing_second_image_fails_before_any_model_work(weights, pair, tmp_p
     a, _ = pair
     assert_user_error(run_cli("correspond", a, tmp_path / "nope.jpg", "--weights", weights, "--out", tmp_path / "o"),
                       "nope.jpg", "not found")
+
+
+def test_cli_pairs_rerun_with_fewer_pairs_removes_the_previous_runs_folders(weights, pair, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png b.png\nb.png a.png\na.png a.png\n")
+    out = tmp_path / "out"
+    args = ["correspond", "--pairs", listing, "--weights", weights, "--device", "cpu", "--load-size", 32,
+            "--out", out, "--num-pairs", 2, "--thresh", 0]
+    assert run_cli(*args).exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["0000_a_b", "0001_b_a", "0002_a_a", "summary.json"]
+    (out / "mine.txt").write_text("the user's")
+    (out / "0002_a_a" / "notes.txt").write_text("the user's, inside a pair folder")
+    listing.write_text("a.png b.png\n")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["0000_a_b", "0002_a_a", "mine.txt", "summary.json"]
+    assert not (out / "0001_b_a").exists()  # a previous run's pair: gone
+    assert sorted(p.name for p in (out / "0002_a_a").iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+    assert (out / "0000_a_b" / "correspondences.png").is_file()

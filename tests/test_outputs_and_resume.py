@@ -279,3 +279,40 @@ def test_describe_skipped_names_every_file_up_to_a_cap():
     assert describe_skipped([("a.jpg", "corrupt"), ("b.png", "not an image file")]) == \
         "a.jpg (corrupt), b.png (not an image file)"
     assert describe_skipped([f"{i}.jpg" for i in range(7)], cap=5).endswith("4.jpg and 2 more")
+
+
+def test_backbone_hints_name_python_arguments_and_the_cli_its_flags(tmp_path, monkeypatch):
+    import torch
+
+    from vitdense import CheckpointError, ViTExtractor, create_vit
+    from vitdense.backbones import load_backbone
+    from vitdense.cli import cli_message
+
+    path = tmp_path / "vits16.pth"
+    torch.save(create_vit("vit_small_patch16_224", depth=2).state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        ViTExtractor("dino_vits8", weights=path, device="cpu")
+    message = str(err.value)
+    assert "does not match model='dino_vits8'" in message and "leave out model='dino_vits8'" in message
+    assert " --" not in message
+    cli = cli_message(err.value)
+    assert "does not match --model dino_vits8:" in cli and "leave out --model dino_vits8 to use" in cli
+    assert "model=" not in cli
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as err:
+        load_backbone("dino_vits16")
+    assert str(err.value).endswith("pass it with weights=PATH") and "--weights" not in str(err.value)
+    assert cli_message(err.value).endswith("pass it with --weights PATH")
+    # the command line says the same with its flags
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    result = run_cli("pca", tmp_path / "x.png", "--model", "dino_vits8", "--weights", path, "--out", tmp_path / "o")
+    assert_user_error(result, "does not match --model dino_vits8", "leave out --model dino_vits8")
+
+
+def test_cli_terms_rewrites_only_whole_argument_mentions():
+    from vitdense.cli import CLI_FLAGS
+    from vitdense.errors import cli_terms
+
+    text = "pass weights='a b.pth', radius=3; my_weights=x stays; weights=PATH."
+    assert cli_terms(text, CLI_FLAGS, ("weights", "radius")) == \
+        "pass --weights a b.pth, --neighborhood 3; my_weights=x stays; --weights PATH."

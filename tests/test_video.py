@@ -402,3 +402,26 @@ def test_read_mask_keeps_ids_and_palette(tmp_path):
     arr, got = read_mask(tmp_path / "gray.png")
     np.testing.assert_array_equal(arr, ids)
     assert got is None
+
+
+def test_label_propagator_restored_from_kept_state_continues_bit_for_bit():
+    from vitdense.video import ContextState, LabelPropagator
+
+    gen = torch.Generator().manual_seed(0)
+    grid, dim, n = (5, 6), 16, 9
+    feats = [torch.randn(30, dim, generator=gen) for _ in range(n)]
+    labels0 = one_hot(torch.randint(0, 3, grid, generator=gen), 3)
+    config = PropagationConfig(n_last_frames=3, topk=4, radius=2)
+    ref = LabelPropagator(config)
+    ref.start(feats[0], labels0, grid)
+    kept = [(ref.last_keys.clone(), ref.first_labels.clone())]
+    softs = []
+    for f in feats[1:]:
+        softs.append(ref.step(f))
+        kept.append((ref.last_keys.clone(), softs[-1].T.clone()))
+    for done in (1, 2, 4, 6):  # frames 0 .. done-1 finished; the ring buffer has wrapped for 6
+        again = LabelPropagator(config)
+        recent = kept[max(1, done - 3): done]
+        again.restore(ContextState(done, grid, kept[0][0], kept[0][1], recent))
+        for f, want in zip(feats[done:], softs[done - 1:]):
+            assert torch.equal(again.step(f), want)

@@ -239,3 +239,132 @@ def test_propagate_many_objects_natural_order(tmp_path, weights):
         assert region_similarity(masks[i] == 1, labels == 5) > 0.7
         for obj in (2, 9):
             assert region_similarity(first == obj, labels == obj) > 0.6
+
+
+def test_propagate_interrupted_keeps_finished_frames_and_rerun_equals_an_uninterrupted_run(
+        tmp_path, video, weights, monkeypatch):
+    import torch
+
+    from vitdense.video import LabelPropagator
+
+    frames, masks = video
+    write_frames(tmp_path / "frames", frames)
+    write_mask(tmp_path / "first.png", masks[0], PALETTE)
+    real_step = LabelPropagator.step
+    softs = {}  # run -> soft labels of every propagated frame, in order
+
+    def recording(run, stop_at=None):
+        def step(self, features):
+            if len(softs.setdefault(run, [])) + 1 == stop_at:
+                raise KeyboardInterrupt  # Ctrl-C while the stop_at-th frame after the first is propagated
+            soft = real_step(self, features)
+            softs[run].append(soft.clone())
+            return soft
+        monkeypatch.setattr(LabelPropagator, "step", step)
+
+    def propagate(out):  # 2 previous frames of context: the kept ring buffer has wrapped when resuming
+        return run_cli("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out", out,
+                       "--weights", weights, "--n-last-frames", 2, *FAST)
+
+    recording("fresh")
+    assert propagate(tmp_path / "fresh").exit_code == 0
+    out = tmp_path / "out"
+    recording("cut", stop_at=4)
+    result = propagate(out)
+    assert result.exit_code == 130 and "kept 4 finished frame(s)" in result.output, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["f0.png", "f1.png", "f2.png", "f3.png"]
+    assert not (out / "summary.json").exists()
+    kept = sorted(p.stem for p in (out / ".resume").glob("*.npz"))
+    # every finished frame's labels; the propagation state only of the first frame and the 2 last ones
+    assert kept == [f"frame-{i:06d}" for i in range(4)] + [f"state-{i:06d}" for i in (0, 2, 3)]
+    recording("rest")
+    result = propagate(out)
+    assert result.exit_code == 0, result.output
+    assert "resumed: skipped 4 finished frame(s)" in result.output
+    assert len(softs["rest"]) == 2  # only frames 4 and 5 were propagated
+    for a, b in zip(softs["rest"], softs["fresh"][3:]):
+        assert torch.equal(a, b)  # bit for bit: the restored context is the one the first run had
+    assert not (out / ".resume").exists()
+    for i in range(6):
+        np.testing.assert_array_equal(np.array(Image.open(out / f"f{i}.png")),
+                                      np.array(Image.open(tmp_path / "fresh" / f"f{i}.png")))
+    summary = json.loads((out / "summary.json").read_text())["videos"]["frames"]
+    fresh = json.loads((tmp_path / "fresh" / "summary.json").read_text())["videos"]["frames"]
+    assert summary["object_pixels_per_frame"] == fresh["object_pixels_per_frame"]
+    assert summary["resumed_frames"] == 4 and summary["frame_names"] == fresh["frame_names"]
+    with Image.open(out / "overlay.gif") as gif:
+        assert gif.n_frames == 6
+    # other options: the kept frames are not reused
+    recording("cut2", stop_at=2)
+    assert propagate(tmp_path / "other").exit_code == 130
+    recording("other")
+    result = run_cli("propagate", tmp_path / "frames", "--mask", tmp_path / "first.png", "--out",
+                     tmp_path / "other", "--weights", weights, "--n-last-frames", 3, *FAST)
+    assert result.exit_code == 0 and "other settings (n_last_frames)" in result.output, result.output
+    assert len(softs["other"]) == 5
+
+
+def test_propagate_rerun_with_fewer_frames_removes_the_previous_runs_extra_files(tmp_path, video, weights):
+    frames, masks = video
+    write_frames(tmp_path / "long", frames)
+    write_frames(tmp_path / "short", frames[:3])
+    write_mask(tmp_path / "first.png", masks[0], PALETTE)
+    out = tmp_path / "out"
+    assert run_cli("propagate", tmp_path / "long", "--mask", tmp_path / "first.png", "--out", out,
+                   "--weights", weights, *FAST).exit_code == 0
+    (out / "mine.txt").write_text("the user's notes")
+    (out / "f9.png").write_bytes((out / "f5.png").read_bytes())  # the user's own copy
+    result = run_cli("propagate", tmp_path / "short", "--mask", tmp_path / "first.png", "--out", out,
+                     "--weights", weights, "--no-overlay", *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["f0.png", "f1.png", "f2.png", "f9.png", "mine.txt", "summary.json"]
+
+
+def test_davis_rerun_with_fewer_sequences_removes_the_dropped_ones(tmp_path, weights):
+    write_davis(tmp_path / "DAVIS", {"disk": synthetic_video(n=3, seed=1), "ball": synthetic_video(n=3, seed=2),
+                                     "cube": synthetic_video(n=2, seed=3)})
+    out = tmp_path / "results"
+    args = ["propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights, *FAST]
+    assert run_cli(*args).exit_code == 0
+    assert (out / "ball" / "00002.png").exists() and (out / "overlays" / "ball.gif").exists()
+    assert (out / "cube" / "00001.png").exists()
+    (out / "disk" / "notes.txt").write_text("mine")
+    (out / "ball" / "notes.txt").write_text("mine")
+    result = run_cli(*args, "--sequences", "disk")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "ball").iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+    assert sorted(p.name for p in (out / "overlays").iterdir() if not p.name.startswith(".")) == \
+        ["disk.gif", "disk_sheet.png"]
+    assert (out / "disk" / "notes.txt").exists() and (out / "disk" / "00002.png").exists()
+    assert not (out / "cube").exists()  # nothing of the user's in it: the whole folder went
+
+
+def test_davis_interrupted_in_the_second_sequence_keeps_the_first_finished(tmp_path, weights, monkeypatch):
+    from vitdense.video import LabelPropagator
+
+    write_davis(tmp_path / "DAVIS", {"disk": synthetic_video(n=3, seed=1), "ball": synthetic_video(n=3, seed=2)})
+    args = ["propagate", "--davis-root", tmp_path / "DAVIS", "--out", tmp_path / "res", "--weights", weights, *FAST]
+    real_step, calls = LabelPropagator.step, []
+
+    def step(self, features):
+        calls.append(1)
+        if len(calls) == 4:  # the second frame after the first of the second sequence
+            raise KeyboardInterrupt
+        return real_step(self, features)
+
+    monkeypatch.setattr(LabelPropagator, "step", step)
+    assert run_cli(*args).exit_code == 130
+    calls.clear()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "disk: resumed: skipped 3 finished frame(s)" in result.output
+    assert "ball: resumed: skipped 2 finished frame(s)" in result.output and len(calls) == 1
+    fresh = tmp_path / "fresh"
+    monkeypatch.undo()
+    assert run_cli(*args[:4], fresh, *args[5:]).exit_code == 0
+    for seq in ("disk", "ball"):
+        for i in range(3):
+            np.testing.assert_array_equal(np.array(Image.open(tmp_path / "res" / seq / f"{i:05d}.png")),
+                                          np.array(Image.open(fresh / seq / f"{i:05d}.png")))
+    assert not list((tmp_path / "res").rglob(".resume"))

@@ -473,14 +473,14 @@ def _official_hint(spec: ModelSpec) -> str:
     if spec.official_file:
         repo = "dinov2" if spec.name.startswith("dinov2") else "dino"
         return (f"download {spec.official_file} (github.com/facebookresearch/{repo}) and pass it with "
-                f"--weights PATH (weights=PATH in Python)")
-    return "pass a local weights file with --weights PATH (weights=PATH in Python)"
+                f"weights=PATH")
+    return "pass a local weights file with weights=PATH"
 
 
 def _hub_error(spec: ModelSpec, problem: str) -> CheckpointError:
     """One complete line: what could not be loaded, why, and how to pass a local file instead."""
     return CheckpointError(f"model '{spec.name}': its weights (timm '{spec.timm_tag}') are not in the local "
-                           f"model cache and {problem}; {_official_hint(spec)}")
+                           f"model cache and {problem}; {_official_hint(spec)}").naming("weights")
 
 
 @dataclass(frozen=True)
@@ -520,7 +520,7 @@ def resolve_auto(timeout: float = PROBE_TIMEOUT_S) -> AutoChoice:
     if problem:
         return AutoChoice(bundled, "bundled", f"the official DINO ViT-S/8 is not in the local model cache and "
                                               f"{problem}; its features are far stronger: run once online, or "
-                                              f"pass --weights {spec.official_file}")
+                                              f"pass weights={spec.official_file!r}")
     return AutoChoice(spec.name, "hub download", "the official DINO ViT-S/8 weights are downloaded once and "
                                                  "cached for later runs")
 
@@ -548,7 +548,7 @@ def _load_hub(spec: ModelSpec, cached_file: str | None = None) -> tuple[nn.Modul
     import timm
 
     if not spec.timm_tag:
-        raise CheckpointError(f"model '{spec.name}' has no published weights: pass --weights PATH")
+        raise CheckpointError(f"model '{spec.name}' has no published weights: pass weights=PATH").naming("weights")
     cached_file = cached_file or hub_cached_file(spec)
     if cached_file is not None:
         try:
@@ -596,9 +596,9 @@ def check_named_weights(name: str, state: Mapping[str, torch.Tensor], path: str 
     have = (int(dim), depth, int(patch), int(registers))
     if have != want:
         what = f" ({arch})" if arch else ""
-        raise CheckpointError(f"{path}: does not match --model {name}: the file holds a ViT{what} with "
+        raise CheckpointError(f"{path}: does not match model={name!r}: the file holds a ViT{what} with "
                               f"{_arch_summary(*have)}, {name} has {_arch_summary(*want)} ({spec.arch}); leave "
-                              f"out --model to use the file's own architecture")
+                              f"out model={name!r} to use the file's own architecture").naming("model")
 
 
 def load_backbone(name: str | None = None, weights: str | os.PathLike | None = None,

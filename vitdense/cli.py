@@ -176,7 +176,10 @@ def build_extractor(model: str | None, weights: str | None, device: str, dtype: 
         extractor = ViTExtractor(model_type=model, stride=stride, device=device, weights=weights,
                                  dtype=getattr(torch, dtype))
     if extractor.weights_note:
-        click.echo(f"weights: {extractor.weights_used}: {extractor.weights_note}", err=True)
+        from .errors import cli_terms
+
+        note = cli_terms(extractor.weights_note, CLI_FLAGS, ("weights", "model"))  # the hints as flags
+        click.echo(f"weights: {extractor.weights_used}: {note}", err=True)
     return extractor
 
 

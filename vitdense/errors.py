@@ -7,6 +7,20 @@ ordinary exceptions with tracebacks.
 """
 from __future__ import annotations
 
+import re
+from typing import Iterable, Mapping
+
+
+def cli_terms(text: str, flags: Mapping[str, str], names: Iterable[str]) -> str:
+    """``text`` with its mentions of the Python arguments ``names`` (``weights=PATH``,
+    ``model='dino_vits8'``) written as the command line's flags (``--weights PATH``, ``--model dino_vits8``):
+    ``flags`` maps a name to its flag where it is not ``--name-with-dashes``."""
+    for name in names:
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}=(?:'([^']*)'|([^\s,;:)]+))",
+                      lambda m: f"{flag} {m.group(1) if m.group(1) is not None else m.group(2)}", text)
+    return text
+
 
 class VitdenseError(Exception):
     """Base class of errors caused by user input."""
@@ -14,13 +28,20 @@ class VitdenseError(Exception):
     arg: str | None = None  # the Python argument at fault, when the error is about one argument's value
     value: object = None
     problem: str = ""
+    mentions: tuple[str, ...] = ()  # Python arguments the message names as ``name=VALUE`` (e.g. a hint)
+
+    def naming(self, *names: str) -> "VitdenseError":
+        """Say that the message names these Python arguments as ``name=VALUE``, for :meth:`cli_message`."""
+        self.mentions = names
+        return self
 
     def cli_message(self, flags: dict[str, str]) -> str:
         """The message as the command line says it: the argument's flag (``flags``, else ``--name-with-dashes``)
-        instead of its Python name."""
+        instead of its Python name, and so for every argument it mentions."""
         if self.arg is None:
-            return str(self)
-        return f"{flags.get(self.arg, '--' + self.arg.replace('_', '-'))} {self.value}: {self.problem}"
+            return cli_terms(str(self), flags, self.mentions)
+        message = f"{flags.get(self.arg, '--' + self.arg.replace('_', '-'))} {self.value}: {self.problem}"
+        return cli_terms(message, flags, self.mentions)
 
 
 class ImageError(VitdenseError):

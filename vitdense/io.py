@@ -268,7 +268,8 @@ def replace_outputs(out_dir: str | os.PathLike, names: Iterable[str]) -> list[st
     """Record the top-level entries (files or folders) of ``out_dir`` this run wrote, and delete those the
     previous run recorded there and this one did not write: re-running a command into its folder leaves
     only the new run's per-image files, never a stale mix. Entries no vitdense run recorded (a user's own
-    files) are never touched. Returns the names removed."""
+    files) are never touched; a stale folder with a record of its own (a DAVIS sequence's) loses only what
+    that record names, and goes only when nothing else is left in it. Returns the names removed."""
     import shutil
 
     out = Path(out_dir)
@@ -283,7 +284,13 @@ def replace_outputs(out_dir: str | os.PathLike, names: Iterable[str]) -> list[st
         if name in new or not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
             continue
         path = out / name
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir() and not path.is_symlink() and (path / OUTPUTS_MANIFEST).is_file():
+            replace_outputs(path, [])
+            (path / OUTPUTS_MANIFEST).unlink(missing_ok=True)
+            if any(path.iterdir()):
+                continue  # the user's own files are in it
+            path.rmdir()
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists() or path.is_symlink():
             path.unlink()

@@ -32,6 +32,7 @@ Frames are normalised as the reference does (red std 0.228, where DINO trained w
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -209,6 +210,7 @@ class LabelPropagator:
         self._grid: tuple[int, int] = (0, 0)
         self._filled = 0  # context slots in use
         self._next = 1  # ring slot the next frame goes to
+        self.last_keys: torch.Tensor | None = None  # (T, D) normalised features of the last frame taken in
 
     def tiles(self, grid: tuple[int, int], device: torch.device) -> list[Tile]:
         """Tile plan for a grid, built once per (grid, device)."""
@@ -231,6 +233,42 @@ class LabelPropagator:
         self._keys[:, 0] = F.normalize(features.float(), dim=1)
         self._labels[:, 0] = labels.T.float()
         self._grid, self._filled, self._next = grid, 1, 1
+        self.last_keys = self._keys[:, 0]
+
+    def restore(self, state: "ContextState") -> None:
+        """Continue a video from kept state (see :class:`ContextState`): the context is exactly what it was
+        after the state's last finished frame (same values, same ring slots), so the following frames come
+        out as in an uninterrupted run."""
+        cfg = self.config
+        first_keys, first_labels = state.first_keys.float(), state.first_labels.float()
+        tokens, dim = first_keys.shape
+        slots = 1 + cfg.n_last_frames
+        self._keys = first_keys.new_zeros(tokens, slots, dim)
+        self._labels = first_labels.new_zeros(tokens, slots, first_labels.shape[1])
+        self._keys[:, 0], self._labels[:, 0] = first_keys, first_labels
+        self._grid, self._filled = tuple(state.grid), 1
+        recent = state.recent[-cfg.n_last_frames:] if cfg.n_last_frames > 0 else []
+        stepped = state.n_done - 1  # frames after the first already propagated
+        assert len(recent) == min(cfg.n_last_frames, stepped), (len(recent), stepped)
+        # frame j >= 1 went to ring slot 1 + (j - 1) % n_last_frames
+        self._next = 1 + (stepped - len(recent)) % cfg.n_last_frames if cfg.n_last_frames > 0 else 1
+        for keys, soft in recent:
+            self._remember(keys.float(), soft.float())
+        self.last_keys = recent[-1][0] if recent else self._keys[:, 0]
+
+    def _remember(self, keys: torch.Tensor, soft: torch.Tensor) -> None:
+        """The oldest previous frame leaves the context, this one (keys (T, D), soft labels (T, C)) enters."""
+        if self.config.n_last_frames > 0:
+            self._keys[:, self._next] = keys
+            self._labels[:, self._next] = soft
+            self._filled = min(self._filled + 1, self._keys.shape[1])
+            self._next = 1 + self._next % self.config.n_last_frames
+
+    @property
+    def first_labels(self) -> torch.Tensor:
+        """(T, C) labels of the first frame, as held in the context."""
+        assert self._labels is not None, "call start() first"
+        return self._labels[:, 0]
 
     def step(self, features: torch.Tensor) -> torch.Tensor:
         """Soft labels (C, T) of the next frame from its features (T, D); the frame then joins the context."""
@@ -245,11 +283,8 @@ class LabelPropagator:
         labels = self._labels if n == self._labels.shape[1] else self._labels[:, :n]
         soft = propagate_labels(target, keys, labels, self._grid, self.tiles(self._grid, target.device),
                                 cfg.topk, cfg.temperature)
-        if cfg.n_last_frames > 0:  # the oldest previous frame leaves, this one enters
-            self._keys[:, self._next] = target
-            self._labels[:, self._next] = soft
-            self._filled = min(self._filled + 1, self._keys.shape[1])
-            self._next = 1 + self._next % cfg.n_last_frames
+        self._remember(target, soft)
+        self.last_keys = target
         return soft.T
 
     def run(self, first_features: torch.Tensor, first_labels: torch.Tensor, grid: tuple[int, int],
@@ -351,18 +386,43 @@ def frame_features(extractor, batch: torch.Tensor, layer: int = -1, facet: str =
 
 @dataclass
 class SegmentedFrame:
-    """One output frame: its labels (H0, W0) uint8 and the (H0, W0, 3) RGB frame it came from."""
+    """One output frame: its labels (H0, W0) uint8 and the (H0, W0, 3) RGB frame it came from.
+
+    keys (T, D) and soft (T, C): what this frame adds to the propagation context (its normalised features
+    and soft labels; the first frame's one-hot labels), to keep for :class:`ContextState`. A frame that a
+    resumed run skips (``resumed``) has none of the three: its labels are the kept ones.
+    """
 
     index: int
-    labels: np.ndarray
+    labels: np.ndarray | None
     frame: np.ndarray
+    keys: torch.Tensor | None = None
+    soft: torch.Tensor | None = None
+    resumed: bool = False
+
+
+@dataclass
+class ContextState:
+    """What label propagation needs to continue a video whose first ``n_done`` frames are finished.
+
+    first_keys (T, D), first_labels (T, C): the first frame's normalised features and one-hot labels;
+    recent: (keys (T, D), soft (T, C)) of the last min(n_last_frames, n_done - 1) finished frames, oldest
+    first; grid: (h, w). Kept as float32, these restore the context bit for bit (float16 would not: the
+    following frames could change), and only 1 + n_last_frames frames are ever needed.
+    """
+
+    n_done: int
+    grid: tuple[int, int]
+    first_keys: torch.Tensor
+    first_labels: torch.Tensor
+    recent: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarray,
                   config: PropagationConfig | None = None, layer: int = -1, facet: str = "token",
                   load_size: int | None = 480, batch_size: int = 1,
-                  propagator: LabelPropagator | None = None, normalization: str = "reference"
-                  ) -> Iterator[SegmentedFrame]:
+                  propagator: LabelPropagator | None = None, normalization: str = "reference",
+                  resume: ContextState | None = None, with_state: bool = False) -> Iterator[SegmentedFrame]:
     """Segment every frame of a video given the first frame's labels.
 
     frames: (H0, W0, 3) uint8 RGB arrays, the first one annotated by ``first_mask`` (H0, W0) integer labels
@@ -370,7 +430,11 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
     ids need not be contiguous: a 0/255 mask is one object, as cheap as a 0/1 mask, and its outputs keep
     the id 255. Yields a :class:`SegmentedFrame` per frame, the first with ``first_mask`` itself. Features
     are extracted ``batch_size`` frames per forward pass; propagation is sequential. ``normalization``:
-    the frames' colour statistics, see :func:`frame_normalization`. Raises ImageError when a frame's size
+    the frames' colour statistics, see :func:`frame_normalization`. ``resume``: the kept state of an
+    interrupted run (same frames, mask and settings); its first ``n_done`` frames are read (for their size
+    check and pictures) but not computed again, and yielded with ``resumed=True``. ``with_state``: fill
+    each frame's ``keys`` and ``soft`` (what a caller keeps to resume; off by default, since they are
+    several times the size of the frame itself). Raises ImageError when a frame's size
     differs from the mask's, DataError when the mask has no object.
     """
     mean, std = frame_normalization(extractor.mean, extractor.std, normalization)
@@ -392,12 +456,32 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
     except StopIteration:
         raise DataError("the video has no frames") from None
     _check_size(first, size0, 0)
-    first_feats = frame_features(extractor, preprocess_frame(first, size, mean, std)[None], layer, facet)[0]
-    grid = extractor.num_patches
-    labels0 = one_hot(downsample_mask(compact[first_mask], grid), len(ids))
-    propagator.start(first_feats, labels0.to(first_feats.device), grid)
-    yield SegmentedFrame(0, first_mask.astype(np.uint8), first)
-    index = 1
+    if resume is not None and resume.n_done > 0:
+        device = next(extractor.model.parameters()).device
+        yield SegmentedFrame(0, None, first, resumed=True)
+        for index in range(1, resume.n_done):
+            frame = next(it, None)
+            if frame is None:
+                return
+            _check_size(frame, size0, index)
+            yield SegmentedFrame(index, None, frame, resumed=True)
+        following = next(it, None)
+        if following is None:  # every frame was finished
+            return
+        it = itertools.chain([following], it)
+        grid = tuple(resume.grid)
+        propagator.restore(ContextState(resume.n_done, grid, resume.first_keys.to(device),
+                                        resume.first_labels.to(device),
+                                        [(k.to(device), v.to(device)) for k, v in resume.recent]))
+        index = resume.n_done
+    else:
+        first_feats = frame_features(extractor, preprocess_frame(first, size, mean, std)[None], layer, facet)[0]
+        grid = extractor.num_patches
+        labels0 = one_hot(downsample_mask(compact[first_mask], grid), len(ids))
+        propagator.start(first_feats, labels0.to(first_feats.device), grid)
+        state = (propagator.last_keys, propagator.first_labels) if with_state else (None, None)
+        yield SegmentedFrame(0, first_mask.astype(np.uint8), first, *state)
+        index = 1
     while True:
         batch = []
         for frame in it:
@@ -409,9 +493,11 @@ def segment_video(extractor, frames: Iterable[np.ndarray], first_mask: np.ndarra
             return
         tensors = torch.stack([preprocess_frame(f, size, mean, std) for f in batch])
         feats = frame_features(extractor, tensors, layer, facet)
+        assert tuple(extractor.num_patches) == tuple(grid), (extractor.num_patches, grid)
         for frame, frame_feats in zip(batch, feats):
             soft = propagator.step(frame_feats)
-            yield SegmentedFrame(index, ids[soft_to_labels(soft, grid, scale, size0)], frame)
+            state = (propagator.last_keys, soft.T) if with_state else (None, None)
+            yield SegmentedFrame(index, ids[soft_to_labels(soft, grid, scale, size0)], frame, *state)
             index += 1
 
 

@@ -113,7 +113,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
     from tqdm import tqdm
 
     from ..correspond import draw_correspondences, find_correspondences
-    from ..io import load_image, record_path, save_json, save_png
+    from ..io import load_image, record_path, replace_outputs, save_json, save_png
 
     if num_pairs < 1 and not keep_all:
         raise VitdenseError(f"--num-pairs {num_pairs}: must be at least 1")
@@ -139,7 +139,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
     if layer is not None:
         extractor.layer_index(layer)  # fail before any work
     out = Path(out_dir)
-    summary, written = [], 0
+    summary, written, folders = [], 0, []
     for name, path_a, path_b in tqdm(pairs, desc="correspond", unit="pair", disable=len(pairs) < 2):
         try:
             result = find_correspondences(extractor, path_a, path_b, num_pairs=num_pairs,
@@ -159,6 +159,9 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
         target = out / name if batch else out
         save_png(target / "correspondences.png", picture)
         save_json(target / "correspondences.json", record)
+        if batch:  # the pair's own record: a stale pair folder with the user's files in it keeps them
+            replace_outputs(target, ["correspondences.png", "correspondences.json"])
+            folders.append(name)
         written += 1
         summary.append({"name": name, "image_a": record_path(path_a), "image_b": record_path(path_b),
                         "pairs": len(shown), "salient_buddies": len(result.buddies),
@@ -173,6 +176,7 @@ def correspond(inputs: tuple[str, ...], pairs_file: str | None, out_dir: str, nu
                                                       "model": extractor.model_type,
                                                       "weights_used": extractor.weights_used},
                                          "pairs": summary})
+        replace_outputs(out, folders + ["summary.json"])  # a previous run's other pairs go, the user's files stay
         click.echo(f"wrote {written} of {len(pairs)} pair(s) to {out}")
     else:
         click.echo(f"wrote {out / 'correspondences.png'} and correspondences.json: {len(shown)} pair(s) "

@@ -103,12 +103,69 @@ def open_job(job: Job) -> Job:
     return job
 
 
-def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any]) -> dict[str, Any]:
-    """Segment one opened video and write its PNGs (and overlays); returns its entry of summary.json."""
+# Entries of a video's resume store (OUT/.resume, OUT/SEQ/.resume for DAVIS): a finished frame's labels,
+# and the propagation state (features, soft labels) of the frames the context still holds.
+FRAME_ENTRY = "frame-{:06d}"
+STATE_ENTRY = "state-{:06d}"
+DONE_ENTRY = "done"  # the video is finished (its state entries are gone; its labels are kept)
+
+
+def _fingerprint(paths: Sequence[Path]) -> str:
+    """One hash of the files' resolved paths, sizes and modification times: edited frames start over."""
+    import hashlib
+    import os
+
+    text = "\n".join(f"{p.resolve()}|{os.stat(p).st_size}|{os.stat(p).st_mtime_ns}" for p in paths)
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _open_store(job: Job, settings: dict[str, Any]) -> Any:
+    """The resume store of one video: valid for these settings, these frame files (or this video file) and
+    this first-frame mask; anything else changed, and the kept frames are computed again."""
+    from ..resume import ResumeStore
+
+    sources = job.frames.files if job.frames.files is not None else [job.frames_path]
+    return ResumeStore(job.out_dir / ".resume", {**settings, "frames": _fingerprint(sources),
+                                                 "mask": _fingerprint([job.mask_path])})
+
+
+def _kept_context(store: Any, n_last: int) -> tuple[int, Any]:
+    """(frames finished, ContextState to continue from or None): the longest run of finished frames from
+    the first whose propagation state is complete. (0, None) when nothing can be reused."""
+    import torch
+
+    from ..video import ContextState
+
+    done = store.load(DONE_ENTRY)
+    if done is not None:
+        return int(done["n_frames"]), None
+    n = 0
+    while store.has(FRAME_ENTRY.format(n)):
+        n += 1
+    if n == 0:
+        return 0, None
+    first = store.load(STATE_ENTRY.format(0))
+    recent = [store.load(STATE_ENTRY.format(i)) for i in range(max(1, n - n_last), n)] if n_last > 0 else []
+    if first is None or any(r is None for r in recent):
+        return 0, None  # an entry is missing or unreadable: start over rather than guess
+    tensors = [(torch.from_numpy(r["keys"]), torch.from_numpy(r["soft"])) for r in recent]
+    return n, ContextState(n, tuple(int(v) for v in first["grid"]), torch.from_numpy(first["keys"]),
+                           torch.from_numpy(first["soft"]), tensors)
+
+
+def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any], store: Any = None
+                ) -> dict[str, Any]:
+    """Segment one opened video and write its PNGs (and overlays); returns its entry of summary.json.
+
+    store: the video's ResumeStore (see :func:`_open_store`), or None. Each finished frame's labels go
+    there (and, while the context holds the frame, its features and soft labels), so that an interrupted
+    run continues at the first unfinished frame with the very context it had: the result is that of an
+    uninterrupted run.
+    """
     from tqdm import tqdm
 
     from ..io import save_png
-    from ..video import segment_video
+    from ..video import SegmentedFrame, segment_video
     from ..viz import contact_sheet
 
     frames, mask, palette, gif_path = job.frames, job.mask, job.palette, job.gif_path
@@ -120,18 +177,47 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
     names: list[str] = []
     areas: list[list[int]] = []
     n_labels = int(mask.max()) + 1
+    n_last = propagator.config.n_last_frames
+    kept, context = _kept_context(store, n_last) if store is not None else (0, None)
+    if kept:
+        click.echo(f"{job.label + ': ' if job.label else ''}resumed: skipped {kept} finished frame(s) kept in "
+                   f"{store.folder}", err=True)
     start = time.perf_counter()
-    stream = segment_video(extractor, frames, mask, layer=opts["layer"], facet=opts["facet"],
-                           load_size=load_size_arg(opts["load_size"]), batch_size=opts["batch_size"],
-                           propagator=propagator, normalization=opts["normalization"])
-    for seg in tqdm(stream, total=len(frames), desc=job.label or "propagate", unit="frame"):
-        name = frames.names[seg.index]
-        save_png(job.out_dir / f"{name}.png", seg.labels, palette=pal)
-        names.append(name)
-        areas.append(np.bincount(seg.labels.ravel(), minlength=n_labels)[objects].tolist())
-        if gif_path is not None and seg.index % keep_every == 0:
-            thumbs.append(_thumbnail(seg.frame, seg.labels, colors))
+    if kept and context is None:  # a finished video: its pictures are made again from the kept labels
+        stream = (SegmentedFrame(i, None, frame, resumed=True) for i, frame in enumerate(frames))
+    else:
+        stream = segment_video(extractor, frames, mask, layer=opts["layer"], facet=opts["facet"],
+                               load_size=load_size_arg(opts["load_size"]), batch_size=opts["batch_size"],
+                               propagator=propagator, normalization=opts["normalization"], resume=context,
+                               with_state=store is not None)
+    computed = 0
+    try:
+        for seg in tqdm(stream, total=len(frames), desc=job.label or "propagate", unit="frame"):
+            name, i = frames.names[seg.index], seg.index
+            png = job.out_dir / f"{name}.png"
+            if seg.resumed:
+                labels = store.load(FRAME_ENTRY.format(i))["labels"]
+                if not png.is_file():
+                    save_png(png, labels, palette=pal)
+            else:
+                labels = seg.labels
+                save_png(png, labels, palette=pal)
+                computed += i > 0
+                if store is not None:
+                    _keep_frame(store, i, seg, labels, n_last, extractor.num_patches)
+            names.append(name)
+            areas.append(np.bincount(labels.ravel(), minlength=n_labels)[objects].tolist())
+            if gif_path is not None and i % keep_every == 0:
+                thumbs.append(_thumbnail(seg.frame, labels, colors))
+    except KeyboardInterrupt:
+        if store is None:
+            raise
+        raise store.interrupted("frame(s)", n=len(names)) from None
     seconds = time.perf_counter() - start
+    if store is not None:  # finished: only the labels stay (for a rerun interrupted in a later video)
+        for entry in store.folder.glob("state-*.npz"):
+            entry.unlink()
+        store.save(DONE_ENTRY, n_frames=np.array(len(names)))
     if gif_path is not None and thumbs:
         _save_gif(gif_path, thumbs)
         pick = np.unique(np.linspace(0, len(thumbs) - 1, min(SHEET_FRAMES, len(thumbs))).round().astype(int))
@@ -141,9 +227,21 @@ def segment_one(extractor: Any, job: Job, propagator: Any, opts: dict[str, Any])
     from ..io import record_path
 
     return {"frames": record_path(job.frames_path), "mask": record_path(job.mask_path), "n_frames": len(names),
-            "frame_names": names, "objects": objects, "seconds": round(seconds, 3),
-            "frames_per_second": round((len(names) - 1) / seconds, 3) if seconds > 0 and len(names) > 1 else None,
+            "frame_names": names, "objects": objects, "seconds": round(seconds, 3), "resumed_frames": kept,
+            "frames_per_second": round(computed / seconds, 3) if seconds > 0 and computed else None,
             "outputs": str(job.out_dir), "object_pixels_per_frame": areas}
+
+
+def _keep_frame(store: Any, index: int, seg: Any, labels: np.ndarray, n_last: int, grid: tuple[int, int]) -> None:
+    """Keep a finished frame: its propagation state first, then its labels (the entry that marks it finished),
+    then drop the state of the frame that just left the context."""
+    if index == 0 or n_last > 0:
+        extra = {"grid": np.array(grid)} if index == 0 else {}
+        store.save(STATE_ENTRY.format(index), keys=seg.keys.float().cpu().numpy(),
+                   soft=seg.soft.float().cpu().numpy(), **extra)
+    store.save(FRAME_ENTRY.format(index), compress=True, labels=labels)
+    if n_last > 0 and index - n_last >= 1:
+        store.remove(STATE_ENTRY.format(index - n_last))
 
 
 def _settings(extractor: Any, opts: dict[str, Any], config: Any) -> dict[str, Any]:
@@ -219,14 +317,46 @@ def propagate_command(frames: str | None, mask_path: str | None, davis_root: str
     extractor = build_extractor(**opts)
     extractor.layer_index(opts["layer"])  # fail before any work
     propagator = LabelPropagator(config)
+    settings = _settings(extractor, opts, config)
+    stores = [_open_store(job, settings) for job in jobs]
+    for store in stores:
+        for line in store.notes():
+            click.echo(line, err=True)
     videos = {}
-    for job in jobs:
-        videos[job.label or job.frames_path.name] = segment_one(extractor, job, propagator, opts)
-    save_json(out / "summary.json", {"settings": _settings(extractor, opts, config), "videos": videos})
+    for job, store in zip(jobs, stores):
+        videos[job.label or job.frames_path.name] = segment_one(extractor, job, propagator, opts, store)
+    save_json(out / "summary.json", {"settings": settings, "videos": videos})
     total = sum(v["n_frames"] for v in videos.values())
     click.echo(f"segmented {len(videos)} video(s), {total} frame(s) → {out}")
+    written = ["summary.json"]
+    if davis_root is not None and evaluate:  # what eval-davis writes (davis.DavisResults.write)
+        written += [f"global_results-{subset}.csv", f"per-sequence_results-{subset}.csv",
+                    f"davis_results-{subset}.json"]
+    _replace_outputs(out, jobs, videos, written, davis_root is not None)  # before the evaluation reads OUT
+    for store in stores:  # the outputs are written: nothing to resume
+        store.discard()
     if davis_root is not None and evaluate:
         _evaluate(Path(davis_root), out, subset, [job.label for job in jobs], resolution)
+
+
+def _replace_outputs(out: Path, jobs: list[Job], videos: dict[str, Any], written: list[str], davis: bool
+                     ) -> None:
+    """Record what this run wrote and delete what the previous run into OUT wrote and this one did not (the
+    frames of a longer video, sequences no longer asked for); files the user put there stay."""
+    from ..io import replace_outputs
+
+    def pictures(job: Job) -> list[Path]:
+        return [p for p in (job.gif_path, job.sheet_path) if p is not None]
+
+    if not davis:
+        job = jobs[0]
+        frames = [f"{n}.png" for n in videos[job.label or job.frames_path.name]["frame_names"]]
+        replace_outputs(out, frames + [p.name for p in pictures(job)] + written)
+        return
+    for job in jobs:
+        replace_outputs(job.out_dir, [f"{n}.png" for n in videos[job.label]["frame_names"]])
+    replace_outputs(out / "overlays", [p.name for job in jobs for p in pictures(job)])
+    replace_outputs(out, [job.label for job in jobs] + ["overlays"] + written)
 
 
 def _davis_jobs(root: Path, subset: str, sequences: str | None, resolution: str, out: Path) -> list[Job]:
@@ -253,7 +383,7 @@ def _davis_jobs(root: Path, subset: str, sequences: str | None, resolution: str,
     return jobs
 
 
-def _evaluate(root: Path, results: Path, subset: str, sequences: list[str] | None, resolution: str) -> None:
+def _evaluate(root: Path, results: Path, subset: str, sequences: list[str] | None, resolution: str) -> list:
     from ..davis import GLOBAL_COLUMNS, evaluate_davis
 
     res = evaluate_davis(root, results, subset, sequences, resolution)
@@ -267,6 +397,7 @@ def _evaluate(root: Path, results: Path, subset: str, sequences: list[str] | Non
     for name, j, f in res.sequence_rows():
         click.echo(f"{name:<24} {j:>7.3f} {f:>7.3f}")
     click.echo("wrote " + ", ".join(str(p) for p in paths))
+    return list(paths)
 
 
 @main.command("eval-davis")
