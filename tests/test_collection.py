@@ -276,6 +276,28 @@ def test_sharded_on_disk_index_equals_in_memory_index_and_resumes_per_shard(tmp_
     np.testing.assert_array_equal(idx2.search(queries.astype(np.float32), 10)[1], want)
 
 
+def test_image_index_load_opens_a_sharded_index(tmp_path):
+    """ImageIndex.load (and open_index) on a folder built from shards gives the ShardedIndex: memory-mapped,
+    re-ranked from the shards' vectors, results named by the collection's ids."""
+    from vitdense import ImageIndex, open_index
+
+    vectors = synthetic_collection(tmp_path / "emb", shards=2, per=150, dim=16)
+    build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfflat", nlist=4, nprobe=4, progress=False)
+    idx = ImageIndex.load(tmp_path / "idx")
+    assert isinstance(idx, ShardedIndex) and isinstance(open_index(tmp_path / "idx"), ShardedIndex)
+    assert idx.descriptor == DescriptorConfig() and idx.backbone["fingerprint"] == "x"
+    scores, got = idx.search(vectors[[7, 200]], 3)
+    exact = np.argsort(-(vectors[[7, 200]] @ vectors.T), axis=1, kind="stable")[:, :3]  # every list probed
+    np.testing.assert_array_equal(got, exact)
+    np.testing.assert_allclose(scores, np.take_along_axis(vectors[[7, 200]] @ vectors.T, exact, 1), atol=1e-5)
+    assert idx.ids(got[1]) == [f"/data/{g // 150}/{g % 150}.jpg" for g in exact[1]]
+    assert idx.ids(np.array([-1])) == [None]
+    from vitdense.serve.service import open_index as serve_open  # serves image-folder indexes only: one line
+
+    with pytest.raises(DataError, match="sharded index.*vitdense search"):
+        serve_open(tmp_path / "idx")
+
+
 def test_ivfpq_recall_with_reranking_and_index_json(tmp_path):
     import faiss
 

@@ -445,8 +445,13 @@ class ImageIndex:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def load(cls, root: str | os.PathLike, mmap: bool = True, load_faiss: bool = True) -> "ImageIndex":
-        """Open an index folder; DataError naming the folder when it is missing, partial or corrupt."""
+    def load(cls, root: str | os.PathLike, mmap: bool = True, load_faiss: bool = True) -> Any:
+        """Open an index folder; DataError naming the folder when it is missing, partial or corrupt.
+
+        A folder built by ``vitdense index --embeddings`` (index.json ``kind: sharded``) opens as a
+        :class:`vitdense.ShardedIndex` (always memory-mapped, ``mmap``/``load_faiss`` ignored): the same
+        ``search``/``ids``/``descriptor``/``check_backbone`` as an ImageIndex, so one call opens either kind.
+        """
         import faiss
 
         root = Path(root)
@@ -455,6 +460,11 @@ class ImageIndex:
             raise DataError(f"{root}: not a vitdense index (no index.json); build one with `vitdense index`")
         try:
             meta = json.loads(meta_path.read_text())
+            if isinstance(meta, dict) and meta.get("kind") == "sharded":
+                # imported here: the collection package builds on this module, not the other way round
+                from .collection.index import ShardedIndex
+
+                return ShardedIndex(root)
             gen = int(meta["generation"])
             entries = [IndexEntry(**e) for e in meta["entries"]]
             descriptor = DescriptorConfig.from_dict(meta["descriptor"])
@@ -556,6 +566,10 @@ class ImageIndex:
                 old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ searching
+    def ids(self, rows: np.ndarray) -> list[str | None]:
+        """The image paths of result ids (rows of ``entries``; None for -1), as :meth:`ShardedIndex.ids`."""
+        return [self.entries[int(r)].path if r >= 0 else None for r in np.asarray(rows).ravel()]
+
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-k results of queries (Q, D') → (scores (Q, k), ids (Q, k)), ids index ``entries``."""
         if self.index is None:

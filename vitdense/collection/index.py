@@ -462,11 +462,7 @@ class ShardedIndex:
 
 
 def open_index(root: str | os.PathLike) -> "ImageIndex | ShardedIndex":
-    """Open an index folder for searching: a :class:`ShardedIndex` when its index.json says it was built
-    from embedding shards, else the :class:`ImageIndex` of an image folder (both have ``search``)."""
-    meta_path = Path(root) / "index.json"
-    try:
-        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
-    except ValueError:
-        kind = None
-    return ShardedIndex(root) if kind == "sharded" else ImageIndex.load(root)
+    """Open an index folder for searching: the same as :meth:`ImageIndex.load` — a :class:`ShardedIndex`
+    when its index.json says it was built from embedding shards, else the :class:`ImageIndex` of an image
+    folder (both have ``search``, ``ids``, ``descriptor`` and ``check_backbone``)."""
+    return ImageIndex.load(root)
