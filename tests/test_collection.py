@@ -208,6 +208,65 @@ def test_ray_engine_same_rows_as_local_and_survives_actor_death(tmp_path, weight
     np.testing.assert_allclose(vec_r, vec_l, atol=1e-6)
 
 
+def _session_pids(sid: int) -> list[int]:
+    """Processes of session ``sid`` still alive (Linux /proc): what a killed driver left behind."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_driver_killed_then_rerun_redoes_only_unfinished_shards(tmp_path, weights, ray_cluster):
+    """SIGKILL of the `vitdense embed --engine ray` driver once some shards are done, then a rerun (on Ray):
+    every id once, the shards done before the kill untouched (their marker and Parquet file not rewritten)."""
+    assert ray_cluster.exists()  # the die-once hook disarmed for this Ray's actors
+    make_images(tmp_path / "img", 40)
+    cmd = [sys.executable, "-m", "vitdense", "embed", tmp_path / "img", "--out", tmp_path / "emb", "--engine", "ray",
+           "--actors", 2, "--weights", weights[0], "--device", "cpu", "--load-size", 32, "--workers", 0,
+           "--shard-size", 2]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)  # the driver starts its own local Ray (4 logical CPUs for 2 actors)
+    # a session of its own, so what the dead driver leaves behind (Ray's raylet, GCS, actors) can be ended
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None and \
+                len(list((tmp_path / "emb").glob("*.done.json"))) < 3:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the driver ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        deadline = time.time() + 20
+        while time.time() < deadline and _session_pids(proc.pid):  # Ray's processes share the driver's fate
+            time.sleep(0.2)
+        for pid in _session_pids(proc.pid):  # any still there after 20 s: end them (ours, by id)
+            os.kill(pid, signal.SIGKILL)
+    killed = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("shard-*")
+              if p.name.endswith((".done.json", ".parquet"))}
+    done = {n.removesuffix(".done.json") for n in killed if n.endswith(".done.json")}
+    assert 3 <= len(done) < 20
+    rerun = embed_collection([tmp_path / "img"], tmp_path / "emb", ExtractorSpec("auto", str(weights[0]), "cpu"),
+                             CFG, engine="ray", shard_size=2, actors=2, progress=False)
+    assert sorted(rerun.already_done) == sorted(done) and len(rerun.embedded) == 20 - len(done)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("shard-*")}
+    for name in done:  # done shards untouched
+        for f in (f"{name}.done.json", f"{name}.parquet"):
+            assert after[f] == killed[f], f
+    ids, vecs = all_rows(tmp_path / "emb")
+    assert sorted(ids) == sorted(str(p.resolve()) for p in (tmp_path / "img").iterdir()) and len(set(ids)) == 40
+    ref = embed_images(ExtractorSpec("auto", str(weights[0]), "cpu").build(), ids[:4], CFG, batch_size=1,
+                       progress=False)
+    np.testing.assert_allclose(vecs[:4], ref.vectors, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- index from shards
 
 def synthetic_collection(root: Path, shards: int = 4, per: int = 300, dim: int = 32, seed: int = 0) -> np.ndarray:
