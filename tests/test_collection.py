@@ -126,6 +126,47 @@ def test_killed_run_redoes_only_unfinished_shards(tmp_path, weights):
     assert len(ids) == 12 and len(set(ids)) == 12
 
 
+def test_patch_descriptors_are_the_extractors_tokens_in_float16(tmp_path, weights):
+    """--patch-descriptors: each row's patch tokens (h, w, D) in float16 beside the shard, keyed by id, equal
+    to the extractor's own tokens of that image (last layer, final LayerNorm, no CLS) to float16 rounding."""
+    from vitdense import read_patches
+    from vitdense.retrieval import preprocess_image
+
+    paths = make_images(tmp_path / "img", 5)  # 4 × 4 patches at --load-size 32
+    wide = np.random.default_rng(3).integers(0, 255, (32, 72, 3), dtype=np.uint8)  # 4 × 9 patches
+    paths.append(tmp_path / "img" / "wide.png")
+    Image.fromarray(wide).save(paths[-1])
+    common = ["--weights", weights[0], "--device", "cpu", "--load-size", 32, "--workers", 0, "--shard-size", 3]
+    res = run("embed", tmp_path / "img", "--out", tmp_path / "emb", "--patch-descriptors", *common)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["patch_descriptors"] is True
+    got = {**read_patches(tmp_path / "emb", "shard-00000"), **read_patches(tmp_path / "emb", "shard-00001")}
+    assert sorted(got) == sorted(str(p.resolve()) for p in paths)
+    ext = ExtractorSpec("auto", str(weights[0]), "cpu").build()
+    grids = set()
+    for path in paths:
+        x = preprocess_image(Image.open(path).convert("RGB"), CFG, ext.mean, ext.std)[None]
+        feats = ext.extract(x, [ext.layer_index(-1)], "token", include_cls=True)
+        tokens = ext.model.norm(feats.descriptors[ext.layer_index(-1)])[0, 1:].detach().numpy()  # (T, D)
+        h, w = feats.num_patches
+        mine = got[str(path.resolve())]
+        assert mine.dtype == np.float16 and mine.shape == (h, w, tokens.shape[1])
+        grids.add((h, w))
+        np.testing.assert_allclose(mine.astype(np.float32), tokens.reshape(h, w, -1), rtol=1e-3, atol=2e-3)
+    assert grids == {(4, 4), (4, 9)}  # each image keeps its own grid
+    # the global vectors are unchanged by keeping the patches
+    ids, vecs = all_rows(tmp_path / "emb")
+    ref = embed_images(ext, [Path(i) for i in ids], CFG, batch_size=1, progress=False)
+    np.testing.assert_allclose(vecs, ref.vectors, atol=1e-5)
+    # a rerun without the flag into the same folder is a one-line error, never a mix
+    assert_user_error(run("embed", tmp_path / "img", "--out", tmp_path / "emb", *common), "manifest.json",
+                      "--patch-descriptors")
+    plain = tmp_path / "plain"
+    assert run("embed", tmp_path / "img", "--out", plain, *common).exit_code == 0
+    with pytest.raises(DataError, match="without --patch-descriptors"):
+        read_patches(plain, "shard-00000")
+
+
 def write_tar(path: Path, n: int, seed: int = 0) -> list[str]:
     """An img2dataset-style webdataset tar: KEY.jpg + KEY.json per sample."""
     rng = np.random.default_rng(seed)
