@@ -22,7 +22,8 @@ the same vectors, saved as .npy shards in the same order, with ``current_memory_
 and ``max_index_memory_usage`` = half of it (autofaiss refuses less than 10 % headroom), ``metric_type="ip"``
 and ``should_be_memory_mappable=True`` (our index's lists are on disk too; ``--autofaiss-in-ram`` lets it
 pick any index). Both sides are then measured alike by this script: wall time of the build process, its
-peak RSS (``os.wait4`` of the child), index size on disk, and recall@10 of the same 200 held-out queries
+peak RSS (VmHWM, which each process reads of itself: ru_maxrss would also count this script's size at the
+fork), index size on disk, and recall@10 of the same 200 held-out queries
 against exact search written plainly here (each query's own row left out); ours with and without exact
 re-ranking, autofaiss with the search parameters it tuned. Without ``--autofaiss-python`` the comparison is
 skipped with a printed reason.
@@ -137,25 +138,21 @@ def child(emb: str, out: str, budget: str, kind: str) -> None:
     print(json.dumps(build_index(emb, out, budget, index_type=kind, progress=False)))
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
-    """Run ``cmd`` to the end; (its stdout, wall seconds, peak RSS bytes of the child from os.wait4)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if proc.returncode:
-            raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{err.read()[-3000:]}")
-        return out.read(), wall, usage.ru_maxrss * 1024  # Linux: KiB
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
+    """Run ``cmd`` to the end; (its stdout, wall seconds). Peak memory is what the child reports of itself
+    (VmHWM): ru_maxrss from os.wait4 would count this script's own size at the fork too."""
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise SystemExit(f"{cmd[0]} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res.stdout, time.perf_counter() - t0
 
 
 def build(emb: Path, out: Path, budget: str, kind: str) -> dict:
     cmd = [sys.executable, __file__, "--child", str(emb), str(out), budget, kind]
-    text, wall, rss = run_measured(cmd, {**os.environ, "PYTHONPATH": str(ROOT)})
+    text, wall = run_measured(cmd, {**os.environ, "PYTHONPATH": str(ROOT)})
     meta = json.loads(text.strip().splitlines()[-1])
-    meta["process"] = {"wall_s": wall, "peak_rss": rss,
+    meta["process"] = {"wall_s": wall, "peak_rss": meta["peak_rss"],
                        "index_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()
                                           and (f.suffix in (".ivfdata",) or f.name.startswith("populated-")))}
     return meta
@@ -174,7 +171,8 @@ _, infos = build_index(embeddings=emb, index_path=os.path.join(out, "knn.index")
                        should_be_memory_mappable=mmap == "1", nb_cores=os.cpu_count(), verbose=logging.WARNING)
 if infos is None:
     sys.exit("autofaiss build_index returned nothing (see its log above)")
-print(json.dumps({"import_s": t1 - t0, "build_s": time.perf_counter() - t1, "infos": infos}))
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"import_s": t1 - t0, "build_s": time.perf_counter() - t1, "infos": infos, "peak_rss": hwm}))
 """
 
 
@@ -184,9 +182,9 @@ def autofaiss_build(python: str, emb: Path, out: Path, budget: int, in_ram: bool
     cmd = [python, "-c", AUTOFAISS_CHILD, str(emb / "npy"), str(out), f"{budget}B", f"{budget // 2}B",
            "0" if in_ram else "1"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    text, wall, rss = run_measured(cmd, env)
+    text, wall = run_measured(cmd, env)
     res = json.loads(text.strip().splitlines()[-1])
-    res.update(wall_s=wall, peak_rss=rss, index_bytes=(out / "knn.index").stat().st_size)
+    res.update(wall_s=wall, index_bytes=(out / "knn.index").stat().st_size)
     return res
 
 
@@ -307,7 +305,7 @@ def main() -> None:
                       f"{af['build_s']:.1f} s + import {af['import_s']:.1f} s")
                 shutil.rmtree(out)
             shutil.rmtree(emb)
-        print(f"\nside by side: each build in a fresh process, its wall time and peak RSS (os.wait4); recall@10 of "
+        print(f"\nside by side: each build in a fresh process, its wall time and peak RSS (its VmHWM); recall@10 of "
               f"the same {len(q)} held-out queries against exact search; ratios against autofaiss")
         print(f"  {'N':>9} {'builder':<18} {'index':<34} {'wall s':>7} {'peak RSS':>9} {'/budget':>7} "
               f"{'index MiB':>9} {'R@10':>6} {'R@10 rr':>7} {'time/af':>7} {'RSS/af':>6}")
