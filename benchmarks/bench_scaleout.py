@@ -283,7 +283,8 @@ def main() -> None:
                 sec, rec, proc = meta["stages"]["seconds"], meta["recall"], meta["process"]
                 print(f"  {n:>9} {meta['choice']['factory']:<16} {sec['train']:>8.1f} {sec['add']:>7.1f} "
                       f"{sec['merge']:>8.1f} {meta['peak_rss'] / 2**20:>7.0f}Mi {meta['peak_rss'] / budget:>7.2f} "
-                      f"{rec['recall_at_10']:>6.3f} {rec['recall_at_10_reranked']:>7.3f}")
+                      f"{rec['recall_at_10']:>6.3f} {rec['recall_at_10_reranked']:>7.3f}   peak RSS after "
+                      + " / ".join(f"{k} {v / 2**20:.0f}Mi" for k, v in meta["stages"]["peak_rss"].items()))
                 plain, reranked = our_recall(out, q, exact, own)
                 side.append((n, f"vitdense {kind}", meta["choice"]["factory"], proc["wall_s"], proc["peak_rss"],
                              proc["index_bytes"], plain, reranked))
