@@ -126,6 +126,47 @@ def test_killed_run_redoes_only_unfinished_shards(tmp_path, weights):
     assert len(ids) == 12 and len(set(ids)) == 12
 
 
+def test_patch_descriptors_are_the_extractors_tokens_in_float16(tmp_path, weights):
+    """--patch-descriptors: each row's patch tokens (h, w, D) in float16 beside the shard, keyed by id, equal
+    to the extractor's own tokens of that image (last layer, final LayerNorm, no CLS) to float16 rounding."""
+    from vitdense import read_patches
+    from vitdense.retrieval import preprocess_image
+
+    paths = make_images(tmp_path / "img", 5)  # 4 × 4 patches at --load-size 32
+    wide = np.random.default_rng(3).integers(0, 255, (32, 72, 3), dtype=np.uint8)  # 4 × 9 patches
+    paths.append(tmp_path / "img" / "wide.png")
+    Image.fromarray(wide).save(paths[-1])
+    common = ["--weights", weights[0], "--device", "cpu", "--load-size", 32, "--workers", 0, "--shard-size", 3]
+    res = run("embed", tmp_path / "img", "--out", tmp_path / "emb", "--patch-descriptors", *common)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["patch_descriptors"] is True
+    got = {**read_patches(tmp_path / "emb", "shard-00000"), **read_patches(tmp_path / "emb", "shard-00001")}
+    assert sorted(got) == sorted(str(p.resolve()) for p in paths)
+    ext = ExtractorSpec("auto", str(weights[0]), "cpu").build()
+    grids = set()
+    for path in paths:
+        x = preprocess_image(Image.open(path).convert("RGB"), CFG, ext.mean, ext.std)[None]
+        feats = ext.extract(x, [ext.layer_index(-1)], "token", include_cls=True)
+        tokens = ext.model.norm(feats.descriptors[ext.layer_index(-1)])[0, 1:].detach().numpy()  # (T, D)
+        h, w = feats.num_patches
+        mine = got[str(path.resolve())]
+        assert mine.dtype == np.float16 and mine.shape == (h, w, tokens.shape[1])
+        grids.add((h, w))
+        np.testing.assert_allclose(mine.astype(np.float32), tokens.reshape(h, w, -1), rtol=1e-3, atol=2e-3)
+    assert grids == {(4, 4), (4, 9)}  # each image keeps its own grid
+    # the global vectors are unchanged by keeping the patches
+    ids, vecs = all_rows(tmp_path / "emb")
+    ref = embed_images(ext, [Path(i) for i in ids], CFG, batch_size=1, progress=False)
+    np.testing.assert_allclose(vecs, ref.vectors, atol=1e-5)
+    # a rerun without the flag into the same folder is a one-line error, never a mix
+    assert_user_error(run("embed", tmp_path / "img", "--out", tmp_path / "emb", *common), "manifest.json",
+                      "--patch-descriptors")
+    plain = tmp_path / "plain"
+    assert run("embed", tmp_path / "img", "--out", plain, *common).exit_code == 0
+    with pytest.raises(DataError, match="without --patch-descriptors"):
+        read_patches(plain, "shard-00000")
+
+
 def write_tar(path: Path, n: int, seed: int = 0) -> list[str]:
     """An img2dataset-style webdataset tar: KEY.jpg + KEY.json per sample."""
     rng = np.random.default_rng(seed)
@@ -208,6 +249,65 @@ def test_ray_engine_same_rows_as_local_and_survives_actor_death(tmp_path, weight
     np.testing.assert_allclose(vec_r, vec_l, atol=1e-6)
 
 
+def _session_pids(sid: int) -> list[int]:
+    """Processes of session ``sid`` still alive (Linux /proc): what a killed driver left behind."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_driver_killed_then_rerun_redoes_only_unfinished_shards(tmp_path, weights, ray_cluster):
+    """SIGKILL of the `vitdense embed --engine ray` driver once some shards are done, then a rerun (on Ray):
+    every id once, the shards done before the kill untouched (their marker and Parquet file not rewritten)."""
+    assert ray_cluster.exists()  # the die-once hook disarmed for this Ray's actors
+    make_images(tmp_path / "img", 40)
+    cmd = [sys.executable, "-m", "vitdense", "embed", tmp_path / "img", "--out", tmp_path / "emb", "--engine", "ray",
+           "--actors", 2, "--weights", weights[0], "--device", "cpu", "--load-size", 32, "--workers", 0,
+           "--shard-size", 2]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)  # the driver starts its own local Ray (4 logical CPUs for 2 actors)
+    # a session of its own, so what the dead driver leaves behind (Ray's raylet, GCS, actors) can be ended
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None and \
+                len(list((tmp_path / "emb").glob("*.done.json"))) < 3:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the driver ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        deadline = time.time() + 20
+        while time.time() < deadline and _session_pids(proc.pid):  # Ray's processes share the driver's fate
+            time.sleep(0.2)
+        for pid in _session_pids(proc.pid):  # any still there after 20 s: end them (ours, by id)
+            os.kill(pid, signal.SIGKILL)
+    killed = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("shard-*")
+              if p.name.endswith((".done.json", ".parquet"))}
+    done = {n.removesuffix(".done.json") for n in killed if n.endswith(".done.json")}
+    assert 3 <= len(done) < 20
+    rerun = embed_collection([tmp_path / "img"], tmp_path / "emb", ExtractorSpec("auto", str(weights[0]), "cpu"),
+                             CFG, engine="ray", shard_size=2, actors=2, progress=False)
+    assert sorted(rerun.already_done) == sorted(done) and len(rerun.embedded) == 20 - len(done)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("shard-*")}
+    for name in done:  # done shards untouched
+        for f in (f"{name}.done.json", f"{name}.parquet"):
+            assert after[f] == killed[f], f
+    ids, vecs = all_rows(tmp_path / "emb")
+    assert sorted(ids) == sorted(str(p.resolve()) for p in (tmp_path / "img").iterdir()) and len(set(ids)) == 40
+    ref = embed_images(ExtractorSpec("auto", str(weights[0]), "cpu").build(), ids[:4], CFG, batch_size=1,
+                       progress=False)
+    np.testing.assert_allclose(vecs[:4], ref.vectors, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- index from shards
 
 def synthetic_collection(root: Path, shards: int = 4, per: int = 300, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -274,6 +374,28 @@ def test_sharded_on_disk_index_equals_in_memory_index_and_resumes_per_shard(tmp_
     idx2 = ShardedIndex(tmp_path / "idx")
     idx2.rerank = 0
     np.testing.assert_array_equal(idx2.search(queries.astype(np.float32), 10)[1], want)
+
+
+def test_image_index_load_opens_a_sharded_index(tmp_path):
+    """ImageIndex.load (and open_index) on a folder built from shards gives the ShardedIndex: memory-mapped,
+    re-ranked from the shards' vectors, results named by the collection's ids."""
+    from vitdense import ImageIndex, open_index
+
+    vectors = synthetic_collection(tmp_path / "emb", shards=2, per=150, dim=16)
+    build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfflat", nlist=4, nprobe=4, progress=False)
+    idx = ImageIndex.load(tmp_path / "idx")
+    assert isinstance(idx, ShardedIndex) and isinstance(open_index(tmp_path / "idx"), ShardedIndex)
+    assert idx.descriptor == DescriptorConfig() and idx.backbone["fingerprint"] == "x"
+    scores, got = idx.search(vectors[[7, 200]], 3)
+    exact = np.argsort(-(vectors[[7, 200]] @ vectors.T), axis=1, kind="stable")[:, :3]  # every list probed
+    np.testing.assert_array_equal(got, exact)
+    np.testing.assert_allclose(scores, np.take_along_axis(vectors[[7, 200]] @ vectors.T, exact, 1), atol=1e-5)
+    assert idx.ids(got[1]) == [f"/data/{g // 150}/{g % 150}.jpg" for g in exact[1]]
+    assert idx.ids(np.array([-1])) == [None]
+    from vitdense.serve.service import open_index as serve_open  # serves image-folder indexes only: one line
+
+    with pytest.raises(DataError, match="sharded index.*vitdense search"):
+        serve_open(tmp_path / "idx")
 
 
 def test_ivfpq_recall_with_reranking_and_index_json(tmp_path):

@@ -137,6 +137,7 @@ def test_incremental_indexing_embeds_only_new_and_changed(tmp_path, photos):
     np.testing.assert_allclose(np.asarray(loaded.vectors), fresh, atol=1e-5)  # every row is its file's vector
     scores, ids = loaded.search(fresh, 1)
     assert ids[:, 0].tolist() == [0, 1, 2]
+    assert loaded.ids(np.array([2, -1, 0])) == [loaded.entries[2].path, None, loaded.entries[0].path]
     assert sorted(p.name for p in root.iterdir()) == ["faiss-3.index", "index.json", "vectors-3.npy"]
 
 

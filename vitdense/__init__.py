@@ -61,7 +61,7 @@ _EXPORTS: dict[str, str] = {
     "pretrain_cutouts": "pretrainsources:train_cutouts", "left_out_kind": "pretrainsources",
     "embed_collection": "collection.engines", "ExtractorSpec": "collection.embed", "EmbedReport": "collection.engines",
     "build_index": "collection.index", "ShardedIndex": "collection.index", "open_index": "collection.index",
-    "choose_index": "collection.index",
+    "choose_index": "collection.index", "read_patches": "collection.shards",
     "index_service": "serve", "create_serve_app": "serve:create_app",
 }
 
@@ -91,6 +91,7 @@ __all__ = [
     "build_faiss", "faiss_search",
     # collections past one machine (vitdense.collection)
     "embed_collection", "ExtractorSpec", "EmbedReport", "build_index", "ShardedIndex", "open_index", "choose_index",
+    "read_patches",
     # an index as a service (vitdense.serve; the serve extra)
     "index_service", "create_serve_app",
     # data splits and package sources (vitdense.splits, vitdense.evalset)

@@ -118,11 +118,18 @@ def global_descriptors(extractor: ViTExtractor, batch: torch.Tensor, config: Des
     (bilinear, as DINO) by 1/√2 and 1/2 and the un-normalised descriptors of the three scales are
     averaged before the L2 normalisation.
     """
+    return global_and_patch_descriptors(extractor, batch, config, patches=False)[0]
+
+
+def global_and_patch_descriptors(extractor: ViTExtractor, batch: torch.Tensor, config: DescriptorConfig,
+                                 patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`global_descriptors` (B, D') and, from the same forward pass, the patch tokens (B, h, w, D) they
+    were pooled from (``config.layer``, after the final LayerNorm, no CLS, scale 1; None unless ``patches``)."""
     if config.descriptor in ("cls", "both") and not extractor.has_cls:
         raise ConfigError(f"model {extractor.model_type} has no CLS token: use --descriptor gem")
     layer = extractor.layer_index(config.layer)
     norm = getattr(extractor.model, "norm", None)
-    total = None
+    total, grid_tokens = None, None
     scales = MULTISCALES if config.multiscale else (1.0,)
     for scale in scales:
         inp = batch if scale == 1.0 else F.interpolate(batch, scale_factor=scale, mode="bilinear",
@@ -134,6 +141,9 @@ def global_descriptors(extractor: ViTExtractor, batch: torch.Tensor, config: Des
         tokens = feats.descriptors[layer]  # (B, [1 +] T, D)
         if norm is not None:
             tokens = norm(tokens)
+        if patches and scale == 1.0:
+            h, w = feats.num_patches
+            grid_tokens = tokens[:, int(extractor.has_cls):].reshape(len(tokens), h, w, -1)
         parts = []
         if config.descriptor in ("cls", "both"):
             parts.append(tokens[:, 0])
@@ -141,7 +151,7 @@ def global_descriptors(extractor: ViTExtractor, batch: torch.Tensor, config: Des
             parts.append(gem(tokens[:, int(extractor.has_cls):], config.gem_p))
         desc = torch.cat(parts, dim=1).float()
         total = desc if total is None else total + desc
-    return F.normalize(total / len(scales), dim=1)
+    return F.normalize(total / len(scales), dim=1), grid_tokens
 
 
 # ============================================================================ data loading
@@ -445,8 +455,13 @@ class ImageIndex:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def load(cls, root: str | os.PathLike, mmap: bool = True, load_faiss: bool = True) -> "ImageIndex":
-        """Open an index folder; DataError naming the folder when it is missing, partial or corrupt."""
+    def load(cls, root: str | os.PathLike, mmap: bool = True, load_faiss: bool = True) -> Any:
+        """Open an index folder; DataError naming the folder when it is missing, partial or corrupt.
+
+        A folder built by ``vitdense index --embeddings`` (index.json ``kind: sharded``) opens as a
+        :class:`vitdense.ShardedIndex` (always memory-mapped, ``mmap``/``load_faiss`` ignored): the same
+        ``search``/``ids``/``descriptor``/``check_backbone`` as an ImageIndex, so one call opens either kind.
+        """
         import faiss
 
         root = Path(root)
@@ -455,6 +470,11 @@ class ImageIndex:
             raise DataError(f"{root}: not a vitdense index (no index.json); build one with `vitdense index`")
         try:
             meta = json.loads(meta_path.read_text())
+            if isinstance(meta, dict) and meta.get("kind") == "sharded":
+                # imported here: the collection package builds on this module, not the other way round
+                from .collection.index import ShardedIndex
+
+                return ShardedIndex(root)
             gen = int(meta["generation"])
             entries = [IndexEntry(**e) for e in meta["entries"]]
             descriptor = DescriptorConfig.from_dict(meta["descriptor"])
@@ -556,6 +576,10 @@ class ImageIndex:
                 old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ searching
+    def ids(self, rows: np.ndarray) -> list[str | None]:
+        """The image paths of result ids (rows of ``entries``; None for -1), as :meth:`ShardedIndex.ids`."""
+        return [self.entries[int(r)].path if r >= 0 else None for r in np.asarray(rows).ravel()]
+
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-k results of queries (Q, D') → (scores (Q, k), ids (Q, k)), ids index ``entries``."""
         if self.index is None:

@@ -10,4 +10,4 @@
 from __future__ import annotations
 
 # Public names (re-exported by vitdense/__init__.py): embed_collection, ExtractorSpec, build_index,
-# ShardedIndex, open_index, choose_index.
+# ShardedIndex, open_index, choose_index, read_patches.

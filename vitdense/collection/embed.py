@@ -1,6 +1,7 @@
 """The work every engine runs: decode the rows of a shard, embed them in batches, hand back the rows.
 
-Shapes: B images in a batch, D' channels of a global descriptor.
+Shapes: B images in a batch, D' channels of a global descriptor, (h, w) an image's patch grid, D channels
+of a token.
 
 :func:`embed_batch` is the one per-batch function; :func:`embed_shard` reads one shard, decodes its
 images (in ``num_workers`` DataLoader processes, or in the calling process) and calls it. The engines
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
 from ..extractor import ViTExtractor
-from ..retrieval import DescriptorConfig, _keep_list, global_descriptors, preprocess_image
+from ..retrieval import DescriptorConfig, _keep_list, global_and_patch_descriptors, preprocess_image
 from .sources import ShardSpec, read_records
 
 
@@ -50,13 +51,15 @@ class ExtractorSpec:
 @dataclass
 class ShardRows:
     """What embedding one shard gives: the readable rows (ids, content hashes, metadata as JSON,
-    vectors (N, D') float32 L2-normalised) in the shard's order, and (id, reason) of the skipped ones."""
+    vectors (N, D') float32 L2-normalised) in the shard's order, and (id, reason) of the skipped ones;
+    ``patches``: with --patch-descriptors, each row's patch tokens (h, w, D) float16, else None."""
 
     ids: list[str]
     sha256: list[str]
     meta: list[str]
     vectors: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    patches: list[np.ndarray] | None = None
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -73,19 +76,29 @@ def decode_image(data: bytes) -> Image.Image:
         raise ValueError(f"corrupt image ({err})") from None
 
 
-def embed_batch(extractor: ViTExtractor, config: DescriptorConfig, images: Sequence[torch.Tensor]) -> np.ndarray:
-    """Global descriptors (B, D') of preprocessed images (each (3, H, W)); images of one size run together."""
+def embed_batch(extractor: ViTExtractor, config: DescriptorConfig, images: Sequence[torch.Tensor],
+                patches: bool = False) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Global descriptors (B, D') of preprocessed images (each (3, H, W)); images of one size run together.
+    With ``patches`` also each image's patch tokens (h, w, D) as float16 (see
+    :func:`~vitdense.retrieval.global_and_patch_descriptors`), else None."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)
     out = None
+    grids: list[np.ndarray | None] = [None] * len(images)
     for rows in groups.values():
-        vec = global_descriptors(extractor, torch.stack([images[i] for i in rows]), config)
+        vec, tokens = global_and_patch_descriptors(extractor, torch.stack([images[i] for i in rows]), config,
+                                                   patches)
         vec = vec.cpu().numpy().astype(np.float32)
         if out is None:
             out = np.zeros((len(images), vec.shape[1]), np.float32)
         out[rows] = vec
-    return out if out is not None else np.zeros((0, 0), np.float32)
+        if tokens is not None:
+            half = tokens.float().cpu().numpy().astype(np.float16)  # (b, h, w, D)
+            for j, i in enumerate(rows):
+                grids[i] = half[j]
+    vectors = out if out is not None else np.zeros((0, 0), np.float32)
+    return vectors, (grids if patches else None)  # type: ignore[return-value]
 
 
 class _ShardImages(IterableDataset):
@@ -114,8 +127,9 @@ class _ShardImages(IterableDataset):
 
 
 def embed_shard(spec: ShardSpec, extractor: ViTExtractor, config: DescriptorConfig, batch_size: int = 16,
-                num_workers: int = 0) -> ShardRows:
-    """Embed every readable image of one shard (rows in the shard's order; unreadable ones skipped)."""
+                num_workers: int = 0, patches: bool = False) -> ShardRows:
+    """Embed every readable image of one shard (rows in the shard's order; unreadable ones skipped);
+    ``patches``: keep each image's patch tokens too (float16)."""
     if getattr(torch, config.dtype) != extractor.dtype:
         raise ConfigError(f"descriptor config asks for --dtype {config.dtype}, the extractor runs in "
                           f"{str(extractor.dtype).removeprefix('torch.')}")
@@ -125,15 +139,19 @@ def embed_shard(spec: ShardSpec, extractor: ViTExtractor, config: DescriptorConf
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_keep_list)
     rows: list[tuple[int, str, str, str]] = []
     vectors: list[np.ndarray] = []
+    grids: list[np.ndarray] = []
     skipped: list[tuple[int, str, str]] = []
     for batch in loader:
         good = [item for item in batch if item[2] is not None]
         skipped += [(item[0], item[1], item[3]) for item in batch if item[2] is None]
         if good:
-            vectors.append(embed_batch(extractor, config, [item[2] for item in good]))
+            vec, tokens = embed_batch(extractor, config, [item[2] for item in good], patches)
+            vectors.append(vec)
+            grids += tokens or []
             rows += [(item[0], item[1], item[4], item[5]) for item in good]
     order = np.argsort([r[0] for r in rows], kind="stable")
     vecs = np.concatenate(vectors)[order] if vectors else np.zeros((0, config.dim(extractor.embed_dim)), np.float32)
     rows = [rows[i] for i in order]
     return ShardRows([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], vecs,
-                     [(i, reason) for _, i, reason in sorted(skipped)])
+                     [(i, reason) for _, i, reason in sorted(skipped)],
+                     [grids[i] for i in order] if patches else None)

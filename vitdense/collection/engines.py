@@ -30,10 +30,11 @@ _DIE_HOOK = "VITDENSE_TEST_DIE_ONCE"
 
 
 def process_shard(root: str | os.PathLike, spec: ShardSpec, extractor: ViTExtractor, config: DescriptorConfig,
-                  batch_size: int, num_workers: int = 0) -> dict[str, Any]:
-    """Embed one shard and write it (Parquet, then done-marker); return the marker."""
+                  batch_size: int, num_workers: int = 0, patches: bool = False) -> dict[str, Any]:
+    """Embed one shard and write it (patch descriptors when ``patches``, Parquet, then done-marker); return
+    the marker."""
     start = time.perf_counter()
-    rows = embed_shard(spec, extractor, config, batch_size, num_workers)
+    rows = embed_shard(spec, extractor, config, batch_size, num_workers, patches)
     hook = os.environ.get(_DIE_HOOK)
     if hook and not os.path.exists(hook):
         from .shards import shard_path
@@ -72,13 +73,14 @@ def _bar(total: int, progress: bool):
 
 
 def run_local(root: Path, specs: Sequence[ShardSpec], extractor: ViTExtractor, config: DescriptorConfig,
-              batch_size: int, num_workers: int, progress: bool = True) -> list[dict[str, Any]]:
+              batch_size: int, num_workers: int, progress: bool = True, patches: bool = False
+              ) -> list[dict[str, Any]]:
     """Run the shards one after another in this process."""
     markers = []
     start, images = time.perf_counter(), 0
     with _bar(len(specs), progress) as bar:
         for spec in specs:
-            markers.append(process_shard(root, spec, extractor, config, batch_size, num_workers))
+            markers.append(process_shard(root, spec, extractor, config, batch_size, num_workers, patches))
             images += markers[-1]["rows"]
             bar.set_postfix(img=images, img_s=f"{images / (time.perf_counter() - start):.1f}")
             bar.update()
@@ -88,11 +90,12 @@ def run_local(root: Path, specs: Sequence[ShardSpec], extractor: ViTExtractor, c
 class _RayShardWorker:
     """Ray Data actor: builds the extractor once, then embeds and writes the shards it is given."""
 
-    def __init__(self, root: str, extractor_spec: ExtractorSpec, config: dict, batch_size: int):
+    def __init__(self, root: str, extractor_spec: ExtractorSpec, config: dict, batch_size: int,
+                 patches: bool = False):
         import torch
 
         torch.set_num_threads(1)  # several actors share the machine's cores
-        self.root, self.batch_size = Path(root), batch_size
+        self.root, self.batch_size, self.patches = Path(root), batch_size, patches
         self.config = DescriptorConfig.from_dict(config)
         self.extractor = extractor_spec.build()
 
@@ -101,7 +104,7 @@ class _RayShardWorker:
         for text in batch["shard"]:
             spec = json.loads(str(text))
             spec = ShardSpec(spec["name"], spec["kind"], tuple(spec["items"]), spec["tar"])
-            marker = process_shard(self.root, spec, self.extractor, self.config, self.batch_size, 0)
+            marker = process_shard(self.root, spec, self.extractor, self.config, self.batch_size, 0, self.patches)
             names.append(spec.name)
             rows.append(marker["rows"])
             skipped.append(len(marker["skipped"]))
@@ -110,7 +113,7 @@ class _RayShardWorker:
 
 def run_ray(root: Path, specs: Sequence[ShardSpec], extractor_spec: ExtractorSpec, config: DescriptorConfig,
             batch_size: int, actors: int = 2, address: str | None = None, gpus_per_worker: float = 0.0,
-            progress: bool = True) -> list[str]:
+            progress: bool = True, patches: bool = False) -> list[str]:
     """Run the shards on a Ray Data actor pool of ``actors`` actors (one block = one shard, so Ray's
     retries and our resume both work shard by shard). Connects to ``address`` (an existing cluster, or
     "auto"), else starts a local Ray unless one is running in this process."""
@@ -138,7 +141,7 @@ def run_ray(root: Path, specs: Sequence[ShardSpec], extractor_spec: ExtractorSpe
                              num_cpus=1,
                              fn_constructor_kwargs=dict(root=str(root), extractor_spec=ExtractorSpec(
                                  **{**extractor_spec.__dict__, "device": "cuda" if gpus_per_worker else "cpu"}),
-                                 config=config.to_dict(), batch_size=batch_size))
+                                 config=config.to_dict(), batch_size=batch_size, patches=patches))
         done, start, images = [], time.perf_counter(), 0
         with _bar(len(specs), progress) as bar:
             for row in out.iter_rows():
@@ -156,7 +159,8 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
                      extractor: ExtractorSpec | ViTExtractor, config: DescriptorConfig, engine: str = "local",
                      shard_size: int = 1000, batch_size: int = 16, num_workers: int = 2, actors: int = 2,
                      address: str | None = None, gpus_per_worker: float = 0.0,
-                     progress: bool = True, built: ViTExtractor | None = None) -> EmbedReport:
+                     progress: bool = True, built: ViTExtractor | None = None,
+                     patch_descriptors: bool = False) -> EmbedReport:
     """Embed the images of ``sources`` (folders, .txt/.parquet lists, webdataset .tar shards) into Parquet
     shards under ``out`` (see :mod:`vitdense.collection.shards`); resumable: a rerun embeds only the shards
     not done yet, and sources it does not hold yet become new shards.
@@ -164,7 +168,9 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
     ``extractor``: an :class:`ExtractorSpec` (needed by ``engine="ray"``: each actor builds its own copy)
     or a built ViTExtractor (local engine only). ConfigError when the folder holds another backbone's or
     another descriptor setting's vectors. ``built``: the extractor of an ExtractorSpec when the caller
-    has already built it (saves building it again here).
+    has already built it (saves building it again here). ``patch_descriptors``: also keep each image's
+    patch tokens (h, w, D) in float16, per shard in NAME.patches.parquet (read them with
+    :func:`vitdense.collection.shards.read_patches`); a collection is embedded with them or without.
     """
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
@@ -182,16 +188,18 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
     if config.stride is not None and built.stride[0] != config.stride:
         raise ConfigError(f"descriptor config asks for stride {config.stride}, the extractor has {built.stride[0]}")
     identity = backbone_identity(built, weights, model_arg)
-    coll = Collection.open_or_create(out, files, tars, identity, config, config.dim(built.embed_dim), shard_size)
+    coll = Collection.open_or_create(out, files, tars, identity, config, config.dim(built.embed_dim), shard_size,
+                                     patch_descriptors)
     pending = coll.pending()
     report = EmbedReport(coll.root, engine, already_done=[s.name for s in coll.shards if s not in pending])
     start = time.perf_counter()
     if pending:
         if engine == "local":
-            run_local(coll.root, pending, built, config, batch_size, num_workers, progress)
+            run_local(coll.root, pending, built, config, batch_size, num_workers, progress, patch_descriptors)
         else:
             del built  # the actors build their own
-            run_ray(coll.root, pending, extractor, config, batch_size, actors, address, gpus_per_worker, progress)
+            run_ray(coll.root, pending, extractor, config, batch_size, actors, address, gpus_per_worker, progress,
+                    patch_descriptors)
     report.seconds = time.perf_counter() - start
     report.manifest = coll.write_manifest()
     from .shards import is_done, read_marker

@@ -60,7 +60,17 @@ def parse_size(text: str | int) -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, bytes (Linux reports KiB)."""
+    """Peak resident memory of this process so far, bytes: VmHWM of /proc/self/status where there is one,
+    the high-water mark of this program's own memory (ru_maxrss also counts the memory of the process
+    that started it, as it was when it forked: a big Python program running `vitdense index` would show
+    its own size), else ru_maxrss (Linux reports KiB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -462,11 +472,7 @@ class ShardedIndex:
 
 
 def open_index(root: str | os.PathLike) -> "ImageIndex | ShardedIndex":
-    """Open an index folder for searching: a :class:`ShardedIndex` when its index.json says it was built
-    from embedding shards, else the :class:`ImageIndex` of an image folder (both have ``search``)."""
-    meta_path = Path(root) / "index.json"
-    try:
-        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
-    except ValueError:
-        kind = None
-    return ShardedIndex(root) if kind == "sharded" else ImageIndex.load(root)
+    """Open an index folder for searching: the same as :meth:`ImageIndex.load` — a :class:`ShardedIndex`
+    when its index.json says it was built from embedding shards, else the :class:`ImageIndex` of an image
+    folder (both have ``search``, ``ids``, ``descriptor`` and ``check_backbone``)."""
+    return ImageIndex.load(root)

@@ -4,6 +4,8 @@
                                    dtype, the shard plan with each shard's status and row count
     EMB/inputs/shard-NNNNN.txt     the files of a file shard (fixed when the shard is planned)
     EMB/shard-NNNNN.parquet        rows: id, sha256, meta (JSON), vector (D' float32)
+    EMB/shard-NNNNN.patches.parquet  with --patch-descriptors: per row id, grid h, w, and the patch tokens
+                                   (h, w, D) as float16 bytes (written before the shard's Parquet file)
     EMB/shard-NNNNN.done.json      written after the Parquet file: rows, skipped rows (id + reason), time
 
 A shard is done when its Parquet file and its done-marker both exist (img2dataset's rule); a rerun embeds
@@ -48,6 +50,10 @@ def marker_path(root: str | os.PathLike, name: str) -> Path:
     return Path(root) / f"{name}.done.json"
 
 
+def patches_path(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / f"{name}.patches.parquet"
+
+
 def is_done(root: str | os.PathLike, name: str) -> bool:
     return shard_path(root, name).is_file() and marker_path(root, name).is_file()
 
@@ -56,6 +62,15 @@ def write_shard(root: str | os.PathLike, name: str, rows: ShardRows, seconds: fl
     """Write a shard's Parquet file, then its done-marker (both atomically); return the marker's content."""
     pa, pq = _pyarrow()
     dim = rows.vectors.shape[1]
+    if rows.patches is not None:  # before the shard's own file: a done shard always has its patches
+        grids = rows.patches
+        patches = pa.table({"id": pa.array(rows.ids, pa.string()),
+                            "h": pa.array([g.shape[0] for g in grids], pa.int32()),
+                            "w": pa.array([g.shape[1] for g in grids], pa.int32()),
+                            "patches": pa.array([np.ascontiguousarray(g, "<f2").tobytes() for g in grids],
+                                                pa.large_binary())},
+                           metadata={"dtype": "float16", "dim": str(grids[0].shape[2] if grids else 0)})
+        atomic_write(patches_path(root, name), lambda tmp: pq.write_table(patches, tmp))
     flat = pa.array(np.ascontiguousarray(rows.vectors, np.float32).ravel(), pa.float32())
     table = pa.table({"id": pa.array(rows.ids, pa.string()), "sha256": pa.array(rows.sha256, pa.string()),
                       "meta": pa.array(rows.meta, pa.string()),
@@ -66,6 +81,23 @@ def write_shard(root: str | os.PathLike, name: str, rows: ShardRows, seconds: fl
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write(marker_path(root, name), lambda tmp: Path(tmp).write_text(json.dumps(marker) + "\n"))
     return marker
+
+
+def read_patches(root: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
+    """One shard's patch descriptors (``vitdense embed --patch-descriptors``): id → (h, w, D) float16."""
+    _, pq = _pyarrow()
+    path = patches_path(root, name)
+    try:
+        table = pq.read_table(path)
+        dim = int(table.schema.metadata[b"dim"])
+        cols = {c: table.column(c).to_pylist() for c in ("id", "h", "w", "patches")}
+        return {i: np.frombuffer(b, "<f2").reshape(h, w, dim)
+                for i, h, w, b in zip(cols["id"], cols["h"], cols["w"], cols["patches"])}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no patch descriptors (embedded without --patch-descriptors)") from None
+    except Exception as err:  # pyarrow raises several types for bad files
+        raise DataError(f"{path}: cannot read the patch descriptors ({str(err).splitlines()[0]}); delete the "
+                        f"shard's files and re-run `vitdense embed`") from None
 
 
 def read_marker(root: str | os.PathLike, name: str) -> dict[str, Any]:
@@ -104,6 +136,7 @@ class Collection:
     descriptor: DescriptorConfig
     dim: int
     shards: list[ShardSpec]
+    patch_descriptors: bool = False  # each shard also keeps its rows' patch tokens (float16)
 
     @property
     def manifest_path(self) -> Path:
@@ -128,7 +161,8 @@ class Collection:
                 entry.update(status="pending", rows=None, skipped=None)
             shards.append(entry)
         manifest = {"version": MANIFEST_VERSION, "backbone": self.backbone, "descriptor": self.descriptor.to_dict(),
-                    "dim": self.dim, "dtype": "float32", "rows": sum(s["rows"] or 0 for s in shards),
+                    "dim": self.dim, "dtype": "float32", "patch_descriptors": self.patch_descriptors,
+                    "rows": sum(s["rows"] or 0 for s in shards),
                     "complete": all(s["status"] == "done" for s in shards), "shards": shards,
                     "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
         text = json.dumps(manifest, indent=1)
@@ -156,14 +190,14 @@ class Collection:
                     items = tuple((root / "inputs" / f"{s['name']}.txt").read_text().splitlines())
                 shards.append(ShardSpec(s["name"], s["kind"], items, s.get("tar")))
             return cls(root, meta["backbone"], DescriptorConfig.from_dict(meta["descriptor"]), int(meta["dim"]),
-                       shards)
+                       shards, bool(meta.get("patch_descriptors", False)))
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise DataError(f"{path}: corrupt manifest ({err})") from None
 
     @classmethod
     def open_or_create(cls, root: str | os.PathLike, files: Sequence[str], tars: Sequence[str],
                        backbone: dict[str, Any], descriptor: DescriptorConfig, dim: int,
-                       shard_size: int) -> "Collection":
+                       shard_size: int, patch_descriptors: bool = False) -> "Collection":
         """The collection at ``root`` with ``files`` and ``tars`` planned into shards.
 
         A new folder is planned from scratch. An existing one must have the same backbone (weights
@@ -176,6 +210,10 @@ class Collection:
         if (root / "manifest.json").exists():
             coll = cls.load(root)
             coll.check(backbone, descriptor)
+            if coll.patch_descriptors != patch_descriptors:
+                have = "with" if coll.patch_descriptors else "without"
+                raise ConfigError(f"{coll.manifest_path}: the collection was embedded {have} --patch-descriptors; "
+                                  f"use the same setting or another --out")
             planned = {i for s in coll.shards for i in s.items}
             planned_tars = {s.tar for s in coll.shards if s.tar}
             new = plan_shards([f for f in files if f not in planned], [t for t in tars if t not in planned_tars],
@@ -184,7 +222,7 @@ class Collection:
             if root.exists() and any(root.iterdir()):
                 raise DataError(f"{root}: folder exists and is not a vitdense embeddings folder; choose an empty "
                                 f"or new --out")
-            coll = cls(root, backbone, descriptor, dim, [])
+            coll = cls(root, backbone, descriptor, dim, [], patch_descriptors)
             new = plan_shards(files, tars, shard_size)
         for spec in new:
             if spec.kind == "files":

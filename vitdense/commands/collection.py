@@ -24,10 +24,13 @@ from .retrieval import _check_loader, _descriptor_config, _extractor, descriptor
 @click.option("--actors", type=int, default=2, show_default=True, help="Ray: extractor actors (one per GPU).")
 @click.option("--address", default=None, help="Ray: address of an existing cluster (e.g. auto, or host:6379).")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="Ray: GPUs per actor.")
+@click.option("--patch-descriptors", is_flag=True,
+              help="Also keep each image's patch tokens (h, w, D) in float16 for dense retrieval, per shard in "
+                   "shard-NNNNN.patches.parquet.")
 @descriptor_options
 @extractor_options(stride=None, layer=None, facet=None, load_size=224)
 def embed(sources: tuple[str, ...], out_dir: str, engine: str, shard_size: int, actors: int, address: str | None,
-          gpus_per_worker: float, **opts: Any) -> None:
+          gpus_per_worker: float, patch_descriptors: bool, **opts: Any) -> None:
     """Embed the images of SOURCES (folders, .txt/.parquet lists of paths, webdataset .tar shards) into
     Parquet shards under --out, each row with a stable id (path, or TAR::MEMBER) and its content hash.
 
@@ -45,7 +48,8 @@ def embed(sources: tuple[str, ...], out_dir: str, engine: str, shard_size: int, 
     spec = ExtractorSpec(opts["model"], opts["weights"], opts["device"], opts["dtype"], extractor.stride[0])
     report = embed_collection(sources, out_dir, spec, config, engine=engine, built=extractor,
                               shard_size=shard_size, batch_size=opts["batch_size"], num_workers=opts["workers"],
-                              actors=actors, address=address, gpus_per_worker=gpus_per_worker)
+                              actors=actors, address=address, gpus_per_worker=gpus_per_worker,
+                              patch_descriptors=patch_descriptors)
     for row_id, reason in report.skipped:
         click.echo(f"skipped {row_id}: {reason}", err=True)
     m = report.manifest

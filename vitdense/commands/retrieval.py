@@ -218,8 +218,7 @@ def search(queries: tuple[str, ...], index_dir: str, k: int, out_dir: str, model
     out = Path(out_dir)
     for row, qi in enumerate(result.indices):
         qpath = paths[qi]
-        names = idx.ids(ids[row]) if hasattr(idx, "ids") else [idx.entries[j].path if j >= 0 else None
-                                                                  for j in ids[row]]
+        names = idx.ids(ids[row])
         hits = [{"rank": r + 1, "path": name, "score": float(s)}
                 for r, (s, name) in enumerate(zip(scores[row], names)) if name is not None]
         records.append({"query": record_path(qpath), "results": hits})

@@ -103,6 +103,9 @@ def open_index(root: str | os.PathLike, collection: str | os.PathLike | None = N
     """
     stamp = index_stamp(root)
     idx = ImageIndex.load(root)
+    if not isinstance(idx, ImageIndex):
+        raise DataError(f"{root}: a sharded index (built with `vitdense index --embeddings`); `vitdense serve` "
+                        f"serves image-folder indexes (`vitdense index DIR`), search this one with `vitdense search`")
     if idx.index is None:
         raise DataError(f"{root}: the index is incomplete (an indexing run was interrupted); re-run "
                         f"`vitdense index` to finish it")
