@@ -172,6 +172,73 @@ def test_image_and_cached_thumbnail(client, service, setup):
     assert client.get(f"/thumb/{id_}").content == thumb.content and len(service.thumbs.items) == before
 
 
+def _recording_batcher(window_s: float, max_batch: int = 32):
+    """A Batcher over a stand-in network (the mean of each image) that records its batch sizes."""
+    import torch
+
+    from vitdense.serve.service import Batcher
+
+    sizes: list[int] = []
+
+    def embed(batch):
+        sizes.append(len(batch))
+        return batch.float().mean(dim=(1, 2, 3), keepdim=False)[:, None].numpy()
+
+    return Batcher(embed, window_s=window_s, max_batch=max_batch), sizes, torch
+
+
+def test_batcher_waits_only_for_announced_queries():
+    """A lone query starts at once despite a long window; queries announced while they are being prepared
+    are waited for and share its forward pass; a withdrawn announcement ends the wait; every query gets
+    its own image's result."""
+    import time
+
+    batcher, sizes, torch = _recording_batcher(window_s=5.0)
+    try:
+        start = time.monotonic()
+        assert batcher.submit(torch.full((3, 4, 4), 2.0)).result(timeout=4) == pytest.approx(2.0)
+        assert time.monotonic() - start < 2.0 and sizes == [1]  # nothing else was coming: no 5-s wait
+
+        batcher.announce()
+        batcher.announce()
+        first = batcher.submit(torch.full((3, 4, 4), 1.0), announced=True)
+        time.sleep(0.3)  # the second is still "being prepared": the first waits for it
+        assert not first.done()
+        second = batcher.submit(torch.full((3, 4, 4), 3.0), announced=True)
+        assert (first.result(timeout=4), second.result(timeout=4)) == (pytest.approx(1.0), pytest.approx(3.0))
+        assert sizes == [1, 2]
+
+        batcher.announce()
+        batcher.announce()
+        start = time.monotonic()
+        third = batcher.submit(torch.full((3, 4, 4), 5.0), announced=True)
+        time.sleep(0.2)
+        batcher.withdraw()  # the other announced query was refused: nothing left to wait for
+        assert third.result(timeout=4) == pytest.approx(5.0) and time.monotonic() - start < 2.0
+        assert sizes == [1, 2, 1]
+        assert batcher.batched == 4 and batcher.largest == 2 and batcher.forward_s > 0
+    finally:
+        batcher.stop()
+
+
+def test_batcher_window_bounds_the_wait_and_max_batch_splits():
+    """An announced query that never comes delays a batch by the window at most; more queued queries than
+    max_batch go through in several passes, in order."""
+    import time
+
+    batcher, sizes, torch = _recording_batcher(window_s=0.2, max_batch=3)
+    try:
+        batcher.announce()  # never submitted nor withdrawn
+        start = time.monotonic()
+        assert batcher.submit(torch.zeros(3, 4, 4)).result(timeout=4) == pytest.approx(0.0)
+        assert 0.15 <= time.monotonic() - start < 3.0 and sizes == [1]
+        futures = [batcher.submit(torch.full((3, 4, 4), float(i))) for i in range(7)]  # still announced: grouped
+        assert [f.result(timeout=4) for f in futures] == [pytest.approx(float(i)) for i in range(7)]
+        assert sizes[0] == 1 and sum(sizes[1:]) == 7 and max(sizes) <= 3 and batcher.largest <= 3
+    finally:
+        batcher.stop()
+
+
 def test_batched_queries_equal_single_ones(setup, photos):
     """Eight uploads arriving together share forward passes, with the results of one-at-a-time queries."""
     import httpx
