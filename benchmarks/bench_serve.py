@@ -21,8 +21,9 @@ ramp-up in which the first batch holds only the first arrivals is over) to the l
 answers in between (``qps``); ``qps_overall`` counts all answers from the first request on. Latency: request
 sent → answer read, per request. Errors: any answer other than 200 or a transport error; lost: sent but never
 answered. Baseline: `vitdense search` as a fresh process per query (model load included: what a shell user
-pays), over ``--baseline`` queries. The server's own figures (/stats) are reported too: forward passes, mean
-batch and the forward time per query (``forward_ms_per_query``).
+pays), over ``--baseline`` queries. The server's own figures are reported too: forward passes, mean batch
+and the forward time per query (/stats), and the CPU time the server process used per query (psutil), a
+cost that depends much less than queries/s on how busy the machine is.
 
 Soak: the batching server under 8 clients for ``--soak-s`` seconds; its resident memory (psutil) sampled every
 2 s; reported: after warm-up, at the end, peak, and the slope of a least-squares line (MB/min).
@@ -120,6 +121,13 @@ class Server:
         import psutil
 
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system, all its threads)."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def stats(self) -> dict:
         import httpx
@@ -237,22 +245,25 @@ def main() -> None:
                 report[label] = {"rows": []}
             for clients in args.clients if servers else ():
                 for label, server in servers.items():  # turn by turn: both settings see the same load
-                    before = server.stats()
+                    before, cpu = server.stats(), server.cpu_s()
                     load_avg = os.getloadavg()[0]
                     row = asyncio.run(load(server.url, queries, clients, max(args.requests, 6 * clients),
                                            args.seconds))
-                    after = server.stats()
+                    after, cpu = server.stats(), server.cpu_s() - cpu
                     row["server_counted"] = (after["latency"]["search_upload"]["count"]
                                              - before["latency"]["search_upload"]["count"])
                     passes = after["batching"]["forward_passes"] - before["batching"]["forward_passes"]
                     row["forward_passes"] = passes
                     row["mean_batch"] = round(row["server_counted"] / passes, 2) if passes else None
                     row["load_average"] = round(load_avg, 2)
+                    row["server_cpu_ms_per_query"] = (round(1000 * cpu / row["server_counted"], 1)
+                                                      if row["server_counted"] else None)
                     report[label]["rows"].append(row)
                     print(f"{label:34s} {clients:3d} clients: {row['qps']} q/s steady ({row['qps_overall']} overall)  "
                           f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  answered {row['answered']}/{row['issued']}"
                           f"  errors {row['errors']}  lost {row['lost']}  server counted {row['server_counted']}  "
-                          f"mean batch {row['mean_batch']}  load {load_avg:.1f}", flush=True)
+                          f"mean batch {row['mean_batch']}  server CPU {row['server_cpu_ms_per_query']} ms/query  "
+                          f"load {load_avg:.1f}", flush=True)
             for label, server in servers.items():
                 batching = server.stats()["batching"]
                 report[label]["server_batching"] = batching

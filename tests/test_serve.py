@@ -264,6 +264,26 @@ def test_batched_queries_equal_single_ones(setup, photos):
     assert single.batcher.largest == 1 and single.batcher.batches == 8
     assert batched.batcher.batches < 8 and batched.batcher.largest > 1
     assert batched.stats()["batching"]["queries"] == 8
+    assert batched.stats()["batching"]["forward_ms_per_query"] > 0
+
+
+def test_refused_upload_does_not_hold_back_later_queries(setup, photos):
+    """A refused upload (not an image, too large) ends its announcement: with a 5-s window a later lone query
+    is still answered at once."""
+    import time
+
+    svc = make_service(setup["index"], window_s=5.0, max_batch=32)
+    try:
+        with TestClient(create_app(svc, limits=Limits(max_bytes=50_000), watch=False)) as c:
+            assert c.post("/search", content=b"not an image").status_code == 422
+            assert c.post("/search", content=b"\xff" * 60_000).status_code == 413
+            assert svc.batcher._preparing == 0
+            start = time.monotonic()
+            res = c.post("/search?k=3", content=_png(np.asarray(Image.fromarray(photos["coffee"]).resize((80, 64)))))
+            assert res.status_code == 200 and len(res.json()["results"]) == 3
+            assert time.monotonic() - start < 4.0
+    finally:
+        svc.batcher.stop()
 
 
 def test_correspond_is_the_cli_function(client, service, setup):

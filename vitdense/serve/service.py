@@ -292,10 +292,10 @@ class LRU:
 class ServeConfig:
     """Settings of a running service.
 
-    window_s: how long the batcher waits for more queries after the first (0: take only those already
-    waiting); max_batch: queries per forward pass (1: no batching); poll_s: how often the index folder is
-    checked for a new generation (0: only on SIGHUP); correspond_*: the dense settings of /correspond and
-    /heatmap (those of ``vitdense correspond``).
+    window_s: how long the batcher may wait for queries that have arrived and are still being prepared
+    (never when there are none; 0: take only those already queued); max_batch: queries per forward pass (1:
+    no batching); poll_s: how often the index folder is checked for a new generation (0: only on SIGHUP);
+    correspond_*: the dense settings of /correspond and /heatmap (those of ``vitdense correspond``).
     """
 
     index_dir: str
@@ -543,7 +543,8 @@ class Service:
                 "batching": {"window_ms": self.config.window_s * 1000, "max_batch": b.max_batch,
                              "forward_passes": b.batches, "queries": b.batched, "largest_batch": b.largest,
                              "mean_batch": round(b.batched / b.batches, 2) if b.batches else None,
-                             "forward_ms_per_query": round(1000 * b.forward_s / b.batched, 1) if b.batched else None},
+                             "forward_ms_per_query": (round(1000 * b.forward_s / b.batched, 1) if b.batched
+                                                      else None)},
                 "reloads": self.reloads, "reload_error": self.reload_error,
                 "thumbnails_cached": len(self.thumbs.items)}
 
