@@ -235,6 +235,9 @@ def test_batcher_window_bounds_the_wait_and_max_batch_splits():
         futures = [batcher.submit(torch.full((3, 4, 4), float(i))) for i in range(7)]  # still announced: grouped
         assert [f.result(timeout=4) for f in futures] == [pytest.approx(float(i)) for i in range(7)]
         assert sizes[0] == 1 and sum(sizes[1:]) == 7 and max(sizes) <= 3 and batcher.largest <= 3
+        batcher.withdraw()
+        batcher.stop()  # a query submitted after a stop is still answered (by a new thread)
+        assert batcher.submit(torch.ones(3, 4, 4)).result(timeout=4) == pytest.approx(1.0)
     finally:
         batcher.stop()
 
@@ -486,6 +489,7 @@ def test_reload_is_atomic_under_concurrent_requests(setup, photos, tmp_path):
     """While `vitdense index` adds images and the service reloads, every answer comes from one whole
     generation: its image count and its ids."""
     import shutil
+    import time
 
     coll = tmp_path / "coll"
     shutil.copytree(setup["coll"], coll, symlinks=True)
@@ -519,6 +523,9 @@ def test_reload_is_atomic_under_concurrent_requests(setup, photos, tmp_path):
             assert svc.reload() is True  # the folder's generation changed
             id_sets[svc.snapshot.generation] = set(svc.snapshot.ids)
             assert svc.reload() is False  # nothing new
+        deadline = time.monotonic() + 30  # let the clients see the last generation too (a busy machine)
+        while not any(a["generation"] == 3 for a in list(seen)) and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         for t in threads:

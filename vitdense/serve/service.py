@@ -157,21 +157,21 @@ class Batcher:
 
     def start(self) -> None:
         with self._cond:
-            if self._thread is None:
-                self._stopping = False
-                self._thread = threading.Thread(target=self._run, name="vitdense-batcher", daemon=True)
-                self._thread.start()
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:  # with self._cond held
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="vitdense-batcher", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
-        """Finish the queued jobs, then end the thread (a later submit starts it again)."""
+        """Finish the queued jobs, then end the thread (a later submit starts another)."""
         with self._cond:
             thread, self._stopping = self._thread, True
             self._cond.notify_all()
         if thread is not None:
             thread.join(timeout=10)
-            with self._cond:
-                if self._thread is thread:
-                    self._thread = None
 
     def announce(self) -> None:
         """A query has arrived and will be submitted (or withdrawn) once its image is prepared."""
@@ -187,12 +187,12 @@ class Batcher:
     def submit(self, tensor: torch.Tensor, announced: bool = False) -> Future:
         """Queue one (3, H, W) image; the future's result is its (D',) descriptor. ``announced``: the
         query was announced with :meth:`announce` (the announcement ends here)."""
-        self.start()
         job = _Job(tensor, Future())
         with self._cond:
             if announced:
                 self._preparing = max(0, self._preparing - 1)
             self._jobs.append(job)
+            self._ensure_thread()  # a thread that is stopping still takes this job before it ends
             self._cond.notify_all()
         return job.future
 
@@ -202,6 +202,7 @@ class Batcher:
             while not self._jobs and not self._stopping:
                 self._cond.wait()
             if not self._jobs:
+                self._thread = None  # stopping: the next submit starts another thread
                 return None
             deadline = time.monotonic() + self.window_s
             while len(self._jobs) < self.max_batch and self._preparing > 0 and not self._stopping:
