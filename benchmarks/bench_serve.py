@@ -11,12 +11,19 @@ bundled ViT-S/8 by default, shorter side ``--load-size``); the queries are 16 ot
 (crops, flips) all resized to 160x120 px JPEGs, so that their network inputs have one shape and can share a
 forward pass (the batcher groups equal shapes; index with --square to batch any mix of aspect ratios).
 
-Load: for each server setting (batching: ``--batch-window-ms 5 --max-batch 32``; none: ``--max-batch 1``) one
-`vitdense serve` process on a free port; for each client count C, C asyncio clients (one httpx connection
-each) POST the query images round-robin until ``--requests`` answers have been asked for or ``--seconds``
-have passed (whichever first), after a warm-up. Latency: request sent → answer read, per request. Errors: any
-answer other than 200 or a transport error; lost: sent but never answered. Baseline: `vitdense search` as a
-fresh process per query (model load included: what a shell user pays), over ``--baseline`` queries.
+Load: one `vitdense serve` process on a free port for each server setting (batching: ``--batch-window-ms 5
+--max-batch 32``; none: ``--max-batch 1``), both running from the start; for each client count C the two
+settings are measured one after the other, so that both see the same load from other jobs on the machine. C
+asyncio clients (one httpx connection each) POST the query images round-robin until max(``--requests``, 6 C)
+answers have been asked for or ``--seconds`` have passed (whichever first), after a warm-up. Throughput is
+measured in the steady state: from the moment C answers have come back (every client has had a turn, the
+ramp-up in which the first batch holds only the first arrivals is over) to the last answer, counting the
+answers in between (``qps``); ``qps_overall`` counts all answers from the first request on. Latency: request
+sent → answer read, per request. Errors: any answer other than 200 or a transport error; lost: sent but never
+answered. Baseline: `vitdense search` as a fresh process per query (model load included: what a shell user
+pays), over ``--baseline`` queries. The server's own figures are reported too: forward passes, mean batch
+and the forward time per query (/stats), and the CPU time the server process used per query (psutil), a
+cost that depends much less than queries/s on how busy the machine is.
 
 Soak: the batching server under 8 clients for ``--soak-s`` seconds; its resident memory (psutil) sampled every
 2 s; reported: after warm-up, at the end, peak, and the slope of a least-squares line (MB/min).
@@ -115,6 +122,13 @@ class Server:
 
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system, all its threads)."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
     def stats(self) -> dict:
         import httpx
 
@@ -131,6 +145,7 @@ async def load(url: str, queries: list[bytes], clients: int, requests: int, seco
 
     issued = 0
     latencies: list[float] = []
+    finished: list[float] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
 
@@ -149,15 +164,22 @@ async def load(url: str, queries: list[bytes], clients: int, requests: int, seco
                 except httpx.HTTPError as err:
                     errors.append(repr(err))
                     continue
-                latencies.append(time.perf_counter() - start)
+                end = time.perf_counter()
+                latencies.append(end - start)
+                finished.append(end)
 
     start = time.perf_counter()
     await asyncio.gather(*(client(n) for n in range(clients)))
     wall = time.perf_counter() - start
     lat = np.array(latencies) * 1000
+    done = np.sort(np.array(finished))
+    steady = None
+    if len(done) > clients:  # from the C-th answer (the end of the ramp-up) to the last one
+        span = done[-1] - done[clients - 1]
+        steady = round(float((len(done) - clients) / span), 2) if span > 0 else None
     return {"clients": clients, "issued": issued, "answered": len(latencies), "errors": len(errors),
             "lost": issued - len(latencies) - len(errors), "seconds": round(wall, 2),
-            "qps": round(len(latencies) / wall, 2),
+            "qps": steady, "qps_overall": round(len(latencies) / wall, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
             "error_samples": errors[:3]}
@@ -215,24 +237,41 @@ def main() -> None:
         report["index_images"] = len(PHOTOS) + 1
         settings = (("batching (5 ms window, up to 32)", ["--batch-window-ms", "5", "--max-batch", "32"]),
                     ("no batching (--max-batch 1)", ["--max-batch", "1"]))
-        for label, options in settings if not args.soak_only else ():
-            server = Server(index, args.device, *options)
-            try:
-                asyncio.run(load(server.url, queries, 4, 16, 60))  # warm-up: weights paged in, allocator pools
-                rows = []
-                for clients in args.clients:
-                    before = server.stats()["latency"]["search_upload"]["count"]
-                    row = asyncio.run(load(server.url, queries, clients, args.requests, args.seconds))
-                    row["server_counted"] = server.stats()["latency"]["search_upload"]["count"] - before
-                    rows.append(row)
-                    print(f"{label:34s} {clients:3d} clients: {row['qps']:7.2f} q/s  p50 {row['p50_ms']} ms  "
-                          f"p99 {row['p99_ms']} ms  answered {row['answered']}/{row['issued']}  errors "
-                          f"{row['errors']}  lost {row['lost']}  server counted {row['server_counted']}", flush=True)
+        servers: dict[str, Server] = {}
+        try:
+            for label, options in settings if not args.soak_only else ():
+                servers[label] = Server(index, args.device, *options)
+                asyncio.run(load(servers[label].url, queries, 4, 16, 60))  # warm-up: weights paged in, pools
+                report[label] = {"rows": []}
+            for clients in args.clients if servers else ():
+                for label, server in servers.items():  # turn by turn: both settings see the same load
+                    before, cpu = server.stats(), server.cpu_s()
+                    load_avg = os.getloadavg()[0]
+                    row = asyncio.run(load(server.url, queries, clients, max(args.requests, 6 * clients),
+                                           args.seconds))
+                    after, cpu = server.stats(), server.cpu_s() - cpu
+                    row["server_counted"] = (after["latency"]["search_upload"]["count"]
+                                             - before["latency"]["search_upload"]["count"])
+                    passes = after["batching"]["forward_passes"] - before["batching"]["forward_passes"]
+                    row["forward_passes"] = passes
+                    row["mean_batch"] = round(row["server_counted"] / passes, 2) if passes else None
+                    row["load_average"] = round(load_avg, 2)
+                    row["server_cpu_ms_per_query"] = (round(1000 * cpu / row["server_counted"], 1)
+                                                      if row["server_counted"] else None)
+                    report[label]["rows"].append(row)
+                    print(f"{label:34s} {clients:3d} clients: {row['qps']} q/s steady ({row['qps_overall']} overall)  "
+                          f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  answered {row['answered']}/{row['issued']}"
+                          f"  errors {row['errors']}  lost {row['lost']}  server counted {row['server_counted']}  "
+                          f"mean batch {row['mean_batch']}  server CPU {row['server_cpu_ms_per_query']} ms/query  "
+                          f"load {load_avg:.1f}", flush=True)
+            for label, server in servers.items():
                 batching = server.stats()["batching"]
-                report[label] = {"rows": rows, "server_batching": batching}
+                report[label]["server_batching"] = batching
                 print(f"{label}: forward passes {batching['forward_passes']}, mean batch {batching['mean_batch']}, "
-                      f"largest {batching['largest_batch']}, server RSS {server.rss_mb():.0f} MB", flush=True)
-            finally:
+                      f"largest {batching['largest_batch']}, forward {batching['forward_ms_per_query']} ms per query, "
+                      f"server RSS {server.rss_mb():.0f} MB", flush=True)
+        finally:
+            for server in servers.values():
                 server.stop()
         if not args.soak_only:
             report["baseline"] = baseline(index, files, args.baseline, args.device)

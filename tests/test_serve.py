@@ -172,6 +172,76 @@ def test_image_and_cached_thumbnail(client, service, setup):
     assert client.get(f"/thumb/{id_}").content == thumb.content and len(service.thumbs.items) == before
 
 
+def _recording_batcher(window_s: float, max_batch: int = 32):
+    """A Batcher over a stand-in network (the mean of each image) that records its batch sizes."""
+    import torch
+
+    from vitdense.serve.service import Batcher
+
+    sizes: list[int] = []
+
+    def embed(batch):
+        sizes.append(len(batch))
+        return batch.float().mean(dim=(1, 2, 3), keepdim=False)[:, None].numpy()
+
+    return Batcher(embed, window_s=window_s, max_batch=max_batch), sizes, torch
+
+
+def test_batcher_waits_only_for_announced_queries():
+    """A lone query starts at once despite a long window; queries announced while they are being prepared
+    are waited for and share its forward pass; a withdrawn announcement ends the wait; every query gets
+    its own image's result."""
+    import time
+
+    batcher, sizes, torch = _recording_batcher(window_s=5.0)
+    try:
+        start = time.monotonic()
+        assert batcher.submit(torch.full((3, 4, 4), 2.0)).result(timeout=4) == pytest.approx(2.0)
+        assert time.monotonic() - start < 2.0 and sizes == [1]  # nothing else was coming: no 5-s wait
+
+        batcher.announce()
+        batcher.announce()
+        first = batcher.submit(torch.full((3, 4, 4), 1.0), announced=True)
+        time.sleep(0.3)  # the second is still "being prepared": the first waits for it
+        assert not first.done()
+        second = batcher.submit(torch.full((3, 4, 4), 3.0), announced=True)
+        assert (first.result(timeout=4), second.result(timeout=4)) == (pytest.approx(1.0), pytest.approx(3.0))
+        assert sizes == [1, 2]
+
+        batcher.announce()
+        batcher.announce()
+        start = time.monotonic()
+        third = batcher.submit(torch.full((3, 4, 4), 5.0), announced=True)
+        time.sleep(0.2)
+        batcher.withdraw()  # the other announced query was refused: nothing left to wait for
+        assert third.result(timeout=4) == pytest.approx(5.0) and time.monotonic() - start < 2.0
+        assert sizes == [1, 2, 1]
+        assert batcher.batched == 4 and batcher.largest == 2 and batcher.forward_s > 0
+    finally:
+        batcher.stop()
+
+
+def test_batcher_window_bounds_the_wait_and_max_batch_splits():
+    """An announced query that never comes delays a batch by the window at most; more queued queries than
+    max_batch go through in several passes, in order."""
+    import time
+
+    batcher, sizes, torch = _recording_batcher(window_s=0.2, max_batch=3)
+    try:
+        batcher.announce()  # never submitted nor withdrawn
+        start = time.monotonic()
+        assert batcher.submit(torch.zeros(3, 4, 4)).result(timeout=4) == pytest.approx(0.0)
+        assert 0.15 <= time.monotonic() - start < 3.0 and sizes == [1]
+        futures = [batcher.submit(torch.full((3, 4, 4), float(i))) for i in range(7)]  # still announced: grouped
+        assert [f.result(timeout=4) for f in futures] == [pytest.approx(float(i)) for i in range(7)]
+        assert sizes[0] == 1 and sum(sizes[1:]) == 7 and max(sizes) <= 3 and batcher.largest <= 3
+        batcher.withdraw()
+        batcher.stop()  # a query submitted after a stop is still answered (by a new thread)
+        assert batcher.submit(torch.ones(3, 4, 4)).result(timeout=4) == pytest.approx(1.0)
+    finally:
+        batcher.stop()
+
+
 def test_batched_queries_equal_single_ones(setup, photos):
     """Eight uploads arriving together share forward passes, with the results of one-at-a-time queries."""
     import httpx
@@ -197,6 +267,26 @@ def test_batched_queries_equal_single_ones(setup, photos):
     assert single.batcher.largest == 1 and single.batcher.batches == 8
     assert batched.batcher.batches < 8 and batched.batcher.largest > 1
     assert batched.stats()["batching"]["queries"] == 8
+    assert batched.stats()["batching"]["forward_ms_per_query"] > 0
+
+
+def test_refused_upload_does_not_hold_back_later_queries(setup, photos):
+    """A refused upload (not an image, too large) ends its announcement: with a 5-s window a later lone query
+    is still answered at once."""
+    import time
+
+    svc = make_service(setup["index"], window_s=5.0, max_batch=32)
+    try:
+        with TestClient(create_app(svc, limits=Limits(max_bytes=50_000), watch=False)) as c:
+            assert c.post("/search", content=b"not an image").status_code == 422
+            assert c.post("/search", content=b"\xff" * 60_000).status_code == 413
+            assert svc.batcher._preparing == 0
+            start = time.monotonic()
+            res = c.post("/search?k=3", content=_png(np.asarray(Image.fromarray(photos["coffee"]).resize((80, 64)))))
+            assert res.status_code == 200 and len(res.json()["results"]) == 3
+            assert time.monotonic() - start < 4.0
+    finally:
+        svc.batcher.stop()
 
 
 def test_correspond_is_the_cli_function(client, service, setup):
@@ -399,6 +489,7 @@ def test_reload_is_atomic_under_concurrent_requests(setup, photos, tmp_path):
     """While `vitdense index` adds images and the service reloads, every answer comes from one whole
     generation: its image count and its ids."""
     import shutil
+    import time
 
     coll = tmp_path / "coll"
     shutil.copytree(setup["coll"], coll, symlinks=True)
@@ -432,6 +523,9 @@ def test_reload_is_atomic_under_concurrent_requests(setup, photos, tmp_path):
             assert svc.reload() is True  # the folder's generation changed
             id_sets[svc.snapshot.generation] = set(svc.snapshot.ids)
             assert svc.reload() is False  # nothing new
+        deadline = time.monotonic() + 30  # let the clients see the last generation too (a busy machine)
+        while not any(a["generation"] == 3 for a in list(seen)) and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         for t in threads:

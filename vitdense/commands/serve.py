@@ -23,7 +23,8 @@ from ..errors import ConfigError
 @click.option("--max-pixels", type=int, default=40_000_000, show_default=True,
               help="Largest upload in width x height (413 above; refuses decompression bombs).")
 @click.option("--batch-window-ms", type=float, default=5.0, show_default=True,
-              help="How long a query waits for others to share its forward pass (0: only those waiting).")
+              help="How long a query may wait for others that have arrived and are still being decoded, to share "
+                   "its forward pass (never when there are none; 0: only those already queued).")
 @click.option("--max-batch", type=int, default=32, show_default=True, help="Queries per forward pass (1: no batching).")
 @click.option("--poll", "poll_s", type=float, default=2.0, show_default=True,
               help="Seconds between checks for a new index generation (0: reload on SIGHUP only).")

@@ -151,7 +151,7 @@ def create_app(service: Service, limits: Limits = Limits(), token: str | None = 
 
     async def search_post(request: Request) -> Response:
         k = _k(request, service.config.default_k)
-        return JSONResponse(await service.search_upload(await upload(request), k, limits))
+        return JSONResponse(await service.search_upload(upload(request), k, limits))
 
     async def image(request: Request) -> Response:
         data, media = await asyncio.to_thread(service.image_bytes, request.path_params["id"])

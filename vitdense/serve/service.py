@@ -8,9 +8,10 @@ builds a complete new :class:`Snapshot` before it replaces the reference in one 
 sees one index generation from start to end, never a mix. The index is opened by :func:`open_index`
 alone: another on-disk format plugs in there.
 
-Batching: uploaded queries are resized and normalised in the request's worker thread, then queued; one
-background thread takes the first waiting query, waits up to ``window_s`` for more (at most ``max_batch``),
-and runs the images of equal shape through one forward pass. Every forward pass (batched queries, the
+Batching: an uploaded query announces itself to the :class:`Batcher` when its request arrives, is decoded,
+resized and normalised in a worker thread, then queued; one background thread takes the waiting queries
+(at most ``max_batch``), waits up to ``window_s`` for announced ones still being prepared (never when there
+are none), and runs the images of equal shape through one forward pass. Every forward pass (batched queries, the
 dense descriptors of /correspond and /heatmap) holds one device lock, since the extractor is not
 re-entrant.
 """
@@ -22,14 +23,13 @@ import hashlib
 import io
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 import numpy as np
 import torch
@@ -135,73 +135,108 @@ class _Job:
 
 
 class Batcher:
-    """Runs queued query images through the network in batches (see module doc); one background thread."""
+    """Runs queued query images through the network in batches (see module doc); one background thread.
+
+    The window is spent only on queries known to be coming: a request announces itself
+    (:meth:`announce`) when it arrives, before its image is decoded and resized, and :meth:`submit`
+    turns the announcement into a queued job. A batch starts as soon as ``max_batch`` jobs wait, or no
+    announced query is still being prepared, or ``window_s`` has passed since its first job was taken;
+    so a lone query never waits, and queries that arrive together share a forward pass even when their
+    decoding takes longer than the window would allow on a busy machine.
+    """
 
     def __init__(self, embed, window_s: float = 0.005, max_batch: int = 32):
         self.embed = embed  # (B, 3, H, W) → (B, D') numpy
         self.window_s, self.max_batch = window_s, max(1, max_batch)
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job] = deque()
+        self._preparing = 0  # announced queries not yet submitted
+        self._stopping = False
         self.batches = 0
         self.batched = 0
         self.largest = 0
+        self.forward_s = 0.0  # seconds spent in forward passes of queries
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        with self._cond:
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:  # with self._cond held
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="vitdense-batcher", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self.jobs.put(None)
-            self._thread.join(timeout=10)
-            self._thread = None
+        """Finish the queued jobs, then end the thread (a later submit starts another)."""
+        with self._cond:
+            thread, self._stopping = self._thread, True
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout=10)
 
-    def submit(self, tensor: torch.Tensor) -> Future:
-        """Queue one (3, H, W) image; the future's result is its (D',) descriptor."""
-        self.start()
+    def announce(self) -> None:
+        """A query has arrived and will be submitted (or withdrawn) once its image is prepared."""
+        with self._cond:
+            self._preparing += 1
+
+    def withdraw(self) -> None:
+        """An announced query will not be submitted (its image was refused)."""
+        with self._cond:
+            self._preparing = max(0, self._preparing - 1)
+            self._cond.notify_all()
+
+    def submit(self, tensor: torch.Tensor, announced: bool = False) -> Future:
+        """Queue one (3, H, W) image; the future's result is its (D',) descriptor. ``announced``: the
+        query was announced with :meth:`announce` (the announcement ends here)."""
         job = _Job(tensor, Future())
-        self.jobs.put(job)
+        with self._cond:
+            if announced:
+                self._preparing = max(0, self._preparing - 1)
+            self._jobs.append(job)
+            self._ensure_thread()  # a thread that is stopping still takes this job before it ends
+            self._cond.notify_all()
         return job.future
 
-    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
-        batch, stop = [first], False
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                stop = True
-                break
-            batch.append(job)
-        return batch, stop
+    def _next_batch(self) -> list[_Job] | None:
+        """The jobs of the next forward pass (see the class doc); None when stopping with nothing queued."""
+        with self._cond:
+            while not self._jobs and not self._stopping:
+                self._cond.wait()
+            if not self._jobs:
+                self._thread = None  # stopping: the next submit starts another thread
+                return None
+            deadline = time.monotonic() + self.window_s
+            while len(self._jobs) < self.max_batch and self._preparing > 0 and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return [self._jobs.popleft() for _ in range(min(len(self._jobs), self.max_batch))]
 
     def _run(self) -> None:
         while True:
-            first = self.jobs.get()
-            if first is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            batch, stop = self._collect(first)
             groups: dict[tuple[int, ...], list[_Job]] = {}
             for job in batch:
                 groups.setdefault(tuple(job.tensor.shape), []).append(job)
             for group in groups.values():
+                start = time.perf_counter()
                 try:
                     vectors = self.embed(torch.stack([j.tensor for j in group]))
                 except Exception as err:  # noqa: BLE001 - handed to each waiting request
                     for job in group:
                         job.future.set_exception(err)
                     continue
+                self.forward_s += time.perf_counter() - start
                 for job, vec in zip(group, vectors):
                     job.future.set_result(vec)
                 self.batches += 1
                 self.batched += len(group)
                 self.largest = max(self.largest, len(group))
-            if stop:
-                return
 
 
 # ============================================================================ statistics
@@ -261,10 +296,10 @@ class LRU:
 class ServeConfig:
     """Settings of a running service.
 
-    window_s: how long the batcher waits for more queries after the first (0: take only those already
-    waiting); max_batch: queries per forward pass (1: no batching); poll_s: how often the index folder is
-    checked for a new generation (0: only on SIGHUP); correspond_*: the dense settings of /correspond and
-    /heatmap (those of ``vitdense correspond``).
+    window_s: how long the batcher may wait for queries that have arrived and are still being prepared
+    (never when there are none; 0: take only those already queued); max_batch: queries per forward pass (1:
+    no batching); poll_s: how often the index folder is checked for a new generation (0: only on SIGHUP);
+    correspond_*: the dense settings of /correspond and /heatmap (those of ``vitdense correspond``).
     """
 
     index_dir: str
@@ -347,6 +382,10 @@ class Service:
                                     f"{self.extractor.p}-px patch after resizing")
         return tensor
 
+    def _decode_prepare(self, data: bytes, limits: Limits) -> tuple[Image.Image, torch.Tensor]:
+        image = decode_upload(data, limits)
+        return image, self.prepare(image)
+
     def results(self, snapshot: Snapshot, vector: np.ndarray, k: int, exclude: int | None = None
                 ) -> list[dict[str, Any]]:
         """Top-k hits of one (D',) descriptor in ``snapshot`` as JSON-ready dicts (``exclude``: a row left
@@ -358,18 +397,28 @@ class Service:
         return [{"rank": n + 1, "id": snapshot.ids[r], "score": round(s, 6), "name": snapshot.name(r)}
                 for n, (s, r) in enumerate(hits)]
 
-    async def search_upload(self, data: bytes, k: int, limits: Limits) -> dict[str, Any]:
-        """Results for an uploaded image: decoded and resized in a worker thread, embedded by the batcher."""
+    async def search_upload(self, data: bytes | Awaitable[bytes], k: int, limits: Limits) -> dict[str, Any]:
+        """Results for an uploaded image: decoded and resized in a worker thread, embedded by the batcher.
+
+        ``data``: the image's bytes, or an awaitable of them (the request body still arriving: the query is
+        announced to the batcher before it is read)."""
         start = time.perf_counter()
         snap = self.snapshot
         ok = False
+        self.batcher.announce()  # the batcher may wait for this query while it is being prepared
+        submitted = False
         try:
-            image = await asyncio.to_thread(decode_upload, data, limits)
-            tensor = await asyncio.to_thread(self.prepare, image)
-            vector = await asyncio.wrap_future(self.batcher.submit(tensor))
+            if not isinstance(data, bytes):
+                data = await data
+            image, tensor = await asyncio.to_thread(self._decode_prepare, data, limits)
+            future = self.batcher.submit(tensor, announced=True)
+            submitted = True
+            vector = await asyncio.wrap_future(future)
             hits = self.results(snap, vector, k)
             ok = True
         finally:
+            if not submitted:
+                self.batcher.withdraw()
             self.latency["search_upload"].add(1000 * (time.perf_counter() - start), ok)
         return {"query": {"upload": True, "size": [image.height, image.width]}, "generation": snap.generation,
                 "k": k, "results": hits}
@@ -497,7 +546,9 @@ class Service:
                 "latency": {k: v.summary() for k, v in self.latency.items()},
                 "batching": {"window_ms": self.config.window_s * 1000, "max_batch": b.max_batch,
                              "forward_passes": b.batches, "queries": b.batched, "largest_batch": b.largest,
-                             "mean_batch": round(b.batched / b.batches, 2) if b.batches else None},
+                             "mean_batch": round(b.batched / b.batches, 2) if b.batches else None,
+                             "forward_ms_per_query": (round(1000 * b.forward_s / b.batched, 1) if b.batched
+                                                      else None)},
                 "reloads": self.reloads, "reload_error": self.reload_error,
                 "thumbnails_cached": len(self.thumbs.items)}
 
