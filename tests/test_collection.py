@@ -446,6 +446,24 @@ def test_cli_embed_index_search_names_ids(tmp_path, weights):
                       "either IMG_DIR or --embeddings")
 
 
+def test_exact_topk_streams_shards_in_blocks_like_one_sort(tmp_path, monkeypatch):
+    from vitdense.collection import index as module
+
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(rows, 8)).astype(np.float32) for rows in (5, 23, 1, 17)]
+    parts[2][0] = parts[0][1]  # a tie across shards: the lower id comes first
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], part)
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    queries = np.concatenate([rng.normal(size=(3, 8)), parts[0][1:2]]).astype(np.float32)
+    monkeypatch.setattr(module, "EXACT_BLOCK", 4)  # several blocks per shard
+    got = module._exact_topk(paths, offsets, queries, 7)
+    want = np.argsort(-(queries @ np.concatenate(parts).T), axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(got, want)
+
+
 BUILD_IN_CHILD = """
 import json, sys
 from vitdense.collection.index import build_index

@@ -44,6 +44,7 @@ INDEX_KINDS = ("auto", "flat", "ivfflat", "ivfpq")
 SHARDED_INDEX_VERSION = 1
 FLAT_MAX = 100_000  # exact search up to here: a query scans N·D' floats, ~40 ms at 100k × 384 on one core
 TRAIN_PER_LIST = 64  # faiss warns below 39 points per centroid; its guidelines say 30–256
+EXACT_BLOCK = 8192  # rows per block of the exact search in the evaluation (Q × 8192 scores at a time)
 BASE_RSS = 320 << 20  # the build process without its data: Python, numpy, faiss, pyarrow (~0.2 GB measured)
 
 
@@ -127,7 +128,7 @@ def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int |
         raise ConfigError(f"--index-type {kind}: choose one of {', '.join(INDEX_KINDS)}")
     raw = n * dim * 4
     gib = 1024 ** 3
-    room = budget - build_overhead(dim, shard_rows)
+    room = max(budget - build_overhead(dim, shard_rows), budget // 2)  # half when the overhead leaves less
     size = f"{n} × {dim} × 4 B = {raw / gib:.3g} GiB"
     spare = f"the {room / gib:.3g} GiB the build leaves of the budget ({budget / gib:.3g} GiB)"
     if kind == "auto":
@@ -141,8 +142,7 @@ def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int |
         reason = f"--index-type {kind} given"
     if kind == "flat":
         return IndexChoice("flat", "Flat", 0, 0, 0, 0, reason)
-    # the training sample: at most half what the build leaves (an eighth of a budget too small for the build)
-    sample_rows = max(1, max(room // 2, budget // 8) // (dim * 4))
+    sample_rows = max(1, room // 2 // (dim * 4))  # the training sample: at most half what the build leaves
     lists = nlist or min(_nlist(n), 1 << max(0, int(math.log2(max(1, sample_rows // 39)))))
     if lists < 1 or lists > n:
         raise ConfigError(f"--nlist {lists}: must be between 1 and the {n} vectors")
@@ -229,25 +229,28 @@ def _sample(emb: Path, shards: Sequence[tuple[str, int]], rows: np.ndarray, dim:
 
 
 def _exact_topk(paths: Sequence[Path], offsets: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k global ids of queries (Q, D') by inner product, one shard's vectors in RAM at a time,
+    """Exact top-k global ids of queries (Q, D') by inner product, a block of one shard's rows at a time,
     keeping a running top-k (ties: the lower id first, as a stable sort over all N would)."""
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     for s, path in enumerate(paths):
-        scores = queries @ np.load(path).T  # (Q, rows of this shard); the shard is freed after
-        ids = np.broadcast_to(np.arange(offsets[s], offsets[s + 1]), scores.shape)
-        if scores.shape[1] > k:  # this shard's own top k first, so the merge below stays (Q, 2k)
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
-        best_s, best_i = np.concatenate([best_s, scores], 1), np.concatenate([best_i, ids], 1)
-        keep = _order(best_s, best_i)[:, :k]
-        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+        shard = np.load(path, mmap_mode="r")  # read in blocks of rows; the map closes with the shard
+        for start in range(0, len(shard), EXACT_BLOCK):
+            scores = queries @ np.asarray(shard[start:start + EXACT_BLOCK], np.float32).T  # (Q, block)
+            ids = np.broadcast_to(offsets[s] + start + np.arange(scores.shape[1]), scores.shape)
+            if scores.shape[1] > k:  # this block's own top k first, so the merge below stays (Q, 2k)
+                part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+            best_s, best_i = np.concatenate([best_s, scores], 1), np.concatenate([best_i, ids], 1)
+            keep = _order(best_s, best_i)[:, :k]
+            best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+        del shard
     return best_i
 
 
 def _order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Per row, the column order by descending score, then ascending id."""
-    return np.stack([np.lexsort((i, -s)) for s, i in zip(scores, ids)])
+    return np.lexsort((ids, -scores), axis=-1)
 
 
 def _recall(exact: np.ndarray, got: np.ndarray, own: np.ndarray, k: int = 10) -> float:
