@@ -465,18 +465,22 @@ def test_exact_topk_streams_shards_in_blocks_like_one_sort(tmp_path, monkeypatch
 
 
 BUILD_IN_CHILD = """
-import json, sys
-from vitdense.collection.index import build_index
-meta = build_index(sys.argv[1], sys.argv[2], sys.argv[3], index_type="ivfflat", progress=False)
+import json, runpy, sys
+sys.argv = ["vitdense", "index", "--embeddings", sys.argv[1], "--out", sys.argv[2], "--memory-budget", sys.argv[3],
+            "--index-type", "ivfflat"]
+try:
+    runpy.run_module("vitdense", run_name="__main__")  # `vitdense index --embeddings`, as a user runs it
+except SystemExit as stop:
+    assert not stop.code, stop.code
 hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-print(json.dumps({"hwm": hwm, "torch": "torch" in sys.modules, "meta": meta}))
+print(json.dumps({"hwm": hwm, "torch": "torch" in sys.modules}))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
 def test_index_build_peak_memory_stays_within_the_budget(tmp_path):
-    """100k × 64-d vectors (24 MiB) under a 384 MiB budget, in a fresh process whose own high-water mark
-    (VmHWM) is the measure: the build must not import torch (~0.5 GB alone), and train / add / merge /
+    """`vitdense index --embeddings` of 100k × 64-d vectors (24 MiB) under a 384 MiB budget, in a fresh process
+    whose own high-water mark (VmHWM) is the measure: the build must not import torch (~0.5 GB alone), and train / add / merge /
     evaluate must each hold no more than a shard or a sample at a time."""
     import vitdense
 
@@ -489,7 +493,7 @@ def test_index_build_peak_memory_stays_within_the_budget(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert not got["torch"]
     assert got["hwm"] <= budget, f"peak RSS {got['hwm'] / 2**20:.0f} MiB over the {budget / 2**20:.0f} MiB budget"
-    meta = got["meta"]
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert meta["within_budget"] and meta["peak_rss"] <= got["hwm"]
     assert set(meta["stages"]["peak_rss"]) == {"train", "add", "merge", "evaluate"}
     assert meta["count"] == 100_000 and meta["choice"]["kind"] == "ivfflat"

@@ -4,16 +4,21 @@ Shapes: N vectors in the collection, D' channels, Q queries, K results, R re-ran
 
 Stages (each timed in index.json):
 
-    choose   the index type from N, D' and the budget (:func:`choose_index`)
-    train    on a random sample of the shards (never all vectors in RAM) → trained.index
+    choose   the index type from N, D', the budget and the build's own needs (:func:`choose_index`)
+    train    on a random sample of the shards sized from the budget (never all vectors in RAM) → trained.index
     add      per shard: its vectors get global ids (the shard's offset + row) in an index file of its own,
              shards/NAME.index, and a memory-mappable copy vectors/NAME.npy for exact re-ranking; a shard
              whose files exist is skipped, so deleting one rebuilds only that one (parallel Ray tasks
              under engine "ray")
     merge    IVF: the shards' inverted lists merged into one on-disk file (faiss OnDiskInvertedLists),
-             memory-mapped at search time, so the index can be larger than RAM; flat: one index in RAM
-    evaluate recall@10 of the index, with and without exact re-ranking, against exact search for
-             held-out sample queries (their own row left out of both lists)
+             written one shard at a time with plain file writes (:func:`_merge_ondisk`), memory-mapped at
+             search time, so the index can be larger than RAM; flat: one index in RAM
+    evaluate recall@10 of the index, with and without exact re-ranking, against exact search (streamed
+             over the shards in blocks of rows) for held-out sample queries (their own row left out of
+             both lists), searched in batches whose memory maps fit in an eighth of the budget
+
+Peak memory (VmHWM, which counts the pages of memory-mapped files the process touched) stays within the
+budget: nothing here imports torch, and each stage holds one shard, one block or one sample at a time.
 
 The folder: index.json (written last), trained.index, shards/, vectors/, populated-G.index and
 merged-G.ivfdata (G bumped by each merge, older generations removed after index.json points at the new).
