@@ -10,8 +10,8 @@ and whether both gave the same ids and vectors (max |difference|).
 
 Part 2 (index): N synthetic clustered 384-d unit vectors (1000 centres in a random 64-d subspace + noise,
 as benchmarks/bench_retrieval.py) written as Parquet shards of ``--shard-rows``; `build_index` runs in a
-fresh process per N (so its peak RSS is its own; it includes ~0.4 GB of torch that importing vitdense
-loads) under ``--memory-budget``, once with the automatic choice and once forced to IVF-PQ. Reported: the
+fresh process per N (so its peak RSS is its own; building an index does not import torch) under
+``--memory-budget``, once with the automatic choice and once forced to IVF-PQ. Reported: the
 choice, seconds per stage (train / add / merge), peak RSS against the budget, recall@10 of the held-out
 queries with and without exact re-ranking. From the measured rates (vectors added per second, k-means
 work per second, merge MB/s) it projects 1 B vectors on paper.
@@ -274,7 +274,7 @@ def main() -> None:
             q, exact, own = exact_queries(emb, n)
             from vitdense.collection.index import choose_index
 
-            auto = choose_index(n, args.dim, budget)
+            auto = choose_index(n, args.dim, budget, shard_rows=min(n, args.shard_rows))
             print(f"  {n:>9} auto choice: {auto.factory} ({auto.reason})")
             kmeans = None
             for kind in args.kinds.split(","):

@@ -333,8 +333,16 @@ def test_choose_index_follows_count_dim_and_budget():
     assert choose_index(50_000, 384, 4 * g).kind == "flat"
     assert choose_index(1_000_000, 384, 4 * g).factory == "IVF16384,Flat"  # 1.4 GiB raw fits 4 GiB; ≥ 39/list
     assert choose_index(5_000_000, 384, 8 * g).factory == "IVF65536,Flat"  # faiss' guideline for 1-10 M
-    pq = choose_index(10_000_000, 384, 1 * g)
+    pq = choose_index(10_000_000, 384, 64 * g, "ivfpq")
     assert pq.kind == "opq-ivfhnsw-pq" and pq.factory == "OPQ96,IVF131072_HNSW32,PQ96" and "HNSW" in pq.reason
+    # 1 GiB cannot hold 39 training points for each of 131072 lists (7.3 GiB): fewer lists, sample in budget
+    tight = choose_index(10_000_000, 384, 1 * g)
+    assert tight.factory == "OPQ96,IVF4096_HNSW32,PQ96" and tight.n_train * 384 * 4 <= g / 2
+    assert tight.n_train >= 39 * tight.nlist
+    # IVF-Flat only when the raw vectors fit beside the build's own needs (the process, one shard)
+    assert choose_index(500_000, 384, 2 * g, shard_rows=50_000).kind == "ivfflat"
+    assert choose_index(1_300_000, 384, 2 * g).kind == "ivfpq"  # 1.86 GiB raw fit 2 GiB, not beside 0.3 GiB
+    assert choose_index(400_000, 384, 1 * g, shard_rows=400_000).kind == "ivfpq"  # 0.57 GiB + 3 shards' copies
     small = choose_index(10_000_000, 384, 256 * 1024 ** 2)  # 96+8 B per vector no longer fits: fewer bytes
     assert small.m < 96 and 10_000_000 * (small.m + 8) <= 256 * 1024 ** 2
     with pytest.raises(ConfigError, match="--memory-budget"):
@@ -436,3 +444,57 @@ def test_cli_embed_index_search_names_ids(tmp_path, weights):
     assert hits[0]["path"] == str(paths[3].resolve()) and hits[0]["score"] == pytest.approx(1, abs=1e-4)
     assert_user_error(run("index", tmp_path / "img", "--embeddings", tmp_path / "emb", "--out", tmp_path / "i2"),
                       "either IMG_DIR or --embeddings")
+
+
+def test_exact_topk_streams_shards_in_blocks_like_one_sort(tmp_path, monkeypatch):
+    from vitdense.collection import index as module
+
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(rows, 8)).astype(np.float32) for rows in (5, 23, 1, 17)]
+    parts[2][0] = parts[0][1]  # a tie across shards: the lower id comes first
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], part)
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    queries = np.concatenate([rng.normal(size=(3, 8)), parts[0][1:2]]).astype(np.float32)
+    monkeypatch.setattr(module, "EXACT_BLOCK", 4)  # several blocks per shard
+    got = module._exact_topk(paths, offsets, queries, 7)
+    want = np.argsort(-(queries @ np.concatenate(parts).T), axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(got, want)
+
+
+BUILD_IN_CHILD = """
+import json, runpy, sys
+sys.argv = ["vitdense", "index", "--embeddings", sys.argv[1], "--out", sys.argv[2], "--memory-budget", sys.argv[3],
+            "--index-type", "ivfflat"]
+try:
+    runpy.run_module("vitdense", run_name="__main__")  # `vitdense index --embeddings`, as a user runs it
+except SystemExit as stop:
+    assert not stop.code, stop.code
+hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(json.dumps({"hwm": hwm, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
+def test_index_build_peak_memory_stays_within_the_budget(tmp_path):
+    """`vitdense index --embeddings` of 100k × 64-d vectors (24 MiB) under a 384 MiB budget, in a fresh process
+    whose own high-water mark (VmHWM) is the measure: the build must not import torch (~0.5 GB alone), and train / add / merge /
+    evaluate must each hold no more than a shard or a sample at a time."""
+    import vitdense
+
+    synthetic_collection(tmp_path / "emb", shards=10, per=10_000, dim=64)
+    budget = 384 * 1024 ** 2
+    env = {**os.environ, "PYTHONPATH": str(Path(vitdense.__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", BUILD_IN_CHILD, str(tmp_path / "emb"), str(tmp_path / "idx"),
+                          str(budget)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not got["torch"]
+    assert got["hwm"] <= budget, f"peak RSS {got['hwm'] / 2**20:.0f} MiB over the {budget / 2**20:.0f} MiB budget"
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["within_budget"] and meta["peak_rss"] <= got["hwm"]
+    assert set(meta["stages"]["peak_rss"]) == {"train", "add", "merge", "evaluate"}
+    assert meta["count"] == 100_000 and meta["choice"]["kind"] == "ivfflat"
+    assert meta["recall"]["recall_at_10_reranked"] >= 0.8  # searchable (equality: the test above)

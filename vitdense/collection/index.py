@@ -4,16 +4,21 @@ Shapes: N vectors in the collection, D' channels, Q queries, K results, R re-ran
 
 Stages (each timed in index.json):
 
-    choose   the index type from N, D' and the budget (:func:`choose_index`)
-    train    on a random sample of the shards (never all vectors in RAM) → trained.index
+    choose   the index type from N, D', the budget and the build's own needs (:func:`choose_index`)
+    train    on a random sample of the shards sized from the budget (never all vectors in RAM) → trained.index
     add      per shard: its vectors get global ids (the shard's offset + row) in an index file of its own,
              shards/NAME.index, and a memory-mappable copy vectors/NAME.npy for exact re-ranking; a shard
              whose files exist is skipped, so deleting one rebuilds only that one (parallel Ray tasks
              under engine "ray")
     merge    IVF: the shards' inverted lists merged into one on-disk file (faiss OnDiskInvertedLists),
-             memory-mapped at search time, so the index can be larger than RAM; flat: one index in RAM
-    evaluate recall@10 of the index, with and without exact re-ranking, against exact search for
-             held-out sample queries (their own row left out of both lists)
+             written one shard at a time with plain file writes (:func:`_merge_ondisk`), memory-mapped at
+             search time, so the index can be larger than RAM; flat: one index in RAM
+    evaluate recall@10 of the index, with and without exact re-ranking, against exact search (streamed
+             over the shards in blocks of rows) for held-out sample queries (their own row left out of
+             both lists), searched in batches whose memory maps fit in an eighth of the budget
+
+Peak memory (VmHWM, which counts the pages of memory-mapped files the process touched) stays within the
+budget: nothing here imports torch, and each stage holds one shard, one block or one sample at a time.
 
 The folder: index.json (written last), trained.index, shards/, vectors/, populated-G.index and
 merged-G.ivfdata (G bumped by each merge, older generations removed after index.json points at the new).
@@ -36,7 +41,7 @@ import numpy as np
 
 from ..backbones import atomic_write
 from ..errors import ConfigError, DataError
-from ..retrieval import DescriptorConfig, ImageIndex, faiss_search
+from ..descriptors import DescriptorConfig, faiss_search  # not ..retrieval: it imports torch (~0.5 GB)
 from .shards import Collection, read_shard
 
 LOG = logging.getLogger(__name__)
@@ -44,6 +49,8 @@ INDEX_KINDS = ("auto", "flat", "ivfflat", "ivfpq")
 SHARDED_INDEX_VERSION = 1
 FLAT_MAX = 100_000  # exact search up to here: a query scans N·D' floats, ~40 ms at 100k × 384 on one core
 TRAIN_PER_LIST = 64  # faiss warns below 39 points per centroid; its guidelines say 30–256
+EXACT_BLOCK = 8192  # rows per block of the exact search in the evaluation (Q × 8192 scores at a time)
+BASE_RSS = 320 << 20  # the build process without its data: Python, numpy, faiss, pyarrow (~0.2 GB measured)
 
 
 def parse_size(text: str | int) -> int:
@@ -103,37 +110,49 @@ def _nlist(n: int) -> int:
     return int(max(1, min(lists, cap)))
 
 
-def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int | None = None,
-                 nprobe: int | None = None) -> IndexChoice:
-    """Pick the index for N vectors of D' channels under ``budget`` bytes of RAM.
+def build_overhead(dim: int, shard_rows: int = 0) -> int:
+    """Bytes the build needs besides the index's own lists: the process itself (Python, numpy, faiss,
+    pyarrow: ~0.2 GB resident, :data:`BASE_RSS` with room to spare) and the add stage's working set of one
+    shard (its vectors as Arrow and as numpy, and its index: 3 copies of shard_rows × D' × 4 B)."""
+    return BASE_RSS + 3 * shard_rows * dim * 4
 
-    The budget bounds what must stay in RAM: the training sample (≤ budget/4), the coarse quantizer, one
-    shard while adding, and — for fast search — the codes, which are memory-mapped from disk: flat when
-    N ≤ 100k and the vectors fit in half the budget; IVF-Flat when the raw vectors (N·D'·4 B) fit in the
-    budget; else IVF-PQ with the most bytes per vector that fit (D'/4 at most), with an OPQ rotation and an
-    HNSW coarse quantizer from 10 M vectors on (faiss' guideline for 10 M–1 B).
+
+def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int | None = None,
+                 nprobe: int | None = None, shard_rows: int = 0) -> IndexChoice:
+    """Pick the index for N vectors of D' channels under ``budget`` bytes of RAM, the largest shard holding
+    ``shard_rows`` of them.
+
+    The build holds one shard at a time (:func:`build_overhead`) and a training sample of at most half of
+    the rest of the budget (fewer lists than faiss' guideline when 39 points per list would not fit). For fast search the codes should stay
+    in RAM, memory-mapped from disk: flat when N ≤ 100k and the vectors fit in half of what the build leaves;
+    IVF-Flat when the raw vectors (N·D'·4 B) fit beside the build's overhead; else IVF-PQ with the most bytes
+    per vector that fit (D'/4 at most), with an OPQ rotation and an HNSW coarse quantizer from 10 M vectors
+    on (faiss' guideline for 10 M–1 B).
     """
     if kind not in INDEX_KINDS:
         raise ConfigError(f"--index-type {kind}: choose one of {', '.join(INDEX_KINDS)}")
     raw = n * dim * 4
     gib = 1024 ** 3
+    room = max(budget - build_overhead(dim, shard_rows), budget // 2)  # half when the overhead leaves less
     size = f"{n} × {dim} × 4 B = {raw / gib:.3g} GiB"
+    spare = f"the {room / gib:.3g} GiB the build leaves of the budget ({budget / gib:.3g} GiB)"
     if kind == "auto":
-        if n <= FLAT_MAX and raw <= budget / 2:
-            kind, reason = "flat", f"{n} ≤ {FLAT_MAX} vectors and {size} fit in half the budget: exact search"
-        elif raw <= budget:
-            kind, reason = "ivfflat", f"{size} fit in the budget ({budget / gib:.3g} GiB): IVF without compression"
+        if n <= FLAT_MAX and raw <= room / 2:
+            kind, reason = "flat", f"{n} ≤ {FLAT_MAX} vectors and {size} fit in half {spare}: exact search"
+        elif raw <= room:
+            kind, reason = "ivfflat", f"{size} fit in {spare}: IVF without compression"
         else:
-            kind, reason = "ivfpq", f"{size} exceed the budget ({budget / gib:.3g} GiB): IVF-PQ codes"
+            kind, reason = "ivfpq", f"{size} exceed {spare}: IVF-PQ codes"
     else:
         reason = f"--index-type {kind} given"
     if kind == "flat":
         return IndexChoice("flat", "Flat", 0, 0, 0, 0, reason)
-    lists = nlist or _nlist(n)
+    sample_rows = max(1, room // 2 // (dim * 4))  # the training sample: at most half what the build leaves
+    lists = nlist or min(_nlist(n), 1 << max(0, int(math.log2(max(1, sample_rows // 39)))))
     if lists < 1 or lists > n:
         raise ConfigError(f"--nlist {lists}: must be between 1 and the {n} vectors")
     probe = nprobe or max(1, min(lists, 32 if lists < 4096 else 128))
-    n_train = int(min(n, TRAIN_PER_LIST * lists, max(budget // 4 // (dim * 4), 39 * lists)))
+    n_train = int(min(n, TRAIN_PER_LIST * lists, sample_rows))
     if kind == "ivfflat":
         return IndexChoice("ivfflat", f"IVF{lists},Flat", lists, 0, probe, n_train, reason)
     # PQ: the most sub-quantisers (bytes/vector, 8 bits each) that divide D', ≤ D'/4, and fit the budget
@@ -143,7 +162,7 @@ def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int |
     reason += f"; PQ{m}: {n} × ({m} B code + 8 B id) = {n * (m + 8) / gib:.3g} GiB"
     if not fits:
         reason += " (over the budget: the lists stay on disk, memory-mapped)"
-    n_train = max(n_train, min(n, 256 * 39))  # PQ's 256 centroids per sub-quantiser need ≥ 39·256 points
+    n_train = max(n_train, min(n, 256 * 39, sample_rows))  # PQ's 256 centroids per sub-quantiser: ≥ 39·256 points
     pq = f"PQ{m}"
     if n_train < 256 * 39:  # too few points for 8-bit codebooks: 16 centroids per sub-quantiser
         pq += "x4"
@@ -157,13 +176,26 @@ def choose_index(n: int, dim: int, budget: int, kind: str = "auto", nlist: int |
 # ============================================================================ vectors of the shards
 
 class ShardVectors:
-    """The exact vectors of all shards as one (N, D') array-like: ``vectors[global_ids]`` gathers rows
-    from the shards' memory-mapped .npy copies (nothing is loaded until asked)."""
+    """The exact vectors of all shards as one (N, D') array-like: ``vectors[global_ids]`` reads those rows
+    from the shards' .npy copies (nothing is loaded until asked).
+
+    Rows are read with pread, not through a memory map: a page fault on a map pulls in the pages around it
+    too (the kernel's fault-around, ~64 KiB, even with MADV_RANDOM), so re-ranking 100 scattered rows a
+    query would keep ~6 MB a query resident instead of 150 KB."""
 
     def __init__(self, paths: Sequence[Path], offsets: Sequence[int]):
-        self.arrays = [np.load(p, mmap_mode="r") for p in paths]
+        self.paths = [Path(p) for p in paths]
+        self.starts = []  # byte offset of row 0 in each file (after the .npy header)
+        dim = 0
+        for path in self.paths:
+            array = np.load(path, mmap_mode="r")  # reads the header only
+            if array.dtype != np.float32 or not array.flags.c_contiguous or array.ndim != 2:
+                raise DataError(f"{path}: not a (rows, D') float32 array; re-run `vitdense index --embeddings`")
+            self.starts.append(int(array.offset))
+            dim = array.shape[1]
+            del array
         self.offsets = np.asarray(offsets, np.int64)  # (S + 1,) start row of each shard, then N
-        self.shape = (int(self.offsets[-1]), self.arrays[0].shape[1] if self.arrays else 0)
+        self.shape = (int(self.offsets[-1]), dim)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -171,10 +203,17 @@ class ShardVectors:
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64).ravel()
         out = np.empty((len(ids), self.shape[1]), np.float32)
+        row_bytes = self.shape[1] * 4
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
         for s in np.unique(shard):
-            rows = shard == s
-            out[rows] = self.arrays[s][ids[rows] - self.offsets[s]]
+            where = np.flatnonzero(shard == s)
+            with open(self.paths[s], "rb", buffering=0) as f:
+                for j in where:
+                    data = os.pread(f.fileno(), row_bytes, self.starts[s] + int(ids[j] - self.offsets[s]) * row_bytes)
+                    if len(data) != row_bytes:
+                        raise DataError(f"{self.paths[s]}: row {ids[j] - self.offsets[s]} missing (file cut "
+                                        f"short); re-run `vitdense index --embeddings`")
+                    out[j] = np.frombuffer(data, np.float32)
         return out
 
 
@@ -201,29 +240,42 @@ def _add_shard(emb: str, out: str, name: str, offset: int) -> dict[str, Any]:
 
 # ============================================================================ build
 
-def _sample(emb: Path, shards: Sequence[tuple[str, int]], rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` (sorted global ids) of the shards, reading one shard at a time."""
-    out = []
-    offset = 0
+def _sample(emb: Path, shards: Sequence[tuple[str, int]], rows: np.ndarray, dim: int) -> np.ndarray:
+    """Rows ``rows`` (sorted global ids) of the shards, reading one shard at a time into one array."""
+    out = np.empty((len(rows), dim), np.float32)
+    offset = filled = 0
     for name, count in shards:
         mine = rows[(rows >= offset) & (rows < offset + count)] - offset
         if len(mine):
-            out.append(read_shard(emb, name, ["vector"])["vector"][mine])
+            out[filled:filled + len(mine)] = read_shard(emb, name, ["vector"])["vector"][mine]
+            filled += len(mine)
         offset += count
-    return np.concatenate(out).astype(np.float32)
+    return out
 
 
-def _exact_topk(vectors: ShardVectors, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k global ids of queries (Q, D') by inner product, streaming over the shards."""
+def _exact_topk(paths: Sequence[Path], offsets: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k global ids of queries (Q, D') by inner product, a block of one shard's rows at a time,
+    keeping a running top-k (ties: the lower id first, as a stable sort over all N would)."""
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
-    for s, array in enumerate(vectors.arrays):
-        scores = queries @ np.asarray(array, np.float32).T  # (Q, rows of this shard)
-        ids = np.broadcast_to(np.arange(vectors.offsets[s], vectors.offsets[s + 1]), scores.shape)
-        best_s, best_i = np.concatenate([best_s, scores], 1), np.concatenate([best_i, ids], 1)
-        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    for s, path in enumerate(paths):
+        shard = np.load(path, mmap_mode="r")  # read in blocks of rows; the map closes with the shard
+        for start in range(0, len(shard), EXACT_BLOCK):
+            scores = queries @ np.asarray(shard[start:start + EXACT_BLOCK], np.float32).T  # (Q, block)
+            ids = np.broadcast_to(offsets[s] + start + np.arange(scores.shape[1]), scores.shape)
+            if scores.shape[1] > k:  # this block's own top k first, so the merge below stays (Q, 2k)
+                part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+            best_s, best_i = np.concatenate([best_s, scores], 1), np.concatenate([best_i, ids], 1)
+            keep = _order(best_s, best_i)[:, :k]
+            best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+        del shard
     return best_i
+
+
+def _order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row, the column order by descending score, then ascending id."""
+    return np.lexsort((ids, -scores), axis=-1)
 
 
 def _recall(exact: np.ndarray, got: np.ndarray, own: np.ndarray, k: int = 10) -> float:
@@ -234,6 +286,51 @@ def _recall(exact: np.ndarray, got: np.ndarray, own: np.ndarray, k: int = 10) ->
         found = {i for i in g if i != o and i >= 0}
         total += len(found.intersection(truth)) / len(truth)
     return total / len(exact)
+
+
+def _merge_ondisk(trained: Any, files: Sequence[str], ivfdata: Path) -> None:
+    """Fill the empty IVF index ``trained`` with the inverted lists of the shard index ``files``, stored in
+    ``ivfdata`` as faiss' OnDiskInvertedLists (list by list: its codes, then its ids; within a list the
+    shards in order, as faiss.contrib.ondisk.merge_ondisk lays them out).
+
+    faiss' merge_from_multiple maps every shard's lists and writes the merged file through a memory map,
+    so all of them end up resident (counted in the process' RSS) at once. Here a first pass reads only the
+    list sizes, the file is laid out from them, and a second pass reads one shard at a time into RAM and
+    writes its part of each list with plain file writes: one shard's index in memory at a time.
+    """
+    import faiss
+
+    ivf = faiss.extract_index_ivf(trained)
+    nlist, code_size = ivf.nlist, ivf.code_size
+    sizes = np.zeros((len(files), nlist), np.int64)
+    for f, path in enumerate(files):  # IO_FLAG_MMAP: the sizes without reading the lists
+        shard = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+        lists = faiss.extract_index_ivf(shard).invlists
+        sizes[f] = [lists.list_size(i) for i in range(nlist)]
+        del lists, shard
+    total = sizes.sum(0)  # (nlist,)
+    starts = np.concatenate([[0], np.cumsum(total * (code_size + 8))])[:-1]  # list i: codes, then ids
+    invlists = faiss.OnDiskInvertedLists(nlist, code_size, str(ivfdata))
+    invlists.update_totsize(max(1, int(starts[-1] + total[-1] * (code_size + 8))))  # sized, nothing touched
+    list_sizes = total.astype(np.uint64)  # held in a name: swig_ptr does not keep its array alive
+    invlists.set_all_lists_sizes(faiss.swig_ptr(list_sizes))
+    filled = np.zeros(nlist, np.int64)
+    with open(ivfdata, "r+b") as out:
+        fd = out.fileno()
+        for f, path in enumerate(files):
+            shard = faiss.read_index(path)
+            lists = faiss.extract_index_ivf(shard).invlists
+            for i in np.flatnonzero(sizes[f]):
+                count = int(sizes[f, i])
+                codes = faiss.rev_swig_ptr(lists.get_codes(int(i)), count * code_size)
+                ids = faiss.rev_swig_ptr(lists.get_ids(int(i)), count)
+                os.pwrite(fd, codes, int(starts[i] + filled[i] * code_size))
+                os.pwrite(fd, ids, int(starts[i] + total[i] * code_size + filled[i] * 8))
+                filled[i] += count
+            del lists, shard
+    trained.ntotal = ivf.ntotal = int(total.sum())
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
 
 
 def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_budget: int | str = "4G",
@@ -268,7 +365,7 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_bu
 
     # ---- choose
     t0 = time.perf_counter()
-    choice = choose_index(n, coll.dim, budget, index_type, nlist, nprobe)
+    choice = choose_index(n, coll.dim, budget, index_type, nlist, nprobe, max(rows for _, rows in shards))
     plan = {"choice": asdict(choice), "shards": shards, "dim": coll.dim, "seed": seed,
             "backbone": coll.backbone["fingerprint"]}
     build_path = out / "build.json"
@@ -292,7 +389,7 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_bu
         index = faiss.index_factory(coll.dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
         if choice.kind != "flat":
             train_ids = np.sort(picked[n_queries:]) if len(picked) > n_queries else np.sort(picked)
-            sample = _sample(coll.root, shards, train_ids)
+            sample = _sample(coll.root, shards, train_ids, coll.dim)
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the IVF-PQ class, not IndexIVF
             ivf.cp.seed = seed
             if hasattr(ivf, "do_polysemous_training"):
@@ -332,29 +429,36 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, memory_bu
             merged.add_with_ids(vec, np.arange(offset, offset + len(vec), dtype=np.int64))
         atomic_write(out / f"populated-{gen}.index", lambda tmp: faiss.write_index(merged, tmp))
     else:
-        from faiss.contrib.ondisk import merge_ondisk
-
         merged = faiss.read_index(str(out / "trained.index"))
         ivfdata = out / f"merged-{gen}.ivfdata"
         ivfdata.unlink(missing_ok=True)
-        merge_ondisk(merged, files, str(ivfdata))
+        _merge_ondisk(merged, files, ivfdata)
         atomic_write(out / f"populated-{gen}.index", lambda tmp: faiss.write_index(merged, tmp))
     del merged
     times["merge"], rss["merge"] = time.perf_counter() - t0, peak_rss()
 
-    # ---- evaluate: recall@10 against exact search for held-out queries
+    # ---- evaluate: recall@10 against exact search for held-out queries, in batches of queries whose
+    # memory-mapped lists and re-ranking rows fit in an eighth of the budget (the maps close after each)
     t0 = time.perf_counter()
-    vectors = ShardVectors([out / "vectors" / f"{name}.npy" for name, _ in shards], offsets)
-    index = _open_faiss(out / f"populated-{gen}.index", choice)
-    q = vectors[query_ids]
+    paths = [out / "vectors" / f"{name}.npy" for name, _ in shards]
+    q = ShardVectors(paths, offsets)[query_ids]
     k = min(11, n)
-    exact = _exact_topk(vectors, q, k)
-    _, plain = faiss_search(index, q, k)
-    _, reranked = faiss_search(index, q, k, vectors, rerank if choice.kind != "flat" else 0)
+    exact = _exact_topk(paths, offsets, q, k)
+    batch = len(q)
+    if choice.kind != "flat":
+        code_size = faiss.extract_index_ivf(faiss.read_index(str(out / "trained.index"))).code_size
+        per_query = choice.nprobe * (n / choice.nlist) * (code_size + 8) + rerank * 4096  # a page per row
+        batch = int(max(1, min(len(q), budget / 8 // per_query)))
+    plain, reranked = [], []
+    for b in range(0, len(q), batch):
+        index = _open_faiss(out / f"populated-{gen}.index", choice)
+        vectors = ShardVectors(paths, offsets)
+        plain.append(faiss_search(index, q[b:b + batch], k)[1])
+        reranked.append(faiss_search(index, q[b:b + batch], k, vectors, rerank if choice.kind != "flat" else 0)[1])
+        del index, vectors
     recall = {"queries": int(len(query_ids)), "k": 10, "nprobe": choice.nprobe, "rerank": rerank,
-              "recall_at_10": round(_recall(exact, plain, query_ids), 4),
-              "recall_at_10_reranked": round(_recall(exact, reranked, query_ids), 4)}
-    del index
+              "recall_at_10": round(_recall(exact, np.concatenate(plain), query_ids), 4),
+              "recall_at_10_reranked": round(_recall(exact, np.concatenate(reranked), query_ids), 4)}
     times["evaluate"], rss["evaluate"] = time.perf_counter() - t0, peak_rss()
 
     meta = {"version": SHARDED_INDEX_VERSION, "kind": "sharded", "generation": gen,
@@ -446,6 +550,8 @@ class ShardedIndex:
 
     def check_backbone(self, identity: dict[str, Any]) -> None:
         """ConfigError when ``identity`` is not the network the collection was embedded with."""
+        from ..retrieval import ImageIndex
+
         ImageIndex.check_backbone(self, identity)  # type: ignore[arg-type]  (same fields: root, backbone)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -475,4 +581,6 @@ def open_index(root: str | os.PathLike) -> "ImageIndex | ShardedIndex":
     """Open an index folder for searching: the same as :meth:`ImageIndex.load` — a :class:`ShardedIndex`
     when its index.json says it was built from embedding shards, else the :class:`ImageIndex` of an image
     folder (both have ``search``, ``ids``, ``descriptor`` and ``check_backbone``)."""
+    from ..retrieval import ImageIndex
+
     return ImageIndex.load(root)

@@ -19,15 +19,17 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..backbones import atomic_write
 from ..errors import ConfigError, DataError
-from ..retrieval import DescriptorConfig
-from .embed import ShardRows
+from ..descriptors import DescriptorConfig
 from .sources import ShardSpec, plan_shards
+
+if TYPE_CHECKING:  # embed imports torch; reading shards and building an index do not need it
+    from .embed import ShardRows
 
 MANIFEST_VERSION = 1
 

@@ -143,7 +143,6 @@ def index(img_dir: str | None, out_dir: str, embeddings: str | None, memory_budg
     """Embed the images of IMG_DIR into a searchable index folder (only new or changed files on re-runs),
     or with --embeddings build a faiss index from the shards of `vitdense embed`."""
     from ..io import list_images
-    from ..retrieval import FaissConfig, update_index
 
     if (img_dir is None) == (embeddings is None):
         raise ConfigError("give either IMG_DIR or --embeddings EMB (not both)")
@@ -159,6 +158,8 @@ def index(img_dir: str | None, out_dir: str, embeddings: str | None, memory_budg
                    f"{sec['merge']:.1f}s; peak RSS {meta['peak_rss'] / 2**20:.0f} MiB; recall@10 "
                    f"{rec['recall_at_10']:.3f}, re-ranked {rec['recall_at_10_reranked']:.3f}")
         return
+    from ..retrieval import FaissConfig, update_index  # imports torch, which the --embeddings build never needs
+
     _check_loader(opts["batch_size"], opts["workers"])
     paths = list_images(img_dir, recursive=recursive)
     extractor = _extractor(opts)
