@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES = 8  # what the device tool brings back from $OUT
@@ -49,6 +50,7 @@ SITE_TAR = ROOT / ".whl" / "site-py312.tar.xz"
 DEFAULTS = dict(budget=580.0, train_s=300.0, tests_s=50.0)
 SETUP_S = 20.0
 PACK_S = 10.0  # writing the reports and the session file at the end
+REPACK_S = 30.0  # during a step, its files so far are packed into the reports this often
 # The rehearsal: the same code at toy sizes on the CPU, every deadline scaled down.
 REHEARSAL = dict(budget=150.0, train_s=55.0, tests_s=25.0)
 TOY_TRAIN = ["--reserve-s", "12", "--arch", "vit_tiny_patch16_224", "--batch-size", "8", "--local-crops", "2", "--out-dim", "256",
@@ -77,8 +79,11 @@ class Session:
         print(line, flush=True)
         self.log.write(line + "\n")
 
-    def run(self, name: str, cmd: list[str], deadline: float, env: dict | None = None) -> dict:
-        """Run one step with a hard deadline (seconds from now); its output goes to the log as it comes."""
+    def run(self, name: str, cmd: list[str], deadline: float, env: dict | None = None,
+            collect: Callable[[], None] | None = None) -> dict:
+        """Run one step with a hard deadline (seconds from now); its output goes to the log as it comes, and
+        every ``REPACK_S`` ``collect()`` adds the step's files so far to the reports, which are rewritten: a
+        kill of the whole call mid-step still brings back what the step had written."""
         deadline = max(1.0, min(deadline, self.left() - PACK_S))
         self.say(f"step {name}: deadline {deadline:.0f} s: {' '.join(str(c) for c in cmd)}")
         step = {"step": name, "deadline_s": round(deadline, 1), "status": "running"}
@@ -100,11 +105,18 @@ class Session:
 
             reader = threading.Thread(target=pump, daemon=True)
             reader.start()
-            try:
-                rc = proc.wait(timeout=deadline)
-                status = "ok" if rc == 0 else f"failed (exit {rc})"
-            except subprocess.TimeoutExpired:
-                status = "timeout"
+            end = time.monotonic() + deadline
+            status = "timeout"
+            while time.monotonic() < end:
+                try:
+                    rc = proc.wait(timeout=min(REPACK_S, max(0.1, end - time.monotonic())))
+                    status = "ok" if rc == 0 else f"failed (exit {rc})"
+                    break
+                except subprocess.TimeoutExpired:
+                    if collect is not None:
+                        self.reports[f"{name}.log"] = step_log
+                        collect()
+                        self.save()
             try:  # the whole group: loader workers and other children too
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -113,6 +125,8 @@ class Session:
             reader.join(timeout=5)
         step.update(status=status, seconds=round(time.monotonic() - started, 1))
         self.reports[f"{name}.log"] = step_log
+        if collect is not None:
+            collect()
         self.say(f"step {name}: {status} after {step['seconds']} s; {self.left():.0f} s of the session left")
         self.save()
         return step
@@ -125,8 +139,13 @@ class Session:
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w:gz") as tar:
                 for name, path in sorted(self.reports.items()):
-                    if path.is_file():
-                        tar.add(path, arcname=name)
+                    try:  # read whole first: a file growing or replaced meanwhile cannot cut the archive
+                        data = path.read_bytes()
+                    except OSError:  # not written yet: the next packing has it
+                        continue
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(data), int(time.time())
+                    tar.addfile(info, io.BytesIO(data))
             _atomic(self.out / "reports.tar.gz", buf.getvalue())
 
     def add_reports(self, prefix: str, folder: Path, names: list[str] | None = None) -> None:
@@ -379,9 +398,12 @@ def main(argv: list[str] | None = None) -> None:
         cmd += (["--init", init] if init else []) + extra
         # the app keeps its own deadline (this one is the backstop); torch warns of any wait for the device
         # within a step in the log (the GPU tests make it an error)
-        session.run("train", cmd, plan["train"] + 15, env={**env, "PRETRAIN_SYNC_DEBUG": "warn"})
-        session.add_reports("train", train_dir, ["command.txt", "train_summary.json"])
-        session.add_reports("train", train_dir / "run", ["log.jsonl", "curves.png", "config.json"])
+        def collect_train() -> None:
+            session.add_reports("train", train_dir, ["command.txt", "train_summary.json"])
+            session.add_reports("train", train_dir / "run", ["log.jsonl", "curves.png", "config.json"])
+
+        session.run("train", cmd, plan["train"] + 15, env={**env, "PRETRAIN_SYNC_DEBUG": "warn"},
+                    collect=collect_train)
         session.save()
 
     # 3. the suite, sized to what is left
@@ -390,8 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         suite_s = session.left() - tests_s - PACK_S
         cmd = [sys.executable, ROOT / "benchmarks" / "device_suite.py", "--out", suite_dir,
                "--budget", f"{suite_s:.0f}"] + (["--toy"] if args.rehearse else [])
-        session.run("suite", cmd, suite_s + 10)
-        session.add_reports("suite", suite_dir)
+        session.run("suite", cmd, suite_s + 10, collect=lambda: session.add_reports("suite", suite_dir))
         session.save()
 
     # 4. the GPU tests (they skip without CUDA; the rehearsal checks they are collected and run)
