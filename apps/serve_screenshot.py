@@ -105,7 +105,9 @@ def main() -> None:
             # a tall window holds the whole page; the picture is cut to the page's own height
             height = driver.execute_script("return document.body.getBoundingClientRect().bottom")
             shot = Image.open(io.BytesIO(driver.get_screenshot_as_png()))
-            shot.crop((0, 0, shot.width, min(shot.height, int(height) + 16))).save(args.out)
+            # 256 colours: a quarter of the bytes (the tree travels to a GPU machine under a size limit)
+            shot = shot.crop((0, 0, shot.width, min(shot.height, int(height) + 16))).convert("RGB")
+            shot.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
         finally:
             driver.quit()
             server.should_exit = True
