@@ -35,13 +35,26 @@ class _Decoded(Sequence):
         return self.cache[k]
 
 
+def _check_alpha(path: Path, im: Image.Image) -> None:
+    if "A" not in im.getbands() and "transparency" not in im.info:
+        raise DataError(f"{path}: a cut-out needs an alpha channel (PNG or WebP with transparency)")
+
+
+def check_cutout(path: Path) -> None:
+    """DataError when a cut-out file cannot be read or has no transparency (its header only: cheap)."""
+    try:
+        with Image.open(path) as im:
+            _check_alpha(path, im)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from None
+
+
 def load_cutout(path: Path) -> np.ndarray:
     """A cut-out file as (h, w, 4) uint8 trimmed to its alpha; DataError when it has no transparency."""
     from vitdense.evalset import _trim
 
     with Image.open(path) as im:
-        if "A" not in im.getbands() and "transparency" not in im.info:
-            raise DataError(f"{path}: a cut-out needs an alpha channel (PNG or WebP with transparency)")
+        _check_alpha(path, im)
         rgba = np.asarray(im.convert("RGBA"))
     return _trim(rgba)
 
@@ -64,6 +77,8 @@ class Composer:
         if not cutouts or not backgrounds:
             raise DataError(f"composites need cut-outs and backgrounds: got {len(cutouts)} cut-out and "
                             f"{len(backgrounds)} background file(s)")
+        for path in cutouts:  # before training starts, not in a loader worker mid-run
+            check_cutout(path)
         self.size = size
         self.cutouts = _Decoded(cutouts, load_cutout)
         self.scenes = _Decoded(backgrounds, lambda p: load_scene(p, 2 * size))

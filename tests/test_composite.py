@@ -82,3 +82,16 @@ def test_backgrounds_without_cutouts_is_a_user_error(photo_dir, tmp_path):  # no
     cfg = PretrainConfig(data_dir=str(photo_dir), out=str(tmp_path / "run"), **TINY, backgrounds=str(photo_dir))
     with pytest.raises(ConfigError, match="--backgrounds needs --cutouts"):
         train(cfg)
+
+
+def test_an_opaque_cutout_is_refused_before_anything_is_written(cutout_dir, photo_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    folder = tmp_path / "cutouts"
+    shutil.copytree(cutout_dir, folder)
+    Image.new("RGB", (20, 20)).save(folder / "opaque.png")
+    cfg = PretrainConfig(data_dir=str(photo_dir), out=str(tmp_path / "run"), **TINY, batch_size=8, epochs=1,
+                         cutouts=str(folder))
+    with pytest.raises(DataError, match="opaque.png: a cut-out needs an alpha channel"):
+        train(cfg)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
