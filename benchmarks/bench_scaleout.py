@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -49,18 +51,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_images(folder: Path, n: int) -> None:
+def make_images(folder: Path, n: int, size: int = 64) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        base = np.linspace(0, 255, 64)[None, :, None] * rng.random(3)[None, None, :]
-        img = np.clip(base + rng.normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+        base = np.linspace(0, 255, size)[None, :, None] * rng.random(3)[None, None, :]
+        img = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(folder / f"{i:05d}.png")
 
 
-def engines(tmp: Path, images: int, actors: int) -> dict:
+# the engine part's backbones (random weights): "tiny" shows the engines' own overhead most, "vits16" is the
+# work per image of a real ViT-S/16 at 224 px
+ENGINE_MODELS = {"tiny": (dict(embed_dim=192, depth=6, num_heads=3, img_size=64, patch_size=8), 64),
+                 "vits16": (dict(embed_dim=384, depth=12, num_heads=6, img_size=224, patch_size=16), 224)}
+
+
+def engines(tmp: Path, images: int, actors: int, rounds: int, shard: int, model: str = "tiny") -> dict:
+    """The same images embedded ``rounds`` times by each engine, in turn (local, ray, local, ray, ...), so a
+    drift of the machine's speed hits both alike. Per run: images/s end to end (Ray's actor start and
+    extractor builds included; ``ray.init`` measured apart, once) and steady (first to last finished
+    shard); the ratios are medians over rounds of ray/local within the round."""
+    import ray
     import torch
 
     from vitdense import backbone_meta, create_vit, save_backbone
@@ -69,26 +82,13 @@ def engines(tmp: Path, images: int, actors: int) -> dict:
     from vitdense.collection.shards import Collection, read_shard
     from vitdense.retrieval import DescriptorConfig
 
-    make_images(tmp / "img", images)
+    kw, size = ENGINE_MODELS[model]
+    make_images(tmp / "img", images, size)
     torch.manual_seed(0)
-    kw = dict(embed_dim=192, depth=6, num_heads=3, img_size=64, patch_size=8)
     save_backbone(create_vit("vit_small_patch8_224", **kw), tmp / "w.safetensors",
                   backbone_meta("vit_small_patch8_224", kw))
     spec = ExtractorSpec("auto", str(tmp / "w.safetensors"), "cpu")
-    cfg = DescriptorConfig(load_size=64, stride=8)
-    shard = max(10, images // 8)
-    local = embed_collection([tmp / "img"], tmp / "local", spec, cfg, shard_size=shard, num_workers=1,
-                             batch_size=16, progress=False)
-    import ray
-
-    t0 = time.perf_counter()
-    ray.init(num_cpus=max(os.cpu_count() or 1, actors + 2), include_dashboard=False, log_to_driver=False)
-    startup = time.perf_counter() - t0
-    try:
-        on_ray = embed_collection([tmp / "img"], tmp / "ray", spec, cfg, engine="ray", shard_size=shard,
-                                  actors=actors, batch_size=16, progress=False)
-    finally:
-        ray.shutdown()
+    cfg = DescriptorConfig(load_size=size, stride=kw["patch_size"])
 
     def rows(root):
         ids, vec = [], []
@@ -98,37 +98,103 @@ def engines(tmp: Path, images: int, actors: int) -> dict:
             vec.append(s["vector"])
         return ids, np.concatenate(vec)
 
-    (il, vl), (ir, vr) = rows(tmp / "local"), rows(tmp / "ray")
-    return {"images": images, "local_img_s": local.images_per_second, "ray_img_s": on_ray.images_per_second,
-            "ray_startup_s": startup, "same_ids": il == ir, "max_diff": float(np.abs(vl - vr).max())}
+    t0 = time.perf_counter()
+    ray.init(num_cpus=max(os.cpu_count() or 1, actors + 2), include_dashboard=False, log_to_driver=False)
+    startup = time.perf_counter() - t0
+    runs: list[dict] = []
+    try:
+        for r in range(rounds):
+            run = {}
+            for engine in ("local", "ray"):
+                out = tmp / f"{engine}-{r}"
+                rep = embed_collection([tmp / "img"], out, spec, cfg, engine=engine, shard_size=shard,
+                                       num_workers=1, actors=actors, batch_size=16, progress=False)
+                run[engine] = (rep.images_per_second, rep.steady_images_per_second)
+                if r == 0:
+                    run[engine + "_rows"] = rows(out)
+                shutil.rmtree(out)
+            runs.append(run)
+            print(f"  round {r + 1}: local {run['local'][0]:.1f} img/s (steady {run['local'][1]:.1f})   ray "
+                  f"{run['ray'][0]:.1f} (steady {run['ray'][1]:.1f})   ray/local {run['ray'][0] / run['local'][0]:.2f} "
+                  f"(steady {run['ray'][1] / run['local'][1]:.2f})", flush=True)
+    finally:
+        ray.shutdown()
+    (il, vl), (ir, vr) = runs[0]["local_rows"], runs[0]["ray_rows"]
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {"images": images, "shards": -(-images // shard), "rounds": rounds, "ray_startup_s": startup,
+            "local_img_s": med([x["local"][0] for x in runs]), "ray_img_s": med([x["ray"][0] for x in runs]),
+            "ratio": med([x["ray"][0] / x["local"][0] for x in runs]),
+            "steady_ratio": med([x["ray"][1] / x["local"][1] for x in runs]),
+            "ratios": [x["ray"][0] / x["local"][0] for x in runs],
+            "steady_ratios": [x["ray"][1] / x["local"][1] for x in runs],
+            "same_ids": il == ir, "max_diff": float(np.abs(vl - vr).max())}
 
 
-def synthetic(root: Path, n: int, dim: int, shard_rows: int, seed: int = 0) -> None:
-    """Clustered unit vectors written as embedding shards (see the module doc), and the same vectors as
-    root/npy/shard-NNNNN.npy (what autofaiss reads; the sorted file names keep the shards' order)."""
-    from vitdense.collection.embed import ShardRows
-    from vitdense.collection.shards import Collection, write_shard
-    from vitdense.collection.sources import ShardSpec
-    from vitdense.retrieval import DescriptorConfig
+class Synthetic:
+    """N clustered unit vectors (1000 centres in a random 64-d subspace + noise, as
+    benchmarks/bench_retrieval.py), shard by shard: shard s is drawn from its own generator, so any shard can
+    be made again without keeping or reading it (the exact search of the queries regenerates them)."""
 
-    rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.normal(size=(dim, 64)))[0]  # (dim, 64)
-    centres = rng.normal(size=(1000, 64))
-    (root / "inputs").mkdir(parents=True)
-    (root / "npy").mkdir()
-    specs = []
-    for s, start in enumerate(range(0, n, shard_rows)):
-        count = min(shard_rows, n - start)
-        spec = ShardSpec(f"shard-{s:05d}", "files", tuple(f"synthetic/{start + i}" for i in range(count)))
-        (root / "inputs" / f"{spec.name}.txt").write_text("\n".join(spec.items) + "\n")
-        low = centres[rng.integers(0, 1000, count)] + 0.6 * rng.normal(size=(count, 64))
-        v = low @ basis.T + 0.15 * rng.normal(size=(count, dim))
-        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-        write_shard(root, spec.name, ShardRows(list(spec.items), [""] * count, [""] * count, v), 0.0)
-        np.save(root / "npy" / f"{spec.name}.npy", v)
-        specs.append(spec)
-    Collection(root, {"fingerprint": "synthetic", "stride": 0, "model": "synthetic"}, DescriptorConfig(), dim,
-               specs).write_manifest()
+    def __init__(self, n: int, dim: int, shard_rows: int, seed: int = 0):
+        self.n, self.dim, self.shard_rows, self.seed = n, dim, shard_rows, seed
+        rng = np.random.default_rng(seed)
+        self.basis = np.linalg.qr(rng.normal(size=(dim, 64)))[0]  # (dim, 64)
+        self.centres = rng.normal(size=(1000, 64))
+        self.starts = list(range(0, n, shard_rows))
+
+    def shard(self, s: int) -> np.ndarray:
+        count = min(self.shard_rows, self.n - self.starts[s])
+        rng = np.random.default_rng([self.seed, s])
+        low = self.centres[rng.integers(0, 1000, count)] + 0.6 * rng.normal(size=(count, 64))
+        v = low @ self.basis.T + 0.15 * rng.normal(size=(count, self.dim))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    def write(self, root: Path) -> None:
+        """The vectors as an embeddings folder (Parquet shards + manifest) under root."""
+        from vitdense.collection.embed import ShardRows
+        from vitdense.collection.shards import Collection, write_shard
+        from vitdense.collection.sources import ShardSpec
+        from vitdense.retrieval import DescriptorConfig
+
+        (root / "inputs").mkdir(parents=True)
+        specs = []
+        for s, start in enumerate(self.starts):
+            v = self.shard(s)
+            spec = ShardSpec(f"shard-{s:05d}", "files", tuple(f"synthetic/{start + i}" for i in range(len(v))))
+            (root / "inputs" / f"{spec.name}.txt").write_text("\n".join(spec.items) + "\n")
+            write_shard(root, spec.name, ShardRows(list(spec.items), [""] * len(v), [""] * len(v), v), 0.0)
+            specs.append(spec)
+        Collection(root, {"fingerprint": "synthetic", "stride": 0, "model": "synthetic"}, DescriptorConfig(),
+                   self.dim, specs).write_manifest()
+
+    def write_npy(self, folder: Path) -> None:
+        """The same vectors as folder/shard-NNNNN.npy (what autofaiss reads; sorted names keep the order)."""
+        folder.mkdir(parents=True)
+        for s in range(len(self.starts)):
+            np.save(folder / f"shard-{s:05d}.npy", self.shard(s))
+
+    def exact_queries(self, k: int = 11, count: int = 200, seed: int = 1
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``count`` random rows as queries (Q, D'), their exact top-k global ids by inner product over every
+        vector (plain numpy, a regenerated shard at a time, a running top-k) and the rows themselves."""
+        rows = np.sort(np.random.default_rng(seed).choice(self.n, count, replace=False))
+        shard_of = np.searchsorted(self.starts, rows, "right") - 1
+        q = np.empty((count, self.dim), np.float32)
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            q[where] = self.shard(s)[rows[where] - self.starts[s]]
+        best_s = np.full((count, 0), -np.inf, np.float32)
+        best_i = np.zeros((count, 0), np.int64)
+        for s, start in enumerate(self.starts):
+            scores = q @ self.shard(s).T  # (Q, rows of shard s)
+            ids = np.broadcast_to(start + np.arange(scores.shape[1]), scores.shape)
+            if scores.shape[1] > k:  # the shard's own top k first, so the merge stays (Q, 2k)
+                part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+            best_s, best_i = np.concatenate([best_s, scores], 1), np.concatenate([best_i, ids], 1)
+            keep = np.lexsort((best_i, -best_s), axis=-1)[:, :k]  # by score, ties by the lower id
+            best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+        return q, best_i, rows
 
 
 def child(emb: str, out: str, budget: str, kind: str) -> None:
@@ -138,14 +204,23 @@ def child(emb: str, out: str, budget: str, kind: str) -> None:
     print(json.dumps(build_index(emb, out, budget, index_type=kind, progress=False)))
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
-    """Run ``cmd`` to the end; (its stdout, wall seconds). Peak memory is what the child reports of itself
-    (VmHWM): ru_maxrss from os.wait4 would count this script's own size at the fork too."""
+def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None = None
+                 ) -> tuple[str | None, float]:
+    """Run ``cmd`` to the end; (its stdout, wall seconds), or (None, seconds) when it ran past ``timeout``
+    (its whole process group is killed). Peak memory is what the child reports of itself (VmHWM):
+    ru_maxrss from os.wait4 would count this script's own size at the fork too."""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise SystemExit(f"{cmd[0]} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return res.stdout, time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return out, time.perf_counter() - t0
 
 
 def build(emb: Path, out: Path, budget: str, kind: str) -> dict:
@@ -176,29 +251,20 @@ print(json.dumps({"import_s": t1 - t0, "build_s": time.perf_counter() - t1, "inf
 """
 
 
-def autofaiss_build(python: str, emb: Path, out: Path, budget: int, in_ram: bool) -> dict:
-    """autofaiss' build_index on emb/npy in ``python`` (its own virtual environment), measured like ours."""
+def autofaiss_build(python: str, emb: Path, out: Path, budget: int, in_ram: bool, timeout: float | None = None
+                    ) -> dict | None:
+    """autofaiss' build_index on emb/npy in ``python`` (its own virtual environment), measured like ours;
+    None when it ran past ``timeout`` seconds."""
     out.mkdir()
     cmd = [python, "-c", AUTOFAISS_CHILD, str(emb / "npy"), str(out), f"{budget}B", f"{budget // 2}B",
            "0" if in_ram else "1"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    text, wall = run_measured(cmd, env)
+    text, wall = run_measured(cmd, env, timeout)
+    if text is None:
+        return None
     res = json.loads(text.strip().splitlines()[-1])
     res.update(wall_s=wall, index_bytes=(out / "knn.index").stat().st_size)
     return res
-
-
-def exact_queries(emb: Path, n: int, k: int = 11, count: int = 200, seed: int = 1) -> tuple[np.ndarray, np.ndarray,
-                                                                                              np.ndarray]:
-    """``count`` random rows of the collection as queries (Q, D'), their exact top-k global ids by inner
-    product over every vector (plain numpy, shard by shard), and the rows themselves."""
-    rows = np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
-    files = sorted((emb / "npy").glob("*.npy"))
-    arrays = [np.load(f, mmap_mode="r") for f in files]
-    starts = np.cumsum([0] + [len(a) for a in arrays])
-    q = np.stack([arrays[s][r - starts[s]] for r in rows for s in [np.searchsorted(starts, r, "right") - 1]])
-    scores = np.concatenate([q @ np.asarray(a).T for a in arrays], axis=1)  # (Q, N): 200 × N floats
-    return q, np.argsort(-scores, axis=1, kind="stable")[:, :k], rows
 
 
 def recall10(exact: np.ndarray, got: np.ndarray, own: np.ndarray) -> float:
@@ -231,6 +297,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="engine runs of each kind, in turn (default 3)")
+    ap.add_argument("--engine-shard", type=int, default=50, help="images per shard in the engine part")
+    ap.add_argument("--engine-model", choices=sorted(ENGINE_MODELS), default="tiny",
+                    help="the engine part's backbone: tiny (64 px: the engines' overhead shows most) or vits16 "
+                         "(ViT-S/16 at 224 px: a real model's work per image)")
     ap.add_argument("--n", type=int, action="append", help="vectors for the index part (repeatable); "
                                                           "default 200000")
     ap.add_argument("--dim", type=int, default=384)
@@ -241,8 +312,9 @@ def main() -> None:
                                                "compare with its build_index (default: not compared)")
     ap.add_argument("--autofaiss-in-ram", action="store_true",
                     help="let autofaiss pick indexes that cannot be memory-mapped (e.g. HNSW)")
-    ap.add_argument("--kinds", default="ivfflat,ivfpq", help="our index types to build (comma-separated; the "
-                                                               "1 B projection needs both)")
+    ap.add_argument("--kinds", default="auto,ivfpq", help="our index types to build (comma-separated; auto = "
+                    "the automatic choice; a kind that gives the same index as one before it is skipped)")
+    ap.add_argument("--autofaiss-timeout", type=float, help="stop autofaiss after this many seconds and say so")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -250,11 +322,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_scaleout_"))
     try:
         if not args.skip_engines:
-            e = engines(tmp / "engines", args.images, args.actors)
-            print(f"\nengines, {e['images']} images of 64 px, tiny ViT (192-d, 6 blocks), {args.actors} Ray actors, "
-                  f"{os.cpu_count()} cores")
-            print(f"  local {e['local_img_s']:.1f} img/s   ray {e['ray_img_s']:.1f} img/s   ray/local "
-                  f"{e['ray_img_s'] / e['local_img_s']:.2f}   (Ray start-up {e['ray_startup_s']:.1f} s apart)")
+            kw, size = ENGINE_MODELS[args.engine_model]
+            print(f"\nengines, {args.images} images of {size} px in shards of {args.engine_shard}, random ViT "
+                  f"({kw['embed_dim']}-d, {kw['depth']} blocks, patch {kw['patch_size']}), {args.actors} Ray actors "
+                  f"(1 torch thread each), local: torch's threads + 1 decoding worker, {os.cpu_count()} cores, "
+                  f"{args.rounds} rounds in turn")
+            e = engines(tmp / "engines", args.images, args.actors, args.rounds, args.engine_shard, args.engine_model)
+            print(f"  medians: local {e['local_img_s']:.1f} img/s   ray {e['ray_img_s']:.1f} img/s   ray/local "
+                  f"{e['ratio']:.2f} end to end (rounds {', '.join(f'{x:.2f}' for x in e['ratios'])}), "
+                  f"{e['steady_ratio']:.2f} steady (rounds {', '.join(f'{x:.2f}' for x in e['steady_ratios'])}); "
+                  f"Ray start-up {e['ray_startup_s']:.1f} s apart")
             print(f"  same ids: {e['same_ids']}   max |vector difference| {e['max_diff']:.2g}")
         from vitdense.collection.index import parse_size
 
@@ -263,48 +340,64 @@ def main() -> None:
               f"budget {args.memory_budget}")
         print(f"  {'N':>9} {'index':<16} {'train s':>8} {'add s':>7} {'merge s':>8} {'peak RSS':>9} "
               f"{'/budget':>7} {'R@10':>6} {'R@10 rr':>7}")
-        rates = None
         side: list[tuple] = []  # (N, builder, factory, wall s, peak RSS, index bytes, R@10, R@10 re-ranked)
         if not args.autofaiss_python:
             print("  (autofaiss not compared: give --autofaiss-python PATH, the python of a virtual environment "
                   "with autofaiss; see the module doc)")
+        projection = None  # (N, IndexChoice, index.json) of the largest automatic build
         for n in args.n or [200_000]:
             emb = tmp / f"emb-{n}"
-            synthetic(emb, n, args.dim, args.shard_rows)
-            q, exact, own = exact_queries(emb, n)
+            data = Synthetic(n, args.dim, args.shard_rows)
+            t0 = time.perf_counter()
+            data.write(emb)
+            written = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            q, exact, own = data.exact_queries()
             from vitdense.collection.index import choose_index
 
             auto = choose_index(n, args.dim, budget, shard_rows=min(n, args.shard_rows))
-            print(f"  {n:>9} auto choice: {auto.factory} ({auto.reason})")
-            kmeans = None
+            print(f"  {n:>9} shards written in {written:.0f} s, exact top-11 of {len(q)} queries in "
+                  f"{time.perf_counter() - t0:.0f} s; auto choice: {auto.factory} ({auto.reason})", flush=True)
+            built = set()
             for kind in args.kinds.split(","):
+                factory = auto.factory if kind == "auto" else choose_index(
+                    n, args.dim, budget, kind, shard_rows=min(n, args.shard_rows)).factory
+                if factory in built:
+                    print(f"  {n:>9} {kind}: {factory} again (built above), skipped")
+                    continue
+                built.add(factory)
                 out = tmp / f"idx-{n}-{kind}"
                 meta = build(emb, out, args.memory_budget, kind)
                 sec, rec, proc = meta["stages"]["seconds"], meta["recall"], meta["process"]
                 print(f"  {n:>9} {meta['choice']['factory']:<16} {sec['train']:>8.1f} {sec['add']:>7.1f} "
                       f"{sec['merge']:>8.1f} {meta['peak_rss'] / 2**20:>7.0f}Mi {meta['peak_rss'] / budget:>7.2f} "
-                      f"{rec['recall_at_10']:>6.3f} {rec['recall_at_10_reranked']:>7.3f}   peak RSS after "
-                      + " / ".join(f"{k} {v / 2**20:.0f}Mi" for k, v in meta["stages"]["peak_rss"].items()))
+                      f"{rec['recall_at_10']:>6.3f} {rec['recall_at_10_reranked']:>7.3f}   {meta['coarse_training']}; "
+                      "peak RSS after " + " / ".join(f"{k} {v / 2**20:.0f}Mi"
+                                                     for k, v in meta["stages"]["peak_rss"].items()), flush=True)
                 plain, reranked = our_recall(out, q, exact, own)
                 side.append((n, f"vitdense {kind}", meta["choice"]["factory"], proc["wall_s"], proc["peak_rss"],
                              proc["index_bytes"], plain, reranked))
-                c = meta["choice"]
-                if kind == "ivfflat":  # coarse k-means only: its work rate
-                    kmeans = c["n_train"] * c["nlist"] * args.dim / max(sec["train"], 1e-9)
-                elif kmeans:
-                    ivfdata = sum(p.stat().st_size for p in out.glob("merged-*.ivfdata"))
-                    rates = {"add_per_s": n / max(sec["add"], 1e-9), "kmeans_per_s": kmeans,
-                             "pq_train_s": max(sec["train"] - c["n_train"] * c["nlist"] * args.dim / kmeans, 0),
-                             "merge_bytes_s": ivfdata / max(sec["merge"], 1e-9)}
+                if meta["choice"]["kind"] != "flat" and kind in ("auto", "ivfpq"):
+                    meta["ivfdata_bytes"] = sum(f.stat().st_size for f in out.glob("merged-*.ivfdata"))
+                    projection = (n, meta)
                 shutil.rmtree(out)
             if args.autofaiss_python:
                 out = tmp / f"autofaiss-{n}"
-                af = autofaiss_build(args.autofaiss_python, emb, out, budget, args.autofaiss_in_ram)
-                side.append((n, "autofaiss", af["infos"]["index_key"], af["wall_s"], af["peak_rss"],
-                             af["index_bytes"], autofaiss_recall(out, af["infos"], q, exact, own), None))
-                print(f"  {n:>9} autofaiss {af['infos']['index_key']} ({af['infos']['index_param']}): build_index "
-                      f"{af['build_s']:.1f} s + import {af['import_s']:.1f} s")
-                shutil.rmtree(out)
+                t0 = time.perf_counter()
+                data.write_npy(emb / "npy")  # only now: at 10 M the copies take 15 GB of disk
+                print(f"  {n:>9} autofaiss' .npy copies written in {time.perf_counter() - t0:.0f} s", flush=True)
+                af = autofaiss_build(args.autofaiss_python, emb, out, budget, args.autofaiss_in_ram,
+                                     args.autofaiss_timeout)
+                if af is None:
+                    side.append((n, "autofaiss", f"did not finish in {args.autofaiss_timeout} s", None, None, None,
+                                 None, None))
+                    print(f"  {n:>9} autofaiss: stopped after {args.autofaiss_timeout} s (--autofaiss-timeout)")
+                else:
+                    side.append((n, "autofaiss", af["infos"]["index_key"], af["wall_s"], af["peak_rss"],
+                                 af["index_bytes"], autofaiss_recall(out, af["infos"], q, exact, own), None))
+                    print(f"  {n:>9} autofaiss {af['infos']['index_key']} ({af['infos']['index_param']}): "
+                          f"build_index {af['build_s']:.1f} s + import {af['import_s']:.1f} s", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(emb)
         print(f"\nside by side: each build in a fresh process, its wall time and peak RSS (its VmHWM); recall@10 of "
               f"the same {len(q)} held-out queries against exact search; ratios against autofaiss")
@@ -312,24 +405,35 @@ def main() -> None:
               f"{'index MiB':>9} {'R@10':>6} {'R@10 rr':>7} {'time/af':>7} {'RSS/af':>6}")
         for row in side:
             n, who, factory, wall, rss, size, r, rr = row
+            if wall is None:
+                print(f"  {n:>9} {who:<18} {factory}")
+                continue
             ref = next((x for x in side if x[0] == n and x[1] == "autofaiss"), None)
-            ratio = f"{wall / ref[3]:>7.2f} {rss / ref[4]:>6.2f}" if ref else f"{'-':>7} {'-':>6}"
+            if ref and ref[3] is None:
+                ratio = f"{'< ' + format(wall / args.autofaiss_timeout, '.2f'):>7} {'-':>6}"
+            else:
+                ratio = f"{wall / ref[3]:>7.2f} {rss / ref[4]:>6.2f}" if ref else f"{'-':>7} {'-':>6}"
             print(f"  {n:>9} {who:<18} {factory:<34} {wall:>7.1f} {rss / 2**20:>7.0f}Mi {rss / budget:>7.2f} "
                   f"{size / 2**20:>9.1f} {r:>6.3f} {'-' if rr is None else format(rr, '.3f'):>7} {ratio}")
-        if rates:
-            from vitdense.collection.index import choose_index
+        if projection:
+            from vitdense.collection.index import IndexChoice, TWO_LEVEL_FROM, choose_index, coarse_training
 
-            c = choose_index(10**9, args.dim, 64 * 2**30, "auto")
-            # the add stage includes reading the Parquet shard and writing the .npy copy, so it scales with N
-            add_h = 1e9 / rates["add_per_s"] / 3600
-            train_h = (c.n_train * c.nlist * args.dim / rates["kmeans_per_s"] + rates["pq_train_s"]) / 3600
-            merge_h = 1e9 * (c.m + 8) / rates["merge_bytes_s"] / 3600
+            n, meta = projection
+            sec, done = meta["stages"]["seconds"], IndexChoice(**meta["choice"])
+
+            def work(c):  # coarse k-means work: training points x centroids each is compared with x D'
+                return c.n_train * (c.nlist if c.nlist < TWO_LEVEL_FROM else 2 * math.sqrt(c.nlist)) * args.dim
+
+            c = choose_index(10**9, args.dim, 64 * 2**30, "auto", shard_rows=args.shard_rows)
+            train_h = sec["train"] * work(c) / work(done) / 3600
+            add_h = 1e9 / (n / max(sec["add"], 1e-9)) / 3600
+            merge_h = 1e9 * (c.m + 8) / (meta["ivfdata_bytes"] / max(sec["merge"], 1e-9)) / 3600
             print(f"\n1 B vectors on paper, one machine like this one ({os.cpu_count()} cores), 64 GiB budget: "
-                  f"{c.factory}")
-            print(f"  train {train_h:.1f} h (coarse k-means work N_train x nlist x D at the IVF-Flat run's "
-                  f"rate, + the PQ codebooks' measured time; OPQ and the HNSW quantizer not in it), add {add_h:.1f} h ({rates['add_per_s']:.0f} vectors/s; "
-                  f"divide by the Ray workers), merge {merge_h:.1f} h ({rates['merge_bytes_s'] / 2**20:.0f} MiB/s "
-                  f"of codes), codes on disk {1e9 * (c.m + 8) / 2**30:.0f} GiB, exact vectors "
+                  f"{c.factory}, {coarse_training(c)}")
+            print(f"  from the {n}-vector {done.factory} build ({meta['coarse_training']}): train {train_h:.1f} h "
+                  f"(its {sec['train']:.0f} s scaled by the coarse k-means work, N_train x centroids compared x D'), "
+                  f"add {add_h:.1f} h ({n / max(sec['add'], 1e-9):.0f} vectors/s; divide by the Ray workers), merge "
+                  f"{merge_h:.1f} h, codes on disk {1e9 * (c.m + 8) / 2**30:.0f} GiB, exact vectors "
                   f"{1e9 * args.dim * 4 / 2**40:.2f} TiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

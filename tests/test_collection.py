@@ -498,3 +498,78 @@ def test_index_build_peak_memory_stays_within_the_budget(tmp_path):
     assert set(meta["stages"]["peak_rss"]) == {"train", "add", "merge", "evaluate"}
     assert meta["count"] == 100_000 and meta["choice"]["kind"] == "ivfflat"
     assert meta["recall"]["recall_at_10_reranked"] >= 0.8  # searchable (equality: the test above)
+
+
+def _objective(vectors: np.ndarray, centroids: np.ndarray) -> float:
+    """Mean inner product of each vector with its best centroid (what spherical k-means maximises)."""
+    return float((vectors @ centroids.T).max(1).mean())
+
+
+def test_two_level_kmeans_is_as_good_as_one_kmeans_and_fills_the_lists():
+    """coarse_centroids: nlist unit centroids from √nlist clusters split in proportion to their points; its
+    objective is within a hair of faiss' one-level k-means and far above centroids drawn at random."""
+    import faiss
+
+    from vitdense.collection.index import _split_lists, coarse_centroids
+
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 24))
+    x = centres[rng.integers(0, 40, 6000)] + 0.5 * rng.normal(size=(6000, 24))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    two = coarse_centroids(x.copy(), 100, seed=0)
+    assert two.shape == (100, 24) and len(np.unique(two.round(5), axis=0)) == 100
+    np.testing.assert_allclose(np.linalg.norm(two, axis=1), 1, atol=1e-5)
+    one = faiss.Kmeans(24, 100, niter=25, seed=0, spherical=True)
+    one.train(x)
+    random = x[rng.choice(len(x), 100, replace=False)]
+    assert _objective(x, two) >= _objective(x, one.centroids) - 0.01
+    assert _objective(x, two) > _objective(x, random) + 0.02
+    # the split: proportional, never more lists than points, empty clusters get none
+    assert _split_lists(10, np.array([50, 30, 0, 15, 5])).tolist() == [5, 3, 0, 2, 0]  # largest remainder
+    assert _split_lists(10, np.array([2, 100])).tolist() == [0, 10]
+    assert _split_lists(7, np.array([1, 1, 1])).tolist() == [1, 1, 1]  # fewer points than lists: all it can
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "OPQ8,IVF64_HNSW32,PQ8"])
+def test_many_lists_train_in_two_levels_in_build_index(tmp_path, monkeypatch, factory):
+    """From TWO_LEVEL_FROM lists on, build_index trains the lists by two-level k-means (OPQ first, the lists
+    in the rotated space) and faiss trains only the codes; recall with every list probed and re-ranking is
+    exact, and index.json says how the lists were trained."""
+    import faiss
+
+    from vitdense.collection import index as index_module
+
+    faiss.omp_set_num_threads(1)
+    vectors = synthetic_collection(tmp_path / "emb", shards=4, per=1000, dim=32)
+    monkeypatch.setattr(index_module, "TWO_LEVEL_FROM", 32)
+    real = index_module.choose_index
+
+    def forced(*args, **kwargs):  # the OPQ + HNSW form is chosen from 10 M vectors on: force it here
+        c = real(*args, **kwargs)
+        return index_module.IndexChoice(c.kind if factory.startswith("IVF") else "opq-ivfhnsw-pq", factory, 64,
+                                         0 if factory.startswith("IVF") else 8, 64, 3000, c.reason)
+
+    monkeypatch.setattr(index_module, "choose_index", forced)
+    meta = build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfflat" if "Flat" in factory
+                       else "ivfpq", rerank=400, progress=False)  # 8-bit PQ on 3000 points: coarse codes
+    assert meta["coarse_training"] == "two-level k-means (8 clusters, then 64 lists)"
+    opened = ShardedIndex(tmp_path / "idx")  # kept in a name: the lists belong to its index
+    lists = faiss.extract_index_ivf(opened.index).invlists
+    ivf_sizes = [lists.list_size(i) for i in range(64)]
+    assert meta["list_imbalance"] == pytest.approx(64 * np.square(ivf_sizes).sum() / 4000 ** 2, rel=1e-3)
+    trained = faiss.read_index(str(tmp_path / "idx" / "trained.index"))
+    ivf = faiss.extract_index_ivf(trained)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)  # spherical, as faiss' IP
+    rotated = vectors
+    if isinstance(trained, faiss.IndexPreTransform):  # the lists live in OPQ's rotated space
+        rotated = trained.chain.at(0).apply(vectors)
+    random = rotated[np.random.default_rng(0).choice(len(rotated), 64, replace=False)]
+    assert _objective(rotated, centroids) > _objective(rotated, random) + 0.02
+    assert meta["recall"]["recall_at_10_reranked"] == 1.0
+    idx = ShardedIndex(tmp_path / "idx")
+    faiss.extract_index_ivf(idx.index).nprobe = 64
+    queries = vectors[[3, 1500, 3999]]
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(idx.search(queries, 5)[1], exact)

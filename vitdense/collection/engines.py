@@ -60,10 +60,25 @@ class EmbedReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict)
+    # (seconds since the engine started, rows, worker's process id) of each shard embedded now, in the order
+    # they finished
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.new_rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Images/s once the engine is running (Ray's actors started, the extractor built, the first batches
+        decoded): each worker's rows from its first finished shard to its last over that time, summed over
+        the workers; 0.0 when no worker finished two shards."""
+        total = 0.0
+        for worker in {w for _, _, w in self.timeline}:
+            mine = [(t, r) for t, r, w in self.timeline if w == worker]
+            if len(mine) > 1 and mine[-1][0] > mine[0][0]:
+                total += sum(r for _, r in mine[1:]) / (mine[-1][0] - mine[0][0])
+        return total
 
 
 def _bar(total: int, progress: bool):
@@ -73,15 +88,18 @@ def _bar(total: int, progress: bool):
 
 
 def run_local(root: Path, specs: Sequence[ShardSpec], extractor: ViTExtractor, config: DescriptorConfig,
-              batch_size: int, num_workers: int, progress: bool = True, patches: bool = False
-              ) -> list[dict[str, Any]]:
-    """Run the shards one after another in this process."""
+              batch_size: int, num_workers: int, progress: bool = True, patches: bool = False,
+              timeline: list[tuple[float, int, int]] | None = None) -> list[dict[str, Any]]:
+    """Run the shards one after another in this process; each finished shard's (seconds, rows, process id)
+    is appended to ``timeline``."""
     markers = []
     start, images = time.perf_counter(), 0
     with _bar(len(specs), progress) as bar:
         for spec in specs:
             markers.append(process_shard(root, spec, extractor, config, batch_size, num_workers, patches))
             images += markers[-1]["rows"]
+            if timeline is not None:
+                timeline.append((time.perf_counter() - start, markers[-1]["rows"], os.getpid()))
             bar.set_postfix(img=images, img_s=f"{images / (time.perf_counter() - start):.1f}")
             bar.update()
     return markers
@@ -100,7 +118,7 @@ class _RayShardWorker:
         self.extractor = extractor_spec.build()
 
     def __call__(self, batch: dict) -> dict:
-        names, rows, skipped = [], [], []
+        names, rows, skipped, finished, worker = [], [], [], [], []
         for text in batch["shard"]:
             spec = json.loads(str(text))
             spec = ShardSpec(spec["name"], spec["kind"], tuple(spec["items"]), spec["tar"])
@@ -108,15 +126,19 @@ class _RayShardWorker:
             names.append(spec.name)
             rows.append(marker["rows"])
             skipped.append(len(marker["skipped"]))
-        return {"name": names, "rows": rows, "skipped": skipped}
+            finished.append(time.time())  # Ray Data hands rows to the driver in bunches: the actor's clock
+            worker.append(os.getpid())
+        return {"name": names, "rows": rows, "skipped": skipped, "finished": finished, "worker": worker}
 
 
 def run_ray(root: Path, specs: Sequence[ShardSpec], extractor_spec: ExtractorSpec, config: DescriptorConfig,
             batch_size: int, actors: int = 2, address: str | None = None, gpus_per_worker: float = 0.0,
-            progress: bool = True, patches: bool = False) -> list[str]:
+            progress: bool = True, patches: bool = False, timeline: list[tuple[float, int, int]] | None = None
+            ) -> list[str]:
     """Run the shards on a Ray Data actor pool of ``actors`` actors (one block = one shard, so Ray's
     retries and our resume both work shard by shard). Connects to ``address`` (an existing cluster, or
-    "auto"), else starts a local Ray unless one is running in this process."""
+    "auto"), else starts a local Ray unless one is running in this process. Each finished shard's
+    (seconds since the pool was asked for, rows, actor's process id) is appended to ``timeline``."""
     try:
         import ray
     except ImportError:
@@ -142,13 +164,17 @@ def run_ray(root: Path, specs: Sequence[ShardSpec], extractor_spec: ExtractorSpe
                              fn_constructor_kwargs=dict(root=str(root), extractor_spec=ExtractorSpec(
                                  **{**extractor_spec.__dict__, "device": "cuda" if gpus_per_worker else "cpu"}),
                                  config=config.to_dict(), batch_size=batch_size, patches=patches))
-        done, start, images = [], time.perf_counter(), 0
+        done, start, wall, images = [], time.perf_counter(), time.time(), 0
         with _bar(len(specs), progress) as bar:
             for row in out.iter_rows():
                 done.append(row["name"])
                 images += int(row["rows"])
+                if timeline is not None:
+                    timeline.append((float(row["finished"]) - wall, int(row["rows"]), int(row["worker"])))
                 bar.set_postfix(img=images, img_s=f"{images / (time.perf_counter() - start):.1f}")
                 bar.update()
+        if timeline is not None:
+            timeline.sort()
         return done
     finally:
         if started:
@@ -195,11 +221,12 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
     start = time.perf_counter()
     if pending:
         if engine == "local":
-            run_local(coll.root, pending, built, config, batch_size, num_workers, progress, patch_descriptors)
+            run_local(coll.root, pending, built, config, batch_size, num_workers, progress, patch_descriptors,
+                      report.timeline)
         else:
             del built  # the actors build their own
             run_ray(coll.root, pending, extractor, config, batch_size, actors, address, gpus_per_worker, progress,
-                    patch_descriptors)
+                    patch_descriptors, report.timeline)
     report.seconds = time.perf_counter() - start
     report.manifest = coll.write_manifest()
     from .shards import is_done, read_marker
