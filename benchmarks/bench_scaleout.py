@@ -1,34 +1,43 @@
 """Scale-out benchmark: `vitdense embed` on Ray against the local engine, and the index build from shards.
 
     python benchmarks/bench_scaleout.py                          # 300 images, 200k vectors (a few minutes, 2 cores)
-    python benchmarks/bench_scaleout.py --n 1000000 --n 10000000 --images 5000   # bigger machines
+    python benchmarks/bench_scaleout.py --skip-engines --n 1000000 --memory-budget 4G
+    python benchmarks/bench_scaleout.py --skip-engines --n 10000000 --memory-budget 8G --kinds auto
+    python benchmarks/bench_scaleout.py --images 1200 --rounds 3 --engine-model vits16 --n 20000
 
-Part 1 (engines): the same generated images (64 px, a tiny random ViT: the engines' overhead, not the
-network, is what is compared) embedded with ``--engine local`` (this process) and ``--engine ray`` (a
-local Ray with an actor pool of ``--actors``); images/s of each (Ray's start-up counted apart), the ratio,
-and whether both gave the same ids and vectors (max |difference|).
+Part 1 (engines): the same generated images embedded ``--rounds`` times by each engine in turn (local,
+ray, local, ray, ...: a drift of the machine's speed hits both alike): ``--engine local`` (this process,
+torch's threads, one DataLoader worker decoding) and ``--engine ray`` (a local Ray, an actor pool of
+``--actors``, one torch thread each). ``--engine-model tiny`` (64 px, a 6-block 192-d ViT) shows the
+engines' own costs most; ``vits16`` (ViT-S/16 at 224 px, random weights) is a real model's work per image.
+Per run: images/s end to end (Ray's actor start and extractor builds included; ``ray.init`` once, apart)
+and steady (each worker from its first finished shard to its last, summed); the ratios are medians over
+the rounds; and whether both gave the same ids and vectors (max |difference|).
 
 Part 2 (index): N synthetic clustered 384-d unit vectors (1000 centres in a random 64-d subspace + noise,
-as benchmarks/bench_retrieval.py) written as Parquet shards of ``--shard-rows``; `build_index` runs in a
-fresh process per N (so its peak RSS is its own; building an index does not import torch) under
-``--memory-budget``, once with the automatic choice and once forced to IVF-PQ. Reported: the
-choice, seconds per stage (train / add / merge), peak RSS against the budget, recall@10 of the held-out
-queries with and without exact re-ranking. From the measured rates (vectors added per second, k-means
-work per second, merge MB/s) it projects 1 B vectors on paper.
+as benchmarks/bench_retrieval.py) written as Parquet shards of ``--shard-rows``, each shard drawn from its
+own generator so the exact search of the 200 held-out queries regenerates them instead of reading them
+back; `build_index` runs in a fresh process per index (so its peak RSS is its own; building an index does
+not import torch) under ``--memory-budget``, for each of ``--kinds`` (``auto`` = the automatic choice; a
+kind that gives the same index as one before it is skipped). Reported: the choice, how its lists were
+trained, seconds per stage (train / add / merge), peak RSS against the budget, recall@10 of the held-out
+queries with and without exact re-ranking. From the largest automatic build it projects 1 B vectors on
+paper (training scaled by the coarse k-means work, add and merge by their measured rates).
 
 autofaiss (``--autofaiss-python PATH``: the interpreter of a separate virtual environment holding it, since
-``pip install autofaiss`` pins numpy < 2): its ``build_index`` runs in that interpreter as a subprocess on
-the same vectors, saved as .npy shards in the same order, with ``current_memory_available`` = the budget
+``pip install autofaiss`` pins numpy < 2 and needs a faiss-cpu of its time): its ``build_index`` runs in
+that interpreter as a subprocess on the same vectors, saved as .npy shards in the same order (written after
+our builds are deleted: at 10 M they take 15 GB of disk), with ``current_memory_available`` = the budget
 and ``max_index_memory_usage`` = half of it (autofaiss refuses less than 10 % headroom), ``metric_type="ip"``
 and ``should_be_memory_mappable=True`` (our index's lists are on disk too; ``--autofaiss-in-ram`` lets it
-pick any index). Both sides are then measured alike by this script: wall time of the build process, its
-peak RSS (VmHWM, which each process reads of itself: ru_maxrss would also count this script's size at the
-fork), index size on disk, and recall@10 of the same 200 held-out queries
-against exact search written plainly here (each query's own row left out); ours with and without exact
-re-ranking, autofaiss with the search parameters it tuned. Without ``--autofaiss-python`` the comparison is
-skipped with a printed reason.
+pick any index); ``--autofaiss-timeout S`` stops it and says so. Both sides are then measured alike by this
+script: wall time of the build process, its peak RSS (VmHWM, which each process reads of itself: ru_maxrss
+would also count this script's size at the fork), index size on disk, and recall@10 of the same 200
+held-out queries against exact search written plainly here (each query's own row left out); ours with and
+without exact re-ranking, autofaiss with the search parameters it tuned. Without ``--autofaiss-python`` the
+comparison is skipped with a printed reason.
 
-    python -m venv .venv-autofaiss && .venv-autofaiss/bin/pip install autofaiss "pyarrow<21"
+    python -m venv .venv-autofaiss && .venv-autofaiss/bin/pip install autofaiss "pyarrow<21" "faiss-cpu==1.8.0.post1"
     python benchmarks/bench_scaleout.py --skip-engines --autofaiss-python .venv-autofaiss/bin/python
 """
 from __future__ import annotations
@@ -386,9 +395,18 @@ def main() -> None:
                 t0 = time.perf_counter()
                 data.write_npy(emb / "npy")  # only now: at 10 M the copies take 15 GB of disk
                 print(f"  {n:>9} autofaiss' .npy copies written in {time.perf_counter() - t0:.0f} s", flush=True)
-                af = autofaiss_build(args.autofaiss_python, emb, out, budget, args.autofaiss_in_ram,
-                                     args.autofaiss_timeout)
-                if af is None:
+                try:
+                    af = autofaiss_build(args.autofaiss_python, emb, out, budget, args.autofaiss_in_ram,
+                                         args.autofaiss_timeout)
+                except SystemExit as err:  # its failure is a row of the table, not the end of the run
+                    lines = [x for x in str(err).splitlines() if x.strip()]
+                    side.append((n, "autofaiss", f"failed: {lines[-1] if lines else err}", None, None, None, None,
+                                 None))
+                    print(f"  {n:>9} autofaiss failed:\n{err}", flush=True)
+                    af = False
+                if af is False:
+                    pass
+                elif af is None:
                     side.append((n, "autofaiss", f"did not finish in {args.autofaiss_timeout} s", None, None, None,
                                  None, None))
                     print(f"  {n:>9} autofaiss: stopped after {args.autofaiss_timeout} s (--autofaiss-timeout)")

@@ -69,6 +69,10 @@ def test_local_embed_matches_embed_images_and_resumes(tmp_path, weights):
     rep = embed_collection([tmp_path / "img"], tmp_path / "emb", spec, CFG, shard_size=8, num_workers=0,
                            progress=False)
     assert rep.embedded == ["shard-00000", "shard-00001", "shard-00002"] and rep.rows == 20
+    assert [r for _, r, _ in rep.timeline] == [8, 8, 4] and {w for _, _, w in rep.timeline} == {os.getpid()}
+    times = [t for t, _, _ in rep.timeline]
+    assert times == sorted(times) and times[-1] <= rep.seconds
+    assert rep.steady_images_per_second == pytest.approx(12 / (times[2] - times[0]))
     assert rep.skipped == [(str((tmp_path / "img" / "zz_bad.jpg").resolve()), "not an image file")]
     ids, vecs = all_rows(tmp_path / "emb")
     assert ids == [str(p.resolve()) for p in paths]  # every row named, no duplicates
@@ -91,6 +95,17 @@ def test_local_embed_matches_embed_images_and_resumes(tmp_path, weights):
                              num_workers=0, progress=False)
     assert grown.embedded == ["shard-00003"] and grown.rows == 23
     assert all_rows(tmp_path / "emb")[0][-3:] == [str(p.resolve()) for p in more]
+
+
+def test_steady_rate_counts_each_worker_from_its_first_finished_shard():
+    """Ray's actors start at different times and run side by side: each worker's rate from its own first
+    finished shard, summed; nothing to say with fewer than two shards from any worker."""
+    from vitdense.collection.engines import EmbedReport
+
+    rep = EmbedReport(Path("."), "ray", timeline=[(5.0, 10, 1), (6.0, 10, 2), (7.0, 10, 1), (8.0, 10, 2),
+                                                  (9.0, 10, 1)])
+    assert rep.steady_images_per_second == pytest.approx(20 / 4 + 10 / 2)
+    assert EmbedReport(Path("."), "local", timeline=[(1.0, 5, 7), (2.0, 5, 8)]).steady_images_per_second == 0
 
 
 @pytest.mark.slow
@@ -243,6 +258,9 @@ def test_ray_engine_same_rows_as_local_and_survives_actor_death(tmp_path, weight
     rerun = embed_collection([tmp_path / "img"], tmp_path / "ray", spec, CFG, engine="ray", shard_size=4, actors=2,
                              progress=False)
     assert rerun.manifest["complete"] and rerun.rows == 24
+    # the timeline comes from the actors (their clocks and process ids), one entry per shard embedded now
+    assert sum(r for _, r, _ in rerun.timeline) == rerun.new_rows and len(rerun.timeline) == len(rerun.embedded)
+    assert os.getpid() not in {w for _, _, w in rerun.timeline}
     ids_l, vec_l = all_rows(tmp_path / "local")
     ids_r, vec_r = all_rows(tmp_path / "ray")
     assert ids_r == ids_l and len(set(ids_r)) == 24
