@@ -95,6 +95,39 @@ def read_file_bytes(path: Path) -> bytes:
         return f.read()
 
 
+@dataclass(frozen=True)
+class IndexedFile:
+    """An indexed image that may be served: a regular file (``path``), or a member of an uncompressed tar
+    (``path`` the tar, ``offset``/``size`` the member's bytes in it). ``suffix``: the image's own suffix
+    (".jpg"); ``state``: changes whenever the file on disk does (a cache key)."""
+
+    path: Path
+    suffix: str
+    state: tuple
+    offset: int | None = None
+    size: int | None = None
+
+    def read(self) -> bytes:
+        """The image's bytes, read without following a final symlink (404 when the file went away or, for a
+        tar member, when the tar changed since its members were listed)."""
+        if self.offset is None:
+            return read_file_bytes(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            raise RequestError(404, "image no longer on disk") from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.state:
+                raise RequestError(404, "image no longer on disk (its tar changed)")
+            data = os.pread(fd, self.size, self.offset)
+        finally:
+            os.close(fd)
+        if len(data) != self.size:
+            raise RequestError(404, "image no longer on disk (its tar is cut short)")
+        return data
+
+
 async def read_body(chunks: AsyncIterator[bytes], declared: str | None, max_bytes: int) -> bytes:
     """The request body, read in memory; RequestError 413 as soon as it (or its Content-Length) exceeds
     ``max_bytes``, 422 when it is empty."""
