@@ -18,20 +18,21 @@ pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 pytest.importorskip("pyarrow")
 
-from starlette.testclient import TestClient  # noqa: E402
+from conftest import assert_user_error, run_cli, save_tiny_weights
+from starlette.testclient import TestClient
+from test_collection import make_images, write_tar
+from test_serve import _one_line_error, _png, _raw_get
+from test_serve_page import browser  # noqa: E402,F401  (the headless chromium fixture)
 
-from conftest import assert_user_error, run_cli, save_tiny_weights  # noqa: E402
-from test_collection import make_images, write_tar  # noqa: E402
-from test_serve import _one_line_error, _png, _raw_get  # noqa: E402
-from vitdense.collection.embed import ExtractorSpec, ShardRows  # noqa: E402
-from vitdense.collection.engines import embed_collection  # noqa: E402
-from vitdense.collection.index import ShardedIndex, build_index  # noqa: E402
-from vitdense.collection.shards import Collection, read_shard, write_shard  # noqa: E402
-from vitdense.collection.sources import ShardSpec  # noqa: E402
-from vitdense.retrieval import DescriptorConfig, global_descriptors, preprocess_image  # noqa: E402
-from vitdense.commands.retrieval import index_extractor  # noqa: E402
-from vitdense.serve import ServeConfig, Service, create_app, open_index  # noqa: E402
-from vitdense.serve.sharded import ShardedSnapshot  # noqa: E402
+from vitdense.collection.embed import ExtractorSpec, ShardRows
+from vitdense.collection.engines import embed_collection
+from vitdense.collection.index import ShardedIndex, build_index
+from vitdense.collection.shards import Collection, read_shard, write_shard
+from vitdense.collection.sources import ShardSpec
+from vitdense.commands.retrieval import index_extractor
+from vitdense.retrieval import DescriptorConfig, global_descriptors, preprocess_image
+from vitdense.serve import ServeConfig, Service, create_app, open_index
+from vitdense.serve.sharded import ShardedSnapshot
 
 CFG = DescriptorConfig(load_size=32, stride=8)
 N_FILES, N_TAR = 7, 4
@@ -171,7 +172,7 @@ def test_forged_stale_out_of_range_and_path_ids_are_404(client, service, setup):
 def test_a_rebuilt_index_turns_stale_ids_into_404(setup, tmp_path):
     """Rows reordered by a rebuild (another embeddings folder, file shard rows reversed): after the reload an
     old id whose row now holds another image is a 404, and the image is found under its new id."""
-    idx, ids = _rows(setup)
+    _, ids = _rows(setup)
     emb2, out = tmp_path / "emb2", tmp_path / "idx"
     coll = Collection.load(setup["emb"])
     specs = []
@@ -203,7 +204,7 @@ def test_a_rebuilt_index_turns_stale_ids_into_404(setup, tmp_path):
 # ----------------------------------------------------------------------------------------- memory and roots
 
 def test_ids_are_read_only_for_the_shards_a_request_touches(setup, monkeypatch):
-    import vitdense.serve.sharded as sharded
+    from vitdense.serve import sharded
 
     reads = []
     real = sharded.read_shard
@@ -247,3 +248,42 @@ def test_moved_embeddings_and_an_interrupted_build_are_one_line_errors(setup, tm
     shutil.copytree(setup["idx"], tmp_path / "partial")
     (tmp_path / "partial" / "index.json").unlink()  # written last: a build that was interrupted
     assert_user_error(run_cli("serve", tmp_path / "partial", "--device", "cpu"), "incomplete", "re-run")
+
+
+# ----------------------------------------------------------------------------------------- the page
+
+def test_page_searches_a_sharded_index_in_a_browser(setup, service, browser):
+    """The search page on a sharded index in headless chromium: the header names the sharded index, an upload
+    shows a grid of all 11 rows (files and tar members) with every thumbnail loaded, a click searches by id."""
+    import threading
+    import time
+
+    from test_serve_page import _free_port, _wait
+
+    uvicorn = pytest.importorskip("uvicorn")
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(service, watch=False), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    driver = browser
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        _wait(driver, "return document.getElementById('about').textContent.includes('11 images')")
+        assert "sharded IVF2,Flat index" in driver.find_element("id", "about").text
+        driver.find_element("id", "file").send_keys(str(setup["files"][1]))
+        _wait(driver, "return document.body.dataset.results === '11'")
+        _wait(driver, "return Array.from(document.querySelectorAll('#grid img')).every(i => i.complete && "
+                      "i.naturalWidth > 0)")
+        names = driver.execute_script("return Array.from(document.querySelectorAll('#grid .hit .name'))"
+                                      ".map(e => e.textContent)")
+        assert names[0] == setup["files"][1].name and sum(n.endswith(".jpg") for n in names) == N_TAR
+        driver.find_elements("css selector", "#grid .hit img")[1].click()
+        _wait(driver, "return document.body.dataset.results === '10' && !document.body.dataset.busy")
+        assert driver.execute_script("return document.getElementById('status').className") != "error"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
