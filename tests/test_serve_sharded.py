@@ -287,3 +287,22 @@ def test_page_searches_a_sharded_index_in_a_browser(setup, service, browser):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_tar_replaced_by_a_symlink_out_of_the_collection_is_not_served(client, setup, tmp_path):
+    _, ids = _rows(setup)
+    trow = next(n for n, i in enumerate(ids) if "::" in i)
+    tid = _expected_id(trow, ids[trow])
+    assert client.get(f"/image/{tid}").status_code == 200
+    outside = tmp_path / "outside.tar"
+    shutil.copy(setup["tar"], outside)
+    backup = tmp_path / "backup.tar"
+    setup["tar"].rename(backup)
+    try:
+        setup["tar"].symlink_to(outside)  # the same bytes, reached through a link that leads out
+        _one_line_error(client.get(f"/image/{tid}"), 404)
+        _one_line_error(client.get(f"/thumb/{tid}"), 404)
+    finally:
+        setup["tar"].unlink()
+        backup.rename(setup["tar"])
+    assert client.get(f"/image/{tid}").status_code == 200
