@@ -2,9 +2,10 @@
 
 A client names an indexed image only by its id, a hash of the path the index recorded; the id is checked
 against a fixed pattern and looked up in the loaded index, so `..`, absolute paths and URL-encoded tricks
-find nothing (404). A file is served only when its real path (symlinks resolved at request time) is still
-the path the index recorded and lies inside the collection folder: a file later replaced by a symlink to
-somewhere else, or indexed through a symlink that leads out of the collection, is not served.
+find nothing (404); a sharded index's ids are a row and a check of it (:mod:`vitdense.serve.sharded`). A
+file is served only when its real path (symlinks resolved at request time) is still the path the index
+recorded and lies inside the collection folder: a file later replaced by a symlink to somewhere else, or
+indexed through a symlink that leads out of the collection, is not served.
 
 Uploads are read in memory only (nothing is written to disk, not even a temporary file), refused above
 ``max_bytes`` while they arrive (413), and decoded only when the header's pixel count is within
