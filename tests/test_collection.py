@@ -418,10 +418,12 @@ def test_image_index_load_opens_a_sharded_index(tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(vectors[[7, 200]] @ vectors.T, exact, 1), atol=1e-5)
     assert idx.ids(got[1]) == [f"/data/{g // 150}/{g % 150}.jpg" for g in exact[1]]
     assert idx.ids(np.array([-1])) == [None]
-    from vitdense.serve.service import open_index as serve_open  # serves image-folder indexes only: one line
+    from vitdense.serve.service import open_index as serve_open  # `vitdense serve` opens it too, reading no id
 
-    with pytest.raises(DataError, match="sharded index.*vitdense search"):
-        serve_open(tmp_path / "idx")
+    snap = serve_open(tmp_path / "idx")
+    assert len(snap) == 300 and snap.generation == 1 and snap.collection == "/data" and not snap.ids.items
+    assert [h[:2] for h in snap.search(vectors[200], 3)] == [(pytest.approx(float(s), abs=1e-5), int(g))
+                                                             for s, g in zip(scores[1], got[1])]
 
 
 def test_ivfpq_recall_with_reranking_and_index_json(tmp_path):

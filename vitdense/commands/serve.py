@@ -18,7 +18,8 @@ from ..errors import ConfigError
 @click.option("--open", "open_access", is_flag=True,
               help="Serve anyone who can reach --host without a token (says so at start).")
 @click.option("--root", type=click.Path(file_okay=False), default=None,
-              help="Collection folder whose images may be served (default: the folder the index was built from).")
+              help="Collection folder whose images may be served (default: the folder the index was built from; "
+                   "for a sharded index the common folder of its embedded files and tars).")
 @click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest upload (413 above).")
 @click.option("--max-pixels", type=int, default=40_000_000, show_default=True,
               help="Largest upload in width x height (413 above; refuses decompression bombs).")
@@ -36,7 +37,7 @@ from ..errors import ConfigError
 def serve(index_dir: str, host: str, port: int, token: str | None, open_access: bool, root: str | None,
           max_upload_mb: float, max_pixels: int, batch_window_ms: float, max_batch: int, poll_s: float, k: int,
           model: str | None, weights: str | None, device: str) -> None:
-    """Serve the index INDEX_DIR over HTTP: a search page at /, and a JSON API (/search, /image/ID,
+    """Serve the index INDEX_DIR (of an image folder, or sharded: `vitdense index --embeddings`) over HTTP: a search page at /, and a JSON API (/search, /image/ID,
     /thumb/ID, /correspond, /heatmap, /stats, /health). Reloads the index on SIGHUP and when `vitdense
     index` writes a new generation. Needs `pip install 'vitdense[serve]'`.
     """

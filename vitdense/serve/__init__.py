@@ -1,7 +1,10 @@
-"""``vitdense serve``: an image index as an HTTP service with a search page.
+"""``vitdense serve``: an image index (an image folder's, or a sharded one of ``vitdense index --embeddings``)
+as an HTTP service with a search page.
 
     app.py       routes (Starlette): parse a request, call one Service method, shape the answer
     service.py   the loaded index (swapped atomically on reload), the query batcher, the page's analyses
+    sharded.py   a sharded index served row by row: ids ROW-CHECK, ids read per shard (LRU), tar members
+    cache.py     the bounded LRU cache
     security.py  ids instead of paths, upload limits, the token and bind rules
     static/      the search page (plain HTML/JS/CSS, served by the app; nothing from a CDN)
 
@@ -24,7 +27,7 @@ def index_service(index_dir, device: str = "auto", model: str | None = None, wei
     from ..commands.retrieval import index_extractor
 
     config = ServeConfig(str(index_dir), **settings)
-    snapshot = open_index(index_dir, config.collection)
+    snapshot = open_index(index_dir, config.collection, id_shards=config.id_shards)
     return Service(config, index_extractor(snapshot.index, index_dir, model, weights, device), snapshot)
 
 

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import VitdenseError
-from .security import (Limits, RequestError, check_id, decode_upload, form_parts, read_body, token_ok)
+from .security import Limits, RequestError, decode_upload, form_parts, read_body, token_ok
 from .service import MAX_K, Service, data_uri, png_bytes, upload_key
 
 LOG = logging.getLogger("vitdense.serve")
@@ -121,7 +121,7 @@ def create_app(service: Service, limits: Limits = Limits(), token: str | None = 
                 data = files[name]
                 images[name] = (upload_key(data), await asyncio.to_thread(decode_upload, data, limits, name))
             elif name in fields:
-                id_ = check_id(fields[name])
+                id_ = fields[name]  # checked by the snapshot (an id of either index kind, else 404)
                 image = await asyncio.to_thread(service.indexed_image, snap, id_)
                 images[name] = (f"id:{snap.generation}:{id_}", image)
             else:

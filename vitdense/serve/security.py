@@ -2,9 +2,10 @@
 
 A client names an indexed image only by its id, a hash of the path the index recorded; the id is checked
 against a fixed pattern and looked up in the loaded index, so `..`, absolute paths and URL-encoded tricks
-find nothing (404). A file is served only when its real path (symlinks resolved at request time) is still
-the path the index recorded and lies inside the collection folder: a file later replaced by a symlink to
-somewhere else, or indexed through a symlink that leads out of the collection, is not served.
+find nothing (404); a sharded index's ids are a row and a check of it (:mod:`vitdense.serve.sharded`). A
+file is served only when its real path (symlinks resolved at request time) is still the path the index
+recorded and lies inside the collection folder: a file later replaced by a symlink to somewhere else, or
+indexed through a symlink that leads out of the collection, is not served.
 
 Uploads are read in memory only (nothing is written to disk, not even a temporary file), refused above
 ``max_bytes`` while they arrive (413), and decoded only when the header's pixel count is within
@@ -93,6 +94,39 @@ def read_file_bytes(path: Path) -> bytes:
         raise RequestError(404, "image no longer on disk") from None
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """An indexed image that may be served: a regular file (``path``), or a member of an uncompressed tar
+    (``path`` the tar, ``offset``/``size`` the member's bytes in it). ``suffix``: the image's own suffix
+    (".jpg"); ``state``: changes whenever the file on disk does (a cache key)."""
+
+    path: Path
+    suffix: str
+    state: tuple
+    offset: int | None = None
+    size: int | None = None
+
+    def read(self) -> bytes:
+        """The image's bytes, read without following a final symlink (404 when the file went away or, for a
+        tar member, when the tar changed since its members were listed)."""
+        if self.offset is None:
+            return read_file_bytes(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            raise RequestError(404, "image no longer on disk") from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.state:
+                raise RequestError(404, "image no longer on disk (its tar changed)")
+            data = os.pread(fd, self.size, self.offset)
+        finally:
+            os.close(fd)
+        if len(data) != self.size:
+            raise RequestError(404, "image no longer on disk (its tar is cut short)")
+        return data
 
 
 async def read_body(chunks: AsyncIterator[bytes], declared: str | None, max_bytes: int) -> bytes:

@@ -6,7 +6,9 @@ Shapes: B queries in a batch, D' channels of a global descriptor, K results, T t
 Consistency: every request takes :attr:`Service.snapshot` once and uses only that object, and a reload
 builds a complete new :class:`Snapshot` before it replaces the reference in one assignment, so a request
 sees one index generation from start to end, never a mix. The index is opened by :func:`open_index`
-alone: another on-disk format plugs in there.
+alone: another on-disk format plugs in there. Two do: an image-folder index (:class:`Snapshot`, its ids in
+memory) and a sharded index (:class:`vitdense.serve.sharded.ShardedSnapshot`, ids checked row by row); both
+answer ``row``, ``public_id``, ``name``, ``vector``, ``search``, ``file`` and ``summary``.
 
 Batching: an uploaded query announces itself to the :class:`Batcher` when its request arrives, is decoded,
 resized and normalised in a worker thread, then queued; one background thread takes the waiting queries
@@ -25,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +39,10 @@ from PIL import Image
 
 from ..errors import DataError
 from ..retrieval import ImageIndex, global_descriptors, preprocess_image
-from .security import (Limits, RequestError, check_id, decode_upload, image_id, inside, read_file_bytes,
+from .cache import LRU
+from .security import (IndexedFile, Limits, RequestError, check_id, decode_upload, image_id, inside,
                        servable_path)
+from .sharded import ShardedSnapshot, open_sharded
 
 LOG = logging.getLogger("vitdense.serve")
 
@@ -63,6 +67,7 @@ class Snapshot:
     stamp: tuple[int, int, int]
     loaded_at: float
     hidden: frozenset[int] = frozenset()
+    kind = "image-folder"
 
     @property
     def generation(self) -> int:
@@ -85,6 +90,29 @@ class Snapshot:
     def name(self, row: int) -> str:
         return Path(self.index.entries[row].path).name
 
+    def public_id(self, row: int) -> str:
+        return self.ids[row]
+
+    def vector(self, row: int) -> np.ndarray:
+        return np.asarray(self.index.vectors[row])
+
+    def search(self, vector: np.ndarray, k: int, exclude: int | None = None
+               ) -> list[tuple[float, int, str, str]]:
+        """Top-k (score, row, public id, name) of a (D',) descriptor, leaving out ``exclude`` and the hidden
+        rows."""
+        extra = (exclude is not None) + len(self.hidden)
+        scores, rows = self.index.search(np.asarray(vector, np.float32)[None], k + extra)
+        return [(float(s), int(r), self.ids[r], self.name(int(r))) for s, r in zip(scores[0], rows[0])
+                if r >= 0 and r != exclude and r not in self.hidden][:k]
+
+    def file(self, id_: str) -> IndexedFile:
+        path = self.path(id_)
+        st = path.stat()
+        return IndexedFile(path, path.suffix.lower(), (st.st_size, st.st_mtime_ns))
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": self.kind, "faiss": self.index.faiss_config.kind}
+
 
 def index_stamp(root: str | os.PathLike) -> tuple[int, int, int]:
     """(inode, mtime_ns, size) of index.json: changes with every save (json written last, atomically)."""
@@ -95,17 +123,23 @@ def index_stamp(root: str | os.PathLike) -> tuple[int, int, int]:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def open_index(root: str | os.PathLike, collection: str | os.PathLike | None = None) -> Snapshot:
-    """Load an index folder into a :class:`Snapshot` (the one place that knows the on-disk format).
+def open_index(root: str | os.PathLike, collection: str | os.PathLike | None = None, previous: Any = None,
+               id_shards: int = 32) -> Snapshot | ShardedSnapshot:
+    """Load an index folder into a :class:`Snapshot`, or a :class:`ShardedSnapshot` for a folder built by
+    ``vitdense index --embeddings`` (the one place that knows the on-disk formats).
 
     ``collection``: the folder whose files may be served (default: the folder the index recorded, else the
-    common folder of its images). DataError when the folder is not a complete index.
+    common folder of its images). DataError when the folder is not a complete index. ``previous``: the
+    snapshot served until now (a sharded one reuses what it derived from an unchanged embeddings folder);
+    ``id_shards``: how many shards' ids a sharded snapshot keeps in memory.
     """
     stamp = index_stamp(root)
+    if not (Path(root) / "index.json").exists() and (Path(root) / "build.json").exists():
+        raise DataError(f"{root}: the index is incomplete (a `vitdense index --embeddings` run was interrupted "
+                        f"before it wrote index.json); re-run it to finish")
     idx = ImageIndex.load(root)
     if not isinstance(idx, ImageIndex):
-        raise DataError(f"{root}: a sharded index (built with `vitdense index --embeddings`); `vitdense serve` "
-                        f"serves image-folder indexes (`vitdense index DIR`), search this one with `vitdense search`")
+        return open_sharded(root, stamp, collection, previous, id_shards)
     if idx.index is None:
         raise DataError(f"{root}: the index is incomplete (an indexing run was interrupted); re-run "
                         f"`vitdense index` to finish it")
@@ -267,29 +301,6 @@ class Latencies:
         return out
 
 
-class LRU:
-    """A small thread-safe least-recently-used cache (in memory only)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        return None
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self.items[key] = value
-            self.items.move_to_end(key)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-
 # ============================================================================ the service
 
 @dataclass
@@ -299,7 +310,8 @@ class ServeConfig:
     window_s: how long the batcher may wait for queries that have arrived and are still being prepared
     (never when there are none; 0: take only those already queued); max_batch: queries per forward pass (1:
     no batching); poll_s: how often the index folder is checked for a new generation (0: only on SIGHUP);
-    correspond_*: the dense settings of /correspond and /heatmap (those of ``vitdense correspond``).
+    correspond_*: the dense settings of /correspond and /heatmap (those of ``vitdense correspond``);
+    id_shards: a sharded index keeps the ids of this many shards in memory (least recently used dropped).
     """
 
     index_dir: str
@@ -313,6 +325,7 @@ class ServeConfig:
     correspond_pairs: int = 10
     heat_facet: str = "key"
     thumb_cache: int = 1024
+    id_shards: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -322,7 +335,8 @@ class Service:
     def __init__(self, config: ServeConfig, extractor, snapshot: Snapshot | None = None):
         self.config = config
         self.extractor = extractor
-        self.snapshot = snapshot if snapshot is not None else open_index(config.index_dir, config.collection)
+        self.snapshot = snapshot if snapshot is not None else open_index(config.index_dir, config.collection,
+                                                                          id_shards=config.id_shards)
         self.device_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.batcher = Batcher(self._embed_batch, config.window_s, config.max_batch)
@@ -347,7 +361,8 @@ class Service:
             if not force and index_stamp(self.config.index_dir) == current.stamp:
                 return False
             try:
-                fresh = open_index(self.config.index_dir, self.config.collection)
+                fresh = open_index(self.config.index_dir, self.config.collection, current,
+                                   self.config.id_shards)
             except DataError as err:
                 self.reload_error = str(err)
                 LOG.warning("reload failed, still serving generation %d: %s", current.generation, err)
@@ -386,16 +401,13 @@ class Service:
         image = decode_upload(data, limits)
         return image, self.prepare(image)
 
-    def results(self, snapshot: Snapshot, vector: np.ndarray, k: int, exclude: int | None = None
-                ) -> list[dict[str, Any]]:
+    def results(self, snapshot: Snapshot | ShardedSnapshot, vector: np.ndarray, k: int,
+                exclude: int | None = None) -> list[dict[str, Any]]:
         """Top-k hits of one (D',) descriptor in ``snapshot`` as JSON-ready dicts (``exclude``: a row left
         out, the query itself when it is indexed)."""
-        extra = (exclude is not None) + len(snapshot.hidden)
-        scores, rows = snapshot.index.search(np.asarray(vector, np.float32)[None], k + extra)
-        hits = [(float(s), int(r)) for s, r in zip(scores[0], rows[0])
-                if r >= 0 and r != exclude and r not in snapshot.hidden][:k]
-        return [{"rank": n + 1, "id": snapshot.ids[r], "score": round(s, 6), "name": snapshot.name(r)}
-                for n, (s, r) in enumerate(hits)]
+        hits = snapshot.search(vector, k, exclude)
+        return [{"rank": n + 1, "id": id_, "score": round(s, 6), "name": name}
+                for n, (s, _, id_, name) in enumerate(hits)]
 
     async def search_upload(self, data: bytes | Awaitable[bytes], k: int, limits: Limits) -> dict[str, Any]:
         """Results for an uploaded image: decoded and resized in a worker thread, embedded by the batcher.
@@ -428,7 +440,7 @@ class Service:
         start = time.perf_counter()
         snap = self.snapshot
         row = snap.row(id_)
-        hits = self.results(snap, np.asarray(snap.index.vectors[row]), k, exclude=row)
+        hits = self.results(snap, snap.vector(row), k, exclude=row)
         self.latency["search_id"].add(1000 * (time.perf_counter() - start))
         return {"query": {"id": id_, "name": snap.name(row)}, "generation": snap.generation, "k": k,
                 "results": hits}
@@ -436,21 +448,19 @@ class Service:
     # ------------------------------------------------------------------ files
     def image_bytes(self, id_: str) -> tuple[bytes, str]:
         """The indexed file's bytes and a media type (404 for anything not servable)."""
-        path = self.snapshot.path(id_)
-        suffix = path.suffix.lower().lstrip(".")
+        file = self.snapshot.file(id_)
+        suffix = file.suffix.lstrip(".")
         kind = {"jpg": "jpeg", "tif": "tiff"}.get(suffix, suffix)
-        return read_file_bytes(path), f"image/{kind}"
+        return file.read(), f"image/{kind}"
 
     def thumbnail(self, id_: str) -> bytes:
         """A JPEG at most THUMB_SIDE px on its longer side, cached in memory by id and file state."""
-        snap = self.snapshot
-        path = snap.path(id_)
-        st = path.stat()
-        key = (id_, st.st_size, st.st_mtime_ns)
+        file = self.snapshot.file(id_)
+        key = (id_, file.state)
         cached = self.thumbs.get(key)
         if cached is not None:
             return cached
-        image = self.indexed_image(snap, id_)
+        image = self._decode_indexed(file.read())
         image.thumbnail((THUMB_SIDE, THUMB_SIDE))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
@@ -458,9 +468,12 @@ class Service:
         self.thumbs.put(key, data)
         return data
 
-    def indexed_image(self, snapshot: Snapshot, id_: str) -> Image.Image:
+    def indexed_image(self, snapshot: Snapshot | ShardedSnapshot, id_: str) -> Image.Image:
         """An indexed image decoded as RGB (404 when not servable, 422 when the file is no longer an image)."""
-        data = read_file_bytes(snapshot.path(id_))
+        return self._decode_indexed(snapshot.file(id_).read())
+
+    @staticmethod
+    def _decode_indexed(data: bytes) -> Image.Image:
         # indexed files were chosen by the operator: no pixel limit beyond Pillow's own bomb guard
         return decode_upload(data, Limits(max_bytes=len(data), max_pixels=2**62), what="indexed image")
 
@@ -537,8 +550,10 @@ class Service:
         snap = self.snapshot
         idx = snap.index
         b = self.batcher
-        return {"images": len(snap), "outside_collection": len(snap.hidden), "generation": snap.generation, "dim": int(idx.vectors.shape[1]),
-                "faiss": idx.faiss_config.kind, "descriptor": idx.descriptor.to_dict(),
+        index = snap.summary()
+        return {"images": len(snap), "outside_collection": len(snap.hidden) if snap.kind == "image-folder" else None,
+                "generation": snap.generation, "dim": int(idx.vectors.shape[1]),
+                "faiss": index["faiss"], "index": index, "descriptor": idx.descriptor.to_dict(),
                 "backbone": {k: idx.backbone.get(k) for k in ("model", "model_arg", "weights_used", "fingerprint",
                                                                "patch_size", "embed_dim", "stride")},
                 "device": str(self.extractor.device), "uptime_s": round(time.time() - self.started, 1),

@@ -152,8 +152,9 @@
   $("why-img").addEventListener("click", heat);
 
   call("GET", "/stats").then((s) => {
+    const index = s.index.kind === "sharded" ? "sharded " + s.index.factory + " index" : s.index.faiss + " index";
     $("about").textContent = s.images + " images · " + s.backbone.model + " · " + s.descriptor.descriptor +
-      " descriptor · generation " + s.generation;
+      " descriptor · " + index + " · generation " + s.generation;
   }).catch((err) => status(err.message, true));
   window.vitdenseServe = { state, searchId, searchFile };
 })();
