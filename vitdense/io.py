@@ -28,6 +28,15 @@ EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (``ImageOps.exif_transpose``), mode and palette
+    kept; the image itself when it has no tag (or orientation 1). The rule of every reader: images
+    (:func:`to_rgb`), masks (:func:`load_mask`), cut-outs."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """An RGB copy of a PIL image as a person sees it in an image viewer.
 
@@ -42,8 +51,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     The common case (RGB, no orientation tag) costs one copy, as ``image.convert("RGB")`` does.
     """
-    if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
-        image = ImageOps.exif_transpose(image)
+    image = upright(image)
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image.convert("RGB")
@@ -120,19 +128,19 @@ def _open_mask(path: Path, what: str, grey: bool) -> tuple[Image.Image, list[int
             with Image.open(path) as im:
                 im.load()
                 pal = im.getpalette() if im.mode == "P" else None
-                upright = ImageOps.exif_transpose(im) \
-                    if im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1) else im.copy()
+                turned = upright(im)
+                turned = turned.copy() if turned is im else turned
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
         raise ImageError(f"{path}: {what} is {kind}") from None
-    if upright.mode not in LABEL_MODES:
+    if turned.mode not in LABEL_MODES:
         if not grey:
-            raise ImageError(f"{path}: a {upright.mode} image; the {what} must be an indexed (palette) or "
+            raise ImageError(f"{path}: a {turned.mode} image; the {what} must be an indexed (palette) or "
                              "grayscale PNG whose pixel values are object ids (0 = background)")
-        upright = upright.convert("L")
+        turned = turned.convert("L")
     if pal is not None:
         pal = list(pal) + [0] * (768 - len(pal))
-    return upright, pal
+    return turned, pal
 
 
 def _ids(im: Image.Image, path: Path) -> np.ndarray:
