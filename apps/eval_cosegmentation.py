@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitdense import (IMAGE_SUFFIXES, DataError, VitdenseError, jaccard, list_images, natural_key, part_scores,
-                      precision)
+from vitdense import (IMAGE_SUFFIXES, DataError, VitdenseError, jaccard, list_images, load_mask, natural_key,
+                      part_scores, precision)
 
 
 def find_gt(gt_dir: Path, stem: str) -> Path | None:
@@ -37,12 +37,12 @@ def find_gt(gt_dir: Path, stem: str) -> Path | None:
 
 
 def read_labels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A mask/label PNG as (H, W) ints (palette indices kept; RGB/grey read as grey), resized nearest."""
-    with Image.open(path) as im:
-        im = im if im.mode in ("P", "L", "I", "1") else im.convert("L")
-        if size is not None and (im.height, im.width) != size:
-            im = im.resize((size[1], size[0]), Image.NEAREST)
-        return np.asarray(im).astype(np.int64)
+    """A mask/label PNG as (H, W) ints (vitdense's mask reader: upright, palette indices and 16-bit ids
+    kept, RGB read as grey), resized nearest."""
+    labels = load_mask(path, "ground-truth mask", grey=True)[0]
+    if size is not None and labels.shape != tuple(size):
+        labels = np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
+    return labels.astype(np.int64)
 
 
 def evaluate(images: Path, gt_dir: Path, pred_dir: Path, parts: bool) -> dict:

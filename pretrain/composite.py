@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from vitdense.errors import DataError
+from vitdense.io import to_rgb, upright
 
 
 class _Decoded(Sequence):
@@ -55,14 +56,15 @@ def load_cutout(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         _check_alpha(path, im)
-        rgba = np.asarray(im.convert("RGBA"))
+        rgba = np.asarray(upright(im).convert("RGBA"))
     return _trim(rgba)
 
 
 def load_scene(path: Path, shorter: int) -> np.ndarray:
-    """A background photo as (H, W, 3) uint8, shrunk so its shorter side is at most ``shorter``."""
+    """A background photo as (H, W, 3) uint8 as the shared loader reads it (upright, ...), shrunk so its
+    shorter side is at most ``shorter``."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         scale = shorter / min(im.size)
         if scale < 1:
             im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC,

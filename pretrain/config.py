@@ -122,7 +122,7 @@ class PretrainConfig:
     save_every_epochs: int = _opt(1, "Checkpoint at the end of every N-th epoch (and of the last).")
     log_every: int = _opt(1, "Write a log.jsonl record every N steps.")
     knn_data: str = _opt("", "Labelled folder (one subfolder per class; train/ and val/ optional) "
-                             "for k-NN evaluation.")
+                             "for k-NN evaluation: top-1, and top-5 with more than 5 classes.")
     knn_every: int = _opt(5, "Run the k-NN evaluation every N epochs (and at the end).")
     knn_k: int = _opt(20, "Neighbours of the k-NN evaluation.")
     knn_temp: float = _opt(0.07, "Temperature of the k-NN weighted vote.")

@@ -549,9 +549,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
         if procs.main:
             with intended_sync():
                 result = run_knn(cfg, teacher.backbone, device, autocast)
-            log.append({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
+            # top-5 only with more than 5 classes (vitdense.metrics.top5_accuracy), as retrieval-eval knn
+            log.append({"step": step, "epoch": epoch, "knn_top1": result["top1"],
+                        **({"knn_top5": result["top5"]} if "top5" in result else {})})
             save_json(out / "knn.json", {"step": step, "k": cfg.knn_k, "temperature": cfg.knn_temp, **result})
-            LOG.info("k-NN at step %d: top-1 %.2f%%, top-5 %.2f%%", step, result["top1"], result["top5"])
+            LOG.info("k-NN at step %d: top-1 %.2f%%%s", step, result["top1"],
+                     f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
         if procs.world_size > 1:
             dist.barrier()
 

@@ -593,3 +593,21 @@ def test_many_lists_train_in_two_levels_in_build_index(tmp_path, monkeypatch, fa
     queries = vectors[[3, 1500, 3999]]
     exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(idx.search(queries, 5)[1], exact)
+
+
+def test_collection_decodes_images_as_the_shared_loader_reads_files():
+    """A phone photo (EXIF orientation 6) and a 16-bit scan are embedded as every command sees them: upright,
+    scaled by the bit depth (not clipped white)."""
+    from vitdense.collection.embed import decode_image
+
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif)
+    np.testing.assert_array_equal(np.asarray(decode_image(buf.getvalue())), np.rot90(stored, -1))
+    ramp = np.tile(np.linspace(0, 65535, 8).round().astype(np.uint16), (2, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    expected = np.round(ramp * (255 / 65535)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(decode_image(buf.getvalue())), np.repeat(expected[:, :, None], 3, 2))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pretrain import PretrainConfig, train
-from pretrain.composite import Composer, load_cutout
+from pretrain.composite import Composer, load_cutout, load_scene
 from pretrain.data import ImageFolderDataset, MultiCropAugmentation, find_images
 from vitdense.errors import DataError
 
@@ -29,6 +29,19 @@ def cutout_dir(tmp_path_factory):
         rgba = np.dstack([np.full((size, size, 3), PURE, np.uint8), alpha])
         Image.fromarray(rgba, "RGBA").save(folder / f"disc{i}.png")
     return folder
+
+
+def test_backgrounds_and_cutouts_are_read_upright(tmp_path):
+    """Background photos and cut-outs with an EXIF orientation tag are composed as a viewer shows them."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    Image.fromarray(stored).save(tmp_path / "scene.png", exif=exif)
+    np.testing.assert_array_equal(load_scene(tmp_path / "scene.png", 100), np.rot90(stored, -1))
+    rgba = rng.integers(1, 256, (6, 10, 4), dtype=np.uint8)  # every pixel visible: nothing trimmed
+    Image.fromarray(rgba).save(tmp_path / "cut.png", exif=exif)
+    np.testing.assert_array_equal(load_cutout(tmp_path / "cut.png"), np.rot90(rgba, -1))
 
 
 def test_load_cutout_trims_to_the_alpha_and_refuses_opaque_files(cutout_dir, tmp_path):

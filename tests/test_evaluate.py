@@ -212,6 +212,52 @@ def test_a_backbone_that_sees_the_objects_beats_the_floor(data):
         np.mean([np.mean([r["jaccard"] for r in rows if r["group"] == g]) for g in ("g0", "g1")]))
 
 
+def _phone_copy(data: Path, dest: Path) -> Path:
+    """The tiny data set as a phone stores it: every co-segmentation and video image and mask turned
+    counter-clockwise and tagged EXIF orientation 6 (turn clockwise to view)."""
+    import shutil
+
+    shutil.copytree(data, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    files = [f for g in manifest["coseg"] for f in g["images"] + g["masks"]]
+    files += [f for seq in manifest["video"] for f in seq["frames"] + seq["masks"]]
+    for rel in files:
+        with Image.open(data / rel) as im:
+            stored = im.transpose(Image.Transpose.ROTATE_90)  # keeps the palette of an indexed mask
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        stored.save(dest / rel, exif=exif)
+    return dest
+
+
+def test_rotated_photos_and_masks_score_as_the_upright_ones(tmp_path, data, weights):
+    """Images and their ground-truth masks saved with the same orientation tag are read upright, both:
+    the Jaccard of co-segmentation and saliency and the J&F of the video are those of the upright files.
+    A mask whose (upright) size is not its image's is a one-line error naming the mask."""
+    from vitdense.evalset import load_manifest
+    from vitdense.evaluate import run_coseg_and_saliency, run_video
+
+    phone = _phone_copy(data, tmp_path / "phone")
+    ext = ColourExtractor("colour", stride=4, model=tiny_vit(depth=12), device="cpu")
+    settings = EvalSettings(load_size=64, knn_load_size=64, quick=True, quick_groups=1, quick_frames=4)
+    scores = {}
+    for name, root in (("upright", data), ("phone", phone)):
+        manifest = load_manifest(root)
+        coseg = run_coseg_and_saliency(ext, root, manifest, settings, progress=False)
+        scores[name] = {**{f"coseg_{k}": v for k, v in coseg["coseg"].scores.items()},
+                        **{f"saliency_{k}": v for k, v in coseg["saliency"].scores.items()},
+                        **run_video(ext, root, manifest, settings, progress=False).scores}
+    assert scores["upright"]["coseg_jaccard"] > 0.8 and scores["upright"]["jf"] > 0.5
+    assert scores["phone"] == pytest.approx(scores["upright"], abs=1e-9)
+
+    mask = phone / "coseg" / "g0" / "01_mask.png"
+    with Image.open(mask) as im:
+        im.crop((0, 0, 80, 96)).save(mask, exif=im.getexif())  # upright 96x80
+    assert_user_error(run_cli("evaluate", "--weights", weights, "--data", phone, "--out", tmp_path / "out", *FAST),
+                      "01_mask.png", "mask is 96x80 px but its image coseg/g0/01.png is 96x96", "orientation")
+    assert not (tmp_path / "out").exists()
+
+
 def _correspond_scores_by_hand(ext, data: Path) -> dict[str, float]:
     """The report card's correspondence scores recomputed from the best buddies (and the shown pairs) of the
     two pairs: B is A moved 4 px left (rows 0-5 unknown), and A rotated by 0.2 rad and moved by (12, -6);

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitdense.io import BACKGROUND, image_size, load_image, to_rgb
+from vitdense import ImageError
+from vitdense.io import BACKGROUND, image_size, load_binary_mask, load_image, load_mask, to_rgb
 
 H, W = 6, 10
 
@@ -198,3 +199,67 @@ def test_16bit_images_reach_the_api_and_the_pretraining_loader_as_they_look(tmp_
         np.testing.assert_array_equal(np.asarray(pil), expected)
     loaded = ImageFolderDataset([path], MultiCropAugmentation()).load(path)
     np.testing.assert_array_equal(np.asarray(loaded), expected)
+
+
+def exif_mask(path, ids: np.ndarray, orientation: int, palette: list[int] | None = None):
+    """A label map file (indexed when ``palette`` is given, else grayscale or 16-bit) with an orientation tag."""
+    im = Image.fromarray(ids)
+    if palette is not None:
+        im = im.convert("P")
+        im.putpalette(palette)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_masks_are_read_upright_as_their_images_with_ids_and_palette_kept(tmp_path, orientation):
+    """A photo and its mask saved with the same orientation tag line up: both read upright; palette indices
+    stay indices (not colours), 16-bit ids stay 16-bit."""
+    rng = np.random.default_rng(orientation)
+    ids = rng.integers(0, 6, (H, W), dtype=np.uint8)
+    upright = UPRIGHT[orientation](ids[:, :, None])[:, :, 0]
+    pal = rng.integers(0, 256, 768).tolist()
+    path = exif_mask(tmp_path / "mask.png", ids, orientation, pal)
+    assert Image.open(path).mode == "P"
+    got, got_pal = load_mask(path)
+    assert got.dtype == np.uint8 and got_pal == pal
+    np.testing.assert_array_equal(got, upright)
+    np.testing.assert_array_equal(load_binary_mask(path), upright > 0)
+
+    photo = exif_file(tmp_path / "photo.png", rng.integers(0, 256, (H, W, 3), dtype=np.uint8), orientation)
+    assert got.shape == read(photo).shape[:2] == image_size(path) == image_size(photo)
+
+    ids16 = ids.astype(np.uint16) * 9000  # ids beyond 255
+    path16 = exif_mask(tmp_path / "labels16.png", ids16, orientation)
+    got16, no_pal = load_mask(path16)
+    assert got16.dtype == np.uint16 and no_pal is None
+    np.testing.assert_array_equal(got16, UPRIGHT[orientation](ids16[:, :, None])[:, :, 0])
+
+
+def test_mask_modes_and_errors(tmp_path):
+    grey = np.zeros((H, W), np.uint8)
+    grey[1:4, 2:7] = 255
+    grey[1, 2] = 100  # a soft edge: below half is background in a grayscale mask
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "grey.png")[0], grey)
+    np.testing.assert_array_equal(load_binary_mask(tmp_path / "grey.png"), grey >= 128)
+    Image.fromarray(grey > 0).convert("1").save(tmp_path / "bits.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "bits.png")[0], (grey > 0).astype(np.uint8))
+
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    with pytest.raises(ImageError, match=r"rgb\.png: a RGB image; the mask must be an indexed"):
+        load_mask(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "rgb.png", grey=True)[0], grey)  # a mask drawn in colour
+    np.testing.assert_array_equal(load_binary_mask(tmp_path / "rgb.png"), grey >= 128)
+
+    Image.fromarray(np.full((H, W), 70000, np.int32)).save(tmp_path / "big.tif")
+    with pytest.raises(ImageError, match=r"big\.tif: label values 70000\.\.70000"):
+        load_mask(tmp_path / "big.tif")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ImageError, match=r"junk\.png: ground truth is not an image file"):
+        load_mask(tmp_path / "junk.png", "ground truth")
+    with pytest.raises(ImageError, match=r"nothere\.png: first-frame mask not found"):
+        load_mask(tmp_path / "nothere.png", "first-frame mask")

@@ -255,6 +255,44 @@ def test_knn_accuracy_and_leave_one_out():
     assert self_in["top1"] == 100.0 and self_out["top1"] == 0.0
 
 
+def test_knn_top5_only_with_more_than_five_classes(tmp_path):
+    """Top-5 is the label among the 5 best votes, computed here by sorting each query's votes; with 5
+    classes or fewer it is 100 % by construction and left out, by the monitor as by retrieval-eval knn."""
+    import contextlib
+
+    from pretrain.train import run_knn
+    from vitdense import create_vit
+    from vitdense.retrieval_eval import knn_accuracy as knn_accuracy_tuple
+
+    gen = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(40, 6, generator=gen), torch.randn(25, 6, generator=gen)
+    for classes in (7, 6, 5, 2):
+        bank_y, query_y = torch.arange(40) % classes, torch.arange(25) % classes
+        got = knn_accuracy(bank, bank_y, queries, query_y, classes, k=5)
+        votes = knn_scores(bank, bank_y, queries, classes, k=5).tolist()
+        top1 = 100 * np.mean([max(range(classes), key=lambda c: v[c]) == y for v, y in zip(votes, query_y.tolist())])
+        assert got["top1"] == pytest.approx(top1)
+        if classes > 5:
+            best5 = [sorted(range(classes), key=lambda c: -v[c])[:5] for v in votes]
+            top5 = 100 * np.mean([y in b for b, y in zip(best5, query_y.tolist())])
+            assert 0 < top5 < 100 and got["top5"] == pytest.approx(top5)
+        else:
+            assert "top5" not in got
+        assert (knn_accuracy_tuple(bank, bank_y, queries, query_y, k=5, num_classes=classes)[1] is None) == \
+            (classes <= 5)
+
+    # the monitor itself: 6 classes of 2 images each, leave-one-out
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"class{c}" / f"{i}.png")
+    cfg = PretrainConfig(knn_data=str(tmp_path), global_size=32, knn_k=3)
+    backbone = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    result = run_knn(cfg, backbone, torch.device("cpu"), contextlib.nullcontext)
+    assert set(result) == {"top1", "top5"}
+
+
 # ---------------------------------------------------------------------------------------------- batch order
 
 def test_batches_split_across_processes_and_resume():

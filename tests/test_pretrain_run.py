@@ -64,8 +64,12 @@ def _teacher_backbone(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
 
 
-def test_two_step_run_writes_everything_and_export_loads(photo_dir, labelled_dir, tmp_path):
+def test_two_step_run_writes_everything_and_export_loads(photo_dir, labelled_dir, tmp_path, caplog):
+    import logging
+
     from vitdense import ViTExtractor, create_vit
+
+    caplog.set_level(logging.INFO, logger="pretrain")
 
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["pretrain", str(photo_dir), "--out", str(out), *TINY_ARGS, "--batch-size", "12",
@@ -87,8 +91,12 @@ def test_two_step_run_writes_everything_and_export_loads(photo_dir, labelled_dir
     for r in steps:  # KL(P_t || P_s) = H(P_t, P_s) - H(P_t)
         assert np.isfinite(r["loss"]) and r["kl"] == pytest.approx(r["loss"] - r["teacher_entropy"], abs=1e-5)
     knn = json.loads((out / "knn.json").read_text())
-    assert knn["k"] == 20 and knn["step"] == 2 and knn["top5"] == 100.0  # two classes: always in the top 5
+    assert knn["k"] == 20 and knn["step"] == 2
     assert [r["knn_top1"] for r in records if "knn_top1" in r] == [knn["top1"]]
+    # two classes: the label is always among the 5 best, so top-5 (100 % by construction) is left out
+    assert "top5" not in knn and not any("knn_top5" in r for r in records)
+    shown = [m for m in caplog.messages if m.startswith("k-NN at step 2")]
+    assert shown == [f"k-NN at step 2: top-1 {knn['top1']:.2f}%"]
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG" and im.width > 200
 

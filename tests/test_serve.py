@@ -572,3 +572,20 @@ def test_the_poller_reloads_a_new_generation(setup, photos, tmp_path):
             assert time.time() < deadline
             time.sleep(0.05)
         assert c.get("/health").json()["images"] == 7
+
+
+def test_uploads_are_read_as_the_shared_loader_reads_files():
+    """A phone photo uploaded with EXIF orientation 6 is used upright (as the browser shows it, so points
+    clicked on it mean the same pixels); a transparent PNG is on white."""
+    from vitdense.serve.security import decode_upload
+
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif)
+    np.testing.assert_array_equal(np.asarray(decode_upload(buf.getvalue(), Limits())), np.rot90(stored, -1))
+    rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")
+    assert (np.asarray(decode_upload(buf.getvalue(), Limits())) == 255).all()

@@ -163,6 +163,52 @@ def test_propagate_a_cosegment_style_0_255_mask(tmp_path, video, weights):
     assert not (tmp_path / "o2").exists()
 
 
+def _tagged(path, arr, palette=None):
+    """Save ``arr`` as a phone does with orientation 6: the pixels turned counter-clockwise, the tag saying
+    to turn them back clockwise."""
+    im = Image.fromarray(np.ascontiguousarray(np.rot90(arr, 1)))
+    if palette is not None:
+        im = im.convert("P")
+        im.putpalette(palette)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif)
+
+
+def test_propagate_rotated_photos_and_mask_give_the_upright_result(tmp_path, video, weights):
+    """Frames and first-frame mask saved with an EXIF orientation tag are read upright, both of them: the
+    labels of frame 0 and the propagated labels are those of the upright pair. A mask without the tag
+    beside tagged frames is a one-line error naming the mask."""
+    from PIL import ImageOps
+
+    frames, masks = video
+    frames = frames[:3]
+    write_frames(tmp_path / "upright", frames)
+    write_mask(tmp_path / "upright.png", masks[0], PALETTE)
+    (tmp_path / "phone").mkdir()
+    for i, frame in enumerate(frames):
+        _tagged(tmp_path / "phone" / f"f{i}.png", frame)
+    _tagged(tmp_path / "phone.png", masks[0], PALETTE)
+    with Image.open(tmp_path / "phone.png") as im:  # the files are what a viewer shows upright
+        np.testing.assert_array_equal(np.array(ImageOps.exif_transpose(im)), masks[0])
+    outs = {}
+    for name in ("upright", "phone"):
+        r = run_cli("propagate", tmp_path / name, "--mask", tmp_path / f"{name}.png", "--out", tmp_path / f"o_{name}",
+                    "--weights", weights, "--no-overlay", *FAST)
+        assert r.exit_code == 0, r.output
+        outs[name] = [np.array(Image.open(tmp_path / f"o_{name}" / f"f{i}.png")) for i in range(3)]
+    np.testing.assert_array_equal(outs["phone"][0], masks[0])
+    for up, phone in zip(outs["upright"], outs["phone"]):
+        np.testing.assert_array_equal(phone, up)
+    assert region_similarity(masks[2] == 1, outs["phone"][2] == 1) > 0.7
+
+    write_mask(tmp_path / "untagged.png", np.rot90(masks[0], 1), PALETTE)  # the stored pixels, no tag
+    r = run_cli("propagate", tmp_path / "phone", "--mask", tmp_path / "untagged.png", "--out", tmp_path / "o3",
+                "--weights", weights, *FAST)
+    assert_user_error(r, "untagged.png", "mask is 96x128 px", "are 128x96", "orientation")
+    assert not (tmp_path / "o3").exists()
+
+
 def test_davis_root_end_to_end(tmp_path, weights):
     a_frames, a_masks = synthetic_video(n=5, seed=1)
     b_frames, b_masks = synthetic_video(n=4, seed=2, step=-2)

@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "create_vit": "backbones", "default_model_name": "backbones", "get_spec": "backbones",
     "load_backbone": "backbones", "read_weights": "backbones", "save_backbone": "backbones",
     "IMAGE_SUFFIXES": "io", "list_images": "io", "load_image": "io", "natural_key": "io", "save_json": "io",
-    "save_npz": "io", "save_png": "io", "to_rgb": "io",
+    "save_npz": "io", "save_png": "io", "to_rgb": "io", "load_mask": "io",
     "contact_sheet": "viz", "heatmap": "viz", "overlay": "viz", "palette": "viz", "pca_rgb": "viz",
     "similarity_map": "viz",
     "AttentionMaps": "attention", "attention_maps": "attention", "cls_attention": "attention",
@@ -71,7 +71,8 @@ __all__ = [
     "backbone_meta", "create_vit", "default_model_name", "get_spec", "IMAGENET_MEAN", "IMAGENET_STD",
     # pictures and files
     "pca_rgb", "similarity_map", "heatmap", "overlay", "palette", "contact_sheet",
-    "load_image", "to_rgb", "list_images", "natural_key", "IMAGE_SUFFIXES", "save_png", "save_json", "save_npz",
+    "load_image", "to_rgb", "load_mask", "list_images", "natural_key", "IMAGE_SUFFIXES", "save_png", "save_json",
+    "save_npz",
     # attention maps (DINO's pictures) and the inspect page
     "attention_maps", "AttentionMaps", "cls_attention", "keep_mass",
     "build_inspect_page", "InspectImage", "InspectView", "InspectPage", "compress_descriptors",

@@ -253,20 +253,10 @@ def sequence_names(root: str | os.PathLike, subset: str = "val", year: str = "20
 
 
 def read_indexed(path: Path, what: str) -> np.ndarray:
-    """(H, W) ids of an indexed/grayscale PNG; ImageError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    """(H, W) ids of an indexed/grayscale PNG (:func:`vitdense.io.load_mask`); ImageError naming the file."""
+    from .io import load_mask
 
-    if not path.is_file():
-        raise ImageError(f"{path}: {what} not found")
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: unreadable {what} ({err})") from None
-    if arr.ndim != 2:
-        raise ImageError(f"{path}: {what} must be an indexed (palette) or grayscale PNG of object ids, "
-                         f"got an image of shape {arr.shape}")
-    return arr
+    return load_mask(path, what)[0]
 
 
 def evaluate_davis(root: str | os.PathLike, results: str | os.PathLike, subset: str = "val",

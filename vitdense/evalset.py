@@ -1052,7 +1052,7 @@ def _listed_files(manifest: dict[str, Any]) -> list[str]:
 
 def load_manifest(data_dir: Path | str) -> dict[str, Any]:
     """Read and check ``DIR/manifest.json``: a missing folder or manifest, another format or version, or
-    any listed file missing raises DataError naming it."""
+    any listed file missing, or a mask of another size than its image, raises DataError naming it."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no evaluation data folder {REBUILD}")
@@ -1074,7 +1074,22 @@ def load_manifest(data_dir: Path | str) -> dict[str, Any]:
     for rel in files:
         if not (data_dir / rel).is_file():
             raise DataError(f"{data_dir}: listed file {rel} is missing {REBUILD}")
+    _check_mask_sizes(data_dir, manifest)
     return manifest
+
+
+def _check_mask_sizes(data_dir: Path, manifest: dict[str, Any]) -> None:
+    """DataError naming the mask whose size (EXIF orientation applied, as to its image) is not its
+    image's: a mask that does not cover its image would be scored against the wrong pixels. Headers only."""
+    from .io import image_size
+
+    pairs = [(img, mask) for group in manifest.get("coseg", []) for img, mask in zip(group["images"], group["masks"])]
+    pairs += [(img, mask) for seq in manifest.get("video", []) for img, mask in zip(seq["frames"], seq["masks"])]
+    for img, mask in pairs:
+        (mh, mw), (ih, iw) = image_size(data_dir / mask), image_size(data_dir / img)
+        if (mh, mw) != (ih, iw):
+            raise DataError(f"{data_dir / mask}: mask is {mw}x{mh} px but its image {img} is {iw}x{ih} "
+                            "(EXIF orientation applied to both)")
 
 
 def prepare_eval_data(data_dir: Path | str | None = None, seed: int = 0, progress: bool = True,

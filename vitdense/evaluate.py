@@ -36,13 +36,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .attention import keep_mass
 from .cosegment import (ELBOW_K, ELBOW_KS, ELBOW_OBJECTIVE, ELBOW_OBJECTIVES, MIN_SAMPLE, REFINE, REFINEMENTS,
                         SALIENCY_RES, SALIENCY_RESOLUTIONS)
 from .errors import ConfigError
-from .io import load_image
+from .io import load_binary_mask, load_image
 
 LOG = logging.getLogger("vitdense.evaluate")
 
@@ -180,8 +179,8 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) >= 128
+    """A ground-truth object mask, upright as its image (:func:`vitdense.io.load_binary_mask`)."""
+    return load_binary_mask(path, "ground-truth mask")
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -28,6 +28,15 @@ EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (``ImageOps.exif_transpose``), mode and palette
+    kept; the image itself when it has no tag (or orientation 1). The rule of every reader: images
+    (:func:`to_rgb`), masks (:func:`load_mask`), cut-outs."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """An RGB copy of a PIL image as a person sees it in an image viewer.
 
@@ -42,8 +51,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     The common case (RGB, no orientation tag) costs one copy, as ``image.convert("RGB")`` does.
     """
-    if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
-        image = ImageOps.exif_transpose(image)
+    image = upright(image)
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image.convert("RGB")
@@ -103,6 +111,73 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"corrupt image ({err})"
         raise ImageError(f"{path}: {kind}") from None
+
+
+# Modes whose pixel values are ids: palette indices, 8-bit grey, 1-bit, 16-bit (and 32-bit) integers.
+LABEL_MODES = ("P", "L", "1", "I;16", "I;16L", "I;16B", "I")
+
+
+def _open_mask(path: Path, what: str, grey: bool) -> tuple[Image.Image, list[int] | None]:
+    """The mask file upright (EXIF orientation applied, as :func:`to_rgb` does for its image) and its
+    palette (768 ints) when indexed; ImageError names the file."""
+    if not path.is_file():
+        raise ImageError(f"{path}: {what} not found" + (" (is a folder)" if path.is_dir() else ""))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                pal = im.getpalette() if im.mode == "P" else None
+                turned = upright(im)
+                turned = turned.copy() if turned is im else turned
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
+        raise ImageError(f"{path}: {what} is {kind}") from None
+    if turned.mode not in LABEL_MODES:
+        if not grey:
+            raise ImageError(f"{path}: a {turned.mode} image; the {what} must be an indexed (palette) or "
+                             "grayscale PNG whose pixel values are object ids (0 = background)")
+        turned = turned.convert("L")
+    if pal is not None:
+        pal = list(pal) + [0] * (768 - len(pal))
+    return turned, pal
+
+
+def _ids(im: Image.Image, path: Path) -> np.ndarray:
+    arr = np.array(im)
+    if im.mode == "1":
+        return arr.astype(np.uint8)
+    if im.mode == "I":  # a 16-bit PNG in older Pillow, a 32-bit TIFF: ids must fit 16 bits
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageError(f"{path}: label values {arr.min()}..{arr.max()}; ids must be 0..65535")
+        return arr.astype(np.uint16)
+    return arr if arr.dtype in (np.uint8, np.uint16) else arr.astype(np.uint16)
+
+
+def load_mask(path: str | os.PathLike, what: str = "mask", grey: bool = False
+              ) -> tuple[np.ndarray, list[int] | None]:
+    """A mask or label map file → ((H, W) ids, its palette as 768 ints or None), the one reader of masks.
+
+    Read with the same orientation rule as images (:func:`to_rgb`): EXIF orientation applied, so a mask
+    lines up with its (upright) image whether both carry the camera's tag or neither does. Ids are the
+    file's values: palette indices as they are (never converted to colours), uint8 for palette, grayscale
+    and 1-bit (0/1) files, uint16 for 16-bit label maps. Other modes (RGB, ...) are an ImageError naming the
+    file, or with ``grey`` converted to 8-bit grey (a mask drawn in colour). ``what`` names the file in
+    errors ("first-frame mask").
+    """
+    path = Path(path)
+    im, pal = _open_mask(path, what, grey)
+    return _ids(im, path), pal
+
+
+def load_binary_mask(path: str | os.PathLike, what: str = "mask") -> np.ndarray:
+    """(H, W) bool object pixels of a mask file read by :func:`load_mask`: the non-zero ids of a palette,
+    1-bit or 16-bit file; values >= 128 of a grayscale (or colour, converted to grey) one, so a 0/255 mask
+    with soft edges keeps its object."""
+    path = Path(path)
+    im, _ = _open_mask(path, what, grey=True)
+    ids = _ids(im, path)
+    return ids >= 128 if im.mode == "L" else ids > 0
 
 
 def array_to_pil(arr: np.ndarray) -> Image.Image:

@@ -205,15 +205,16 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, T: float = 0.07,
-                 num_classes: int | None = None) -> tuple[float, float]:
-    """(top-1, top-5) accuracy in percent of :func:`knn_classify` (top-5: label among the 5 best votes)."""
+                 num_classes: int | None = None) -> tuple[float, float | None]:
+    """(top-1, top-5) accuracy in percent of :func:`knn_classify` (top-5: label among the 5 best votes;
+    None with 5 classes or fewer, see :func:`vitdense.metrics.top5_accuracy`)."""
+    from .metrics import top5_accuracy
+
     classes = num_classes if num_classes is not None else int(max(train_labels.max(), test_labels.max())) + 1
     votes, pred = knn_classify(train_feats, train_labels, test_feats, k, T, classes)
     target = test_labels.long().to(votes.device)
     top1 = (pred == target).float().mean().item() * 100
-    top5_idx = votes.topk(min(5, classes), dim=1).indices
-    top5 = (top5_idx == target[:, None]).any(dim=1).float().mean().item() * 100
-    return top1, top5
+    return top1, top5_accuracy(votes, target)
 
 
 # ============================================================================ copy detection

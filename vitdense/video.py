@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError, DataError, ImageError
@@ -589,22 +589,12 @@ def _image_size(path: Path) -> tuple[int, int]:
 def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, list[int] | None]:
     """An annotation PNG → ((H0, W0) uint8 labels, its palette as 768 ints, or None for a grayscale file).
 
-    Accepts indexed (palette), grayscale and 1-bit images; ImageError for anything else.
+    Read by :func:`vitdense.io.load_mask` (EXIF orientation applied, as to the frames): indexed (palette),
+    grayscale, 1-bit and 16-bit label maps whose ids fit 0..255; ImageError naming the file for anything else.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: first-frame mask not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode, pal = im.mode, im.getpalette() if im.mode == "P" else None
-            arr = np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        kind = "not an image file" if isinstance(err, UnidentifiedImageError) else f"unreadable ({err})"
-        raise ImageError(f"{path}: {kind}") from None
-    if mode not in ("P", "L", "1"):
-        raise ImageError(f"{path}: a {mode} image; the mask must be an indexed (palette) or grayscale PNG "
-                         "whose pixel values are object ids (0 = background)")
-    if pal is not None:
-        pal = list(pal) + [0] * (768 - len(pal))
+    from .io import load_mask
+
+    arr, pal = load_mask(path, "first-frame mask")
+    if arr.size and arr.max() > 255:
+        raise ImageError(f"{path}: the first-frame mask holds ids up to {arr.max()}; propagation takes ids 0..255")
     return arr.astype(np.uint8), pal

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError
+from ..io import to_rgb
 from ..extractor import ViTExtractor
 from ..retrieval import DescriptorConfig, _keep_list, global_and_patch_descriptors, preprocess_image
 from .sources import ShardSpec, read_records
@@ -63,13 +64,14 @@ class ShardRows:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """An encoded image → RGB PIL image; ValueError with a short reason when it cannot be decoded."""
+    """An encoded image → RGB PIL image as the shared loader reads files (:func:`vitdense.io.to_rgb`: EXIF
+    orientation, 16-bit, transparency on white); ValueError with a short reason when it cannot be decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)
     except UnidentifiedImageError:
         raise ValueError("not an image file") from None
     except (OSError, SyntaxError, ValueError) as err:

@@ -365,6 +365,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
     import torch
 
     from ..io import save_json, save_png, write_outputs
+    from ..metrics import top5_accuracy
     from ..retrieval_eval import knn_classify
     from ..viz import confusion_picture
 
@@ -382,9 +383,7 @@ def eval_knn(train_dir: str, val_dir: str, k: int, temperature: float, out_dir: 
     votes, pred = knn_classify(torch.from_numpy(tr.vectors), ytr, torch.from_numpy(va.vectors), k, temperature,
                                len(classes))
     top1 = (pred == yva).float().mean().item() * 100
-    # top-5 with 5 or fewer classes is 100 % by construction: reported only when it can say something
-    top5 = (votes.topk(5, dim=1).indices == yva[:, None]).any(1).float().mean().item() * 100 \
-        if len(classes) > 5 else None
+    top5 = top5_accuracy(votes, yva)  # None with 5 classes or fewer (100 % by construction): left out
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, (yva.numpy(), pred.numpy()), 1)
     report = {"top1": top1, **({"top5": top5} if top5 is not None else {}), "k": k, "temperature": temperature,

@@ -99,7 +99,8 @@ def open_job(job: Job) -> Job:
                          f"object(s) with ids 1, 2, ... (or 255 for a single object)")
     if job.mask.shape != job.frames.size:
         raise ImageError(f"{job.mask_path}: mask is {job.mask.shape[1]}x{job.mask.shape[0]} px but the frames of "
-                         f"{job.frames_path} are {job.frames.size[1]}x{job.frames.size[0]}")
+                         f"{job.frames_path} are {job.frames.size[1]}x{job.frames.size[0]} "
+                         "(EXIF orientation applied to both)")
     return job
 
 

@@ -29,6 +29,7 @@ from typing import AsyncIterator
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import VitdenseError
+from ..io import to_rgb
 
 ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 # Decoders an upload may reach: the common photo formats (Pillow has dozens; fewer decoders, less to attack).
@@ -165,7 +166,7 @@ def form_parts(body: bytes, content_type: str) -> dict[str, tuple[bytes, str | N
 
 
 def decode_upload(data: bytes, limits: Limits, what: str = "upload") -> Image.Image:
-    """An uploaded image as RGB; RequestError 413 above ``limits.max_pixels`` (checked on the header, before
+    """An uploaded image as RGB (:func:`vitdense.io.to_rgb`); RequestError 413 above ``limits.max_pixels`` (checked on the header, before
     decoding), 422 for empty data, non-images and truncated or corrupt files."""
     if not data:
         raise RequestError(422, f"{what}: empty")
@@ -179,7 +180,7 @@ def decode_upload(data: bytes, limits: Limits, what: str = "upload") -> Image.Im
                     raise RequestError(413, f"{what}: image of {width}x{height} pixels exceeds the limit of "
                                             f"{limits.max_pixels} pixels (--max-pixels)")
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)  # as every command reads a file: upright, 16-bit scaled, alpha on white
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
