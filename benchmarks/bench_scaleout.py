@@ -294,6 +294,25 @@ def our_recall(index_dir: Path, q: np.ndarray, exact: np.ndarray, own: np.ndarra
     return recall10(exact, idx.search(q, 11)[1], own), reranked
 
 
+def sweep(index_dir: Path, q: np.ndarray, exact: np.ndarray, own: np.ndarray, nprobes: list[int],
+          reranks: list[int]) -> list[tuple[int, int, float, float]]:
+    """recall@10 and ms per query (200 queries in one batch, warm page cache) of a built index for each
+    (nprobe, rerank): what `vitdense search --nprobe/--rerank` would give."""
+    from vitdense.collection.index import ShardedIndex, set_nprobe
+
+    idx = ShardedIndex(index_dir)
+    rows = []
+    for nprobe in nprobes:
+        set_nprobe(idx.index, nprobe)
+        for rerank in reranks:
+            idx.rerank = rerank
+            idx.search(q[:5], 11)  # warm
+            t0 = time.perf_counter()
+            got = idx.search(q, 11)[1]
+            rows.append((nprobe, rerank, recall10(exact, got, own), (time.perf_counter() - t0) / len(q) * 1e3))
+    return rows
+
+
 def autofaiss_recall(out: Path, infos: dict, q: np.ndarray, exact: np.ndarray, own: np.ndarray) -> float:
     import faiss
 
@@ -323,6 +342,8 @@ def main() -> None:
                     help="let autofaiss pick indexes that cannot be memory-mapped (e.g. HNSW)")
     ap.add_argument("--kinds", default="auto,ivfpq", help="our index types to build (comma-separated; auto = "
                     "the automatic choice; a kind that gives the same index as one before it is skipped)")
+    ap.add_argument("--sweep", help="NPROBES:RERANKS, e.g. 128,512:100,1000: recall@10 and ms/query of each "
+                                     "of our IVF builds for each pair")
     ap.add_argument("--autofaiss-timeout", type=float, help="stop autofaiss after this many seconds and say so")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -384,6 +405,11 @@ def main() -> None:
                       "peak RSS after " + " / ".join(f"{k} {v / 2**20:.0f}Mi"
                                                      for k, v in meta["stages"]["peak_rss"].items()), flush=True)
                 plain, reranked = our_recall(out, q, exact, own)
+                if args.sweep and meta["choice"]["kind"] != "flat":
+                    nprobes, reranks = ([int(x) for x in part.split(",")] for part in args.sweep.split(":"))
+                    for nprobe, rerank, r, ms in sweep(out, q, exact, own, nprobes, reranks):
+                        print(f"  {n:>9}   sweep nprobe {nprobe:>5} rerank {rerank:>5}: R@10 {r:.3f}, {ms:.1f} ms/query",
+                              flush=True)
                 side.append((n, f"vitdense {kind}", meta["choice"]["factory"], proc["wall_s"], proc["peak_rss"],
                              proc["index_bytes"], plain, reranked))
                 if meta["choice"]["kind"] != "flat" and kind in ("auto", "ivfpq"):

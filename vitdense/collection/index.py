@@ -613,8 +613,21 @@ def _open_faiss(path: Path, choice: IndexChoice):
     if choice.kind == "flat":
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    faiss.extract_index_ivf(index).nprobe = choice.nprobe
+    set_nprobe(index, choice.nprobe)
     return index
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """Probe ``nprobe`` lists of an IVF index. An HNSW coarse quantizer is told to search 2·nprobe deep
+    (its efSearch, 16 by default): asked for 128 lists with efSearch 16 it returns 128, but only ~3/4 of
+    the 128 nearest ones, and recall drops with them."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = min(int(nprobe), ivf.nlist)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, 2 * ivf.nprobe)
 
 
 # ============================================================================ searching
