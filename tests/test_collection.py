@@ -574,6 +574,10 @@ def test_many_lists_train_in_two_levels_in_build_index(tmp_path, monkeypatch, fa
     meta = build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="ivfflat" if "Flat" in factory
                        else "ivfpq", rerank=400, progress=False)  # 8-bit PQ on 3000 points: coarse codes
     assert meta["coarse_training"] == "two-level k-means (8 clusters, then 64 lists)"
+    # each shard's file keeps its lists, not a copy of the trained quantizer (~100 MB a shard at 65536 lists)
+    shard = faiss.read_index(str(tmp_path / "idx" / "shards" / "shard-00001.index"))
+    shard_ivf = faiss.extract_index_ivf(shard)
+    assert shard_ivf.quantizer.ntotal == 0 and shard_ivf.ntotal == 1000
     opened = ShardedIndex(tmp_path / "idx")  # kept in a name: the lists belong to its index
     lists = faiss.extract_index_ivf(opened.index).invlists
     ivf_sizes = [lists.list_size(i) for i in range(64)]
