@@ -236,10 +236,10 @@ def _add_shard(emb: str, out: str, name: str, offset: int) -> dict[str, Any]:
     _save_npy(Path(out) / "vectors" / f"{name}.npy", vectors)
     index = faiss.read_index(str(Path(out) / "trained.index"))
     index.add_with_ids(vectors, np.arange(offset, offset + len(vectors), dtype=np.int64))
-    if "IVF" in type(faiss.downcast_index(index)).__name__ or isinstance(index, faiss.IndexPreTransform):
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
         # the merge reads only a shard's inverted lists: its file holds an empty quantizer, not a copy of the
         # trained one (65536 HNSW centroids of 384 floats are ~100 MB a shard: 21 GB for 10 M in 200 shards)
-        ivf = faiss.extract_index_ivf(index)
         trained = ivf.quantizer
         trained.this.acquire()  # Python frees it below; the index owns the empty one instead
         empty = faiss.IndexFlat(ivf.d, ivf.metric_type)
@@ -258,8 +258,12 @@ def coarse_training(choice: IndexChoice) -> str:
         return "none (exact search)"
     if choice.nlist < TWO_LEVEL_FROM:
         return "k-means (faiss)"
-    return f"two-level k-means ({min(choice.n_train, max(2, round(math.sqrt(choice.nlist))))} clusters, then " \
-           f"{choice.nlist} lists)"
+    return f"two-level k-means ({_top_clusters(choice.n_train, choice.nlist)} clusters, then {choice.nlist} lists)"
+
+
+def _top_clusters(n_train: int, nlist: int) -> int:
+    """Clusters of the first level of :func:`coarse_centroids`: √nlist, at least 2, at most the points."""
+    return int(min(n_train, max(2, round(math.sqrt(nlist)))))
 
 
 def train_index(index: Any, sample: np.ndarray, nlist: int, seed: int = 0, progress: bool = False) -> None:
@@ -323,7 +327,7 @@ def coarse_centroids(sample: np.ndarray, nlist: int, seed: int = 0, spherical: b
     from tqdm import tqdm
 
     dim = sample.shape[1]
-    top = int(min(len(sample), max(2, round(math.sqrt(nlist)))))  # as coarse_training says
+    top = _top_clusters(len(sample), nlist)
     first = faiss.Kmeans(dim, top, niter=niter, seed=seed, spherical=spherical, verbose=False)
     first.train(sample)
     assign = first.index.search(sample, 1)[1].ravel()
