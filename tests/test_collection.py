@@ -428,6 +428,39 @@ def test_image_index_load_opens_a_sharded_index(tmp_path):
                                                              for s, g in zip(scores[1], got[1])]
 
 
+def test_sharded_ids_keep_a_bounded_lru_of_shards_and_stay_right(tmp_path, monkeypatch):
+    """ShardedIndex.ids (what `vitdense search` names its results with) keeps the ids of the last ID_SHARDS
+    shards, not of every shard it ever read: results spanning more shards than that are still named right,
+    each shard read once per call, and the cache never holds more than the bound."""
+    from vitdense.collection import index as index_module
+
+    n_shards, per = 70, 3  # more shards than the default bound
+    assert index_module.ID_SHARDS == 64
+    synthetic_collection(tmp_path / "emb", shards=n_shards, per=per, dim=8)
+    build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="flat", progress=False)
+    reads: list[str] = []
+    real = index_module.read_shard
+    monkeypatch.setattr(index_module, "read_shard",
+                        lambda root, name, cols: reads.append(name) or real(root, name, cols))
+
+    def names(rows):
+        return [None if g < 0 else f"/data/{g // per}/{g % per}.jpg" for g in rows]
+
+    rows = np.random.default_rng(0).permutation(n_shards * per)  # score order: shards interleaved
+    rows = np.concatenate([rows, [-1]])
+    idx = ShardedIndex(tmp_path / "idx")
+    assert idx.ids(rows) == names(rows)
+    assert len(reads) == n_shards  # each shard once, though they do not fit the cache
+    assert len(idx.id_cache.items) == 64
+    assert idx.ids(rows[:5]) == names(rows[:5])
+    small = ShardedIndex(tmp_path / "idx", id_shards=3)
+    for g in rows[:40]:  # one row at a time, shards coming and going
+        assert small.ids(np.array([g])) == names([g])
+        assert len(small.id_cache.items) <= 3
+    assert small.ids(rows.reshape(1, -1)) == names(rows)  # (Q, K) as search returns them
+    assert len(small.id_cache.items) == 3
+
+
 def test_ivfpq_recall_with_reranking_and_index_json(tmp_path):
     import faiss
 

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from ..cache import LRU
 from ..collection.index import ShardedIndex
 from ..collection.shards import read_shard, shard_path
 from ..collection.sources import TAR_SEP
 from ..errors import DataError
-from .cache import LRU
 from .security import IndexedFile, RequestError, image_id, inside, servable_path
 
 LOG = logging.getLogger("vitdense.serve")
