@@ -348,6 +348,55 @@ def synthetic_collection(root: Path, shards: int = 4, per: int = 300, dim: int =
     return np.concatenate(out)
 
 
+def test_manifest_records_the_sources_and_keeps_old_manifests_readable(tmp_path, monkeypatch):
+    """The manifest records each source as given (absolute) and the folder of what it named (a list's
+    files, not the list's own folder); reruns add sources or widen a source's folder; a manifest written
+    before sources were recorded loads with none and keeps recording none."""
+    from vitdense.collection.sources import record_sources
+
+    backbone = {"fingerprint": "x", "stride": 8, "model": "m"}
+    base = tmp_path.resolve()
+    make_images(base / "photos" / "a", 2)
+    listed = make_images(base / "elsewhere" / "deep", 2, seed=1)
+    (base / "lists").mkdir()
+    (base / "lists" / "more.txt").write_text("".join(f"{p}\n" for p in listed))
+    (base / "tars").mkdir()
+    write_tar(base / "tars" / "00000.tar", 2)
+    monkeypatch.chdir(base)
+    files, tars, records = record_sources(["photos", "lists/more.txt", "tars/00000.tar"])
+    assert len(files) == 4 and tars == [str(base / "tars" / "00000.tar")]
+    assert records == [{"path": str(base / "photos"), "folder": str(base / "photos" / "a")},
+                       {"path": str(base / "lists" / "more.txt"), "folder": str(base / "elsewhere" / "deep")},
+                       {"path": str(base / "tars" / "00000.tar"), "folder": str(base / "tars")}]
+    emb = base / "emb"
+    Collection.open_or_create(emb, files, tars, backbone, DescriptorConfig(), 8, 10, sources=records)
+    assert json.loads((emb / "manifest.json").read_text())["sources"] == records
+    assert Collection.load(emb).sources == records
+    # a rerun: the photos folder gained a subfolder (its folder widens), and a new source is added
+    make_images(base / "photos" / "b", 1, seed=2)
+    make_images(base / "other", 1, seed=3)
+    files, tars, more = record_sources(["photos", "other"])
+    coll = Collection.open_or_create(emb, files, tars, backbone, DescriptorConfig(), 8, 10, sources=more)
+    assert coll.sources == [{"path": str(base / "photos"), "folder": str(base / "photos")}, *records[1:],
+                            {"path": str(base / "other"), "folder": str(base / "other")}]
+    assert Collection.load(emb).sources == coll.sources
+    # new shards planned without their sources: the collection's are no longer known
+    coll = Collection.open_or_create(emb, [str(base / "elsewhere" / "new.png")], [], backbone, DescriptorConfig(),
+                                     8, 10)
+    assert coll.sources is None and "sources" not in json.loads((emb / "manifest.json").read_text())
+    # a manifest from before: no field, loaded as unknown, still unknown after a rerun that names sources
+    old = base / "old"
+    Collection.open_or_create(old, files, tars, backbone, DescriptorConfig(), 8, 10, sources=more)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["sources"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Collection.load(old).sources is None
+    files, tars, records = record_sources(["lists/more.txt"])
+    assert Collection.open_or_create(old, files, tars, backbone, DescriptorConfig(), 8, 10,
+                                     sources=records).sources is None
+    assert "sources" not in json.loads((old / "manifest.json").read_text())
+
+
 def test_choose_index_follows_count_dim_and_budget():
     g = 1024 ** 3
     assert choose_index(50_000, 384, 4 * g).kind == "flat"
@@ -426,6 +475,39 @@ def test_image_index_load_opens_a_sharded_index(tmp_path):
     assert len(snap) == 300 and snap.generation == 1 and snap.collection == "/data" and not snap.ids.items
     assert [h[:2] for h in snap.search(vectors[200], 3)] == [(pytest.approx(float(s), abs=1e-5), int(g))
                                                              for s, g in zip(scores[1], got[1])]
+
+
+def test_sharded_ids_keep_a_bounded_lru_of_shards_and_stay_right(tmp_path, monkeypatch):
+    """ShardedIndex.ids (what `vitdense search` names its results with) keeps the ids of the last ID_SHARDS
+    shards, not of every shard it ever read: results spanning more shards than that are still named right,
+    each shard read once per call, and the cache never holds more than the bound."""
+    from vitdense.collection import index as index_module
+
+    n_shards, per = 70, 3  # more shards than the default bound
+    assert index_module.ID_SHARDS == 64
+    synthetic_collection(tmp_path / "emb", shards=n_shards, per=per, dim=8)
+    build_index(tmp_path / "emb", tmp_path / "idx", "64M", index_type="flat", progress=False)
+    reads: list[str] = []
+    real = index_module.read_shard
+    monkeypatch.setattr(index_module, "read_shard",
+                        lambda root, name, cols: reads.append(name) or real(root, name, cols))
+
+    def names(rows):
+        return [None if g < 0 else f"/data/{g // per}/{g % per}.jpg" for g in rows]
+
+    rows = np.random.default_rng(0).permutation(n_shards * per)  # score order: shards interleaved
+    rows = np.concatenate([rows, [-1]])
+    idx = ShardedIndex(tmp_path / "idx")
+    assert idx.ids(rows) == names(rows)
+    assert len(reads) == n_shards  # each shard once, though they do not fit the cache
+    assert len(idx.id_cache.items) == 64
+    assert idx.ids(rows[:5]) == names(rows[:5])
+    small = ShardedIndex(tmp_path / "idx", id_shards=3)
+    for g in rows[:40]:  # one row at a time, shards coming and going
+        assert small.ids(np.array([g])) == names([g])
+        assert len(small.id_cache.items) <= 3
+    assert small.ids(rows.reshape(1, -1)) == names(rows)  # (Q, K) as search returns them
+    assert len(small.id_cache.items) == 3
 
 
 def test_ivfpq_recall_with_reranking_and_index_json(tmp_path):

@@ -238,3 +238,25 @@ def test_evaluate_davis_folder(tmp_path):
         evaluate_davis(tmp_path / "davis", results, progress=False)
     with pytest.raises(DataError, match="ImageSets"):
         evaluate_davis(tmp_path / "nowhere", results, progress=False)
+
+
+def test_annotations_of_another_size_are_one_error_naming_the_sequence_file_and_sizes(tmp_path):
+    """An annotation whose size is not the sequence's first one is refused (as the official evaluation does),
+    not resized: the error names the sequence, the first such file and both sizes, and nothing is written."""
+    from conftest import assert_user_error, run_cli
+
+    gt, pred = _two_object_sequence()
+    frames = np.zeros((*gt.shape, 3), np.uint8)
+    write_davis(tmp_path / "davis", {"bear": (frames, gt)})
+    results = tmp_path / "res"
+    (results / "bear").mkdir(parents=True)
+    for i, m in enumerate(np.concatenate([gt[:1], pred, gt[-1:]])):
+        Image.fromarray(m).save(results / "bear" / f"{i:05d}.png")
+    annotations = tmp_path / "davis" / "Annotations" / "480p" / "bear"
+    for i in (3, 4):  # two of another size: the first one is named
+        Image.fromarray(gt[i, :20]).save(annotations / f"{i:05d}.png")
+    with pytest.raises(DataError, match=r"sequence bear: annotation .*00003\.png is 40x20 px .* 00000\.png is 40x30"):
+        evaluate_davis(tmp_path / "davis", results, progress=False)
+    r = run_cli("eval-davis", "--davis-root", tmp_path / "davis", "--results", results)
+    assert_user_error(r, "bear", "00003.png", "40x20", "40x30")
+    assert sorted(p.name for p in results.iterdir()) == ["bear"]  # no table written

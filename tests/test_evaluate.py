@@ -400,6 +400,20 @@ def test_bad_input(tmp_path, data, weights):
     assert not out.exists()  # nothing half-written
 
 
+def test_video_frames_of_another_size_are_one_error_before_any_task(tmp_path, weights):
+    """A video whose frames (each with a mask of its size) change size midway: the check of the data folder
+    names the video, the first frame of another size and both sizes, before any backbone runs."""
+    broken = write_tiny_eval_set(tmp_path / "broken")
+    folder = broken / "video" / "v00"
+    for name in ("00003.png", "00003_mask.png", "00004.png", "00004_mask.png"):
+        with Image.open(folder / name) as im:
+            im.crop((0, 0, SIZE, SIZE - 16)).save(folder / name)
+    out = tmp_path / "out"
+    r = run_cli("evaluate", "--weights", weights, "--data", broken, "--out", out, "--tasks", "video", *FAST)
+    assert_user_error(r, "video v00", "00003.png is 96x80", "00000.png is 96x96")
+    assert not out.exists()
+
+
 def test_ablation_app_runs_each_variant_per_seed(tmp_path, data, weights):
     """apps/ablate_cosegment.py: the reference plus the chosen variants, each over k-means seeds; the table's
     means and spreads are those of the per-seed scores it also writes."""

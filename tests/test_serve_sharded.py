@@ -234,8 +234,47 @@ def test_root_narrows_what_is_served_and_named(setup):
         assert len(res) == N_FILES - 1 and all("::" not in ids[int(h["id"].split("-")[0])] for h in res)
         trow = next(n for n, i in enumerate(ids) if "::" in i)
         _one_line_error(client.get(f"/image/{_expected_id(trow, ids[trow])}"), 404)
-    # without --root: the common folder of the planned files and tars (nothing records the sources)
+    # without --root: the common folder of the embedded files and tars
     assert make_service(setup["idx"]).snapshot.collection == str(setup["coll"].resolve())
+
+
+def test_served_folder_comes_from_the_recorded_sources_or_for_an_old_manifest_from_its_inputs(
+        setup, tmp_path, monkeypatch, caplog):
+    """`vitdense embed` records its sources in the manifest: serve takes the folder from there, reading no
+    inputs/*.txt and warning of nothing; a manifest without them (embedded before) is served as before, from
+    the common folder of the planned files and tars, with a warning."""
+    import logging
+
+    from vitdense.serve import sharded
+
+    manifest = json.loads((setup["emb"] / "manifest.json").read_text())
+    assert manifest["sources"] == [{"path": str(setup["coll"]), "folder": str(setup["coll"].resolve())}]
+    emb = tmp_path / "emb"
+    shutil.copytree(setup["emb"], emb)
+    _build(emb, tmp_path / "idx")
+    _, ids = _rows(setup)
+    frow = ids.index(str(setup["files"][0].resolve()))
+    trow = next(n for n, i in enumerate(ids) if "::" in i)
+    caplog.set_level(logging.INFO, logger="vitdense.serve")
+    with monkeypatch.context() as m:
+        m.setattr(sharded, "planned_folder", lambda *args: pytest.fail("read inputs/*.txt"))
+        assert open_index(tmp_path / "idx").collection == str(setup["coll"].resolve())
+        # the recorded folder is the one served: narrowed in the manifest, the tar is no longer named
+        narrowed = dict(manifest, sources=[{"path": str(setup["coll"] / "img"),
+                                            "folder": str((setup["coll"] / "img").resolve())}])
+        (emb / "manifest.json").write_text(json.dumps(narrowed))
+        snap = open_index(tmp_path / "idx")
+        assert snap.collection == str((setup["coll"] / "img").resolve())
+        assert snap.servable(frow) and not snap.servable(trow)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    old = {k: v for k, v in manifest.items() if k != "sources"}
+    (emb / "manifest.json").write_text(json.dumps(old))
+    svc = make_service(tmp_path / "idx")
+    assert svc.snapshot.collection == str(setup["coll"].resolve())
+    assert any("does not record its source folders" in r.getMessage() for r in caplog.records)
+    with TestClient(create_app(svc, watch=False), raise_server_exceptions=False) as client:
+        for row in (frow, trow):
+            assert client.get(f"/image/{_expected_id(row, ids[row])}").status_code == 200
 
 
 def test_moved_embeddings_and_an_interrupted_build_are_one_line_errors(setup, tmp_path):

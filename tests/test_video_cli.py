@@ -414,3 +414,16 @@ def test_davis_interrupted_in_the_second_sequence_keeps_the_first_finished(tmp_p
             np.testing.assert_array_equal(np.array(Image.open(tmp_path / "res" / seq / f"{i:05d}.png")),
                                           np.array(Image.open(fresh / seq / f"{i:05d}.png")))
     assert not list((tmp_path / "res").rglob(".resume"))
+
+
+def test_davis_evaluate_checks_every_annotation_size_before_the_first_sequence(tmp_path, weights):
+    """propagate --evaluate reads every annotation afterwards: one of another size than its sequence's first
+    is the evaluation's error, found before anything is segmented."""
+    frames, masks = synthetic_video(n=5, seed=1)
+    write_davis(tmp_path / "DAVIS", {"disk": (frames, masks)})
+    write_mask(tmp_path / "DAVIS" / "Annotations" / "480p" / "disk" / "00002.png", masks[2][:80], PALETTE)
+    out = tmp_path / "results"
+    r = run_cli("propagate", "--davis-root", tmp_path / "DAVIS", "--out", out, "--weights", weights, "--evaluate",
+                *FAST)
+    assert_user_error(r, "disk", "00002.png", "128x80", "128x96")
+    assert not out.exists()

@@ -259,13 +259,39 @@ def read_indexed(path: Path, what: str) -> np.ndarray:
     return load_mask(path, what)[0]
 
 
+def annotation_files(root: str | os.PathLike, sequence: str, resolution: str = "480p") -> list[Path]:
+    """The sorted annotation PNGs of ``ROOT/Annotations/RESOLUTION/SEQUENCE``, checked from their headers.
+
+    DataError when there are fewer than 3 (the first and last frames are not evaluated) or when one has
+    another size than the first: it names the sequence, the first such file and both sizes. Ground truth
+    is never resized, as the official evaluation (which refuses such a sequence): a resampled annotation
+    would be scored against pixels nobody drew.
+    """
+    from .io import image_size
+
+    gt_dir = Path(root) / "Annotations" / resolution / sequence
+    files = sorted(gt_dir.glob("*.png")) if gt_dir.is_dir() else []
+    if len(files) < 3:
+        raise DataError(f"{gt_dir}: needs at least 3 annotation PNGs (the first and last frames are not "
+                        f"evaluated), found {len(files)}")
+    h0, w0 = image_size(files[0])
+    for path in files[1:]:
+        h, w = image_size(path)
+        if (h, w) != (h0, w0):
+            raise DataError(f"sequence {sequence}: annotation {path} is {w}x{h} px but the sequence's first "
+                            f"annotation {files[0].name} is {w0}x{h0}; every annotation of a sequence must "
+                            "have the frames' size")
+    return files
+
+
 def evaluate_davis(root: str | os.PathLike, results: str | os.PathLike, subset: str = "val",
                    sequences: Sequence[str] | None = None, resolution: str = "480p",
                    bound_th: float = BOUND_TH, progress: bool = True) -> DavisResults:
     """Evaluate result PNGs ``RESULTS/SEQ/NAME.png`` against ``ROOT/Annotations/RESOLUTION/SEQ/NAME.png``.
 
     sequences: default all of ROOT/ImageSets/2017/SUBSET.txt. Ground-truth frames are the sorted PNGs of
-    each annotation folder; results are read for frames 1..N-2 by the same names.
+    each annotation folder, all of one size (:func:`annotation_files`); results are read for frames 1..N-2
+    by the same names.
     """
     from tqdm import tqdm
 
@@ -273,11 +299,7 @@ def evaluate_davis(root: str | os.PathLike, results: str | os.PathLike, subset: 
     names = list(sequences) if sequences else sequence_names(root, subset)
     out = DavisResults(subset)
     for seq in tqdm(names, desc="eval-davis", unit="seq", disable=not progress):
-        gt_dir = root / "Annotations" / resolution / seq
-        gt_files = sorted(gt_dir.glob("*.png")) if gt_dir.is_dir() else []
-        if len(gt_files) < 3:
-            raise DataError(f"{gt_dir}: needs at least 3 annotation PNGs (the first and last frames are not "
-                            f"evaluated), found {len(gt_files)}")
+        gt_files = annotation_files(root, seq, resolution)
         gt = np.stack([read_indexed(p, "annotation") for p in gt_files])
         preds = []
         for p in gt_files[1:-1]:

@@ -1080,7 +1080,8 @@ def load_manifest(data_dir: Path | str) -> dict[str, Any]:
 
 def _check_mask_sizes(data_dir: Path, manifest: dict[str, Any]) -> None:
     """DataError naming the mask whose size (EXIF orientation applied, as to its image) is not its
-    image's: a mask that does not cover its image would be scored against the wrong pixels. Headers only."""
+    image's: a mask that does not cover its image would be scored against the wrong pixels; and naming the
+    video and its first frame of another size than the video's first. Headers only."""
     from .io import image_size
 
     pairs = [(img, mask) for group in manifest.get("coseg", []) for img, mask in zip(group["images"], group["masks"])]
@@ -1090,6 +1091,14 @@ def _check_mask_sizes(data_dir: Path, manifest: dict[str, Any]) -> None:
         if (mh, mw) != (ih, iw):
             raise DataError(f"{data_dir / mask}: mask is {mw}x{mh} px but its image {img} is {iw}x{ih} "
                             "(EXIF orientation applied to both)")
+    for seq in manifest.get("video", []):  # one size per video: propagation and J&F stack its frames
+        frames = seq["frames"]
+        sizes = [image_size(data_dir / frame) for frame in frames]
+        odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+        if odd is not None:
+            (h, w), (h0, w0) = sizes[odd], sizes[0]
+            raise DataError(f"video {seq['name']}: frame {data_dir / frames[odd]} is {w}x{h} px but its first "
+                            f"frame {frames[0]} is {w0}x{h0}; every frame of a video must have one size {REBUILD}")
 
 
 def prepare_eval_data(data_dir: Path | str | None = None, seed: int = 0, progress: bool = True,

@@ -20,7 +20,7 @@ from ..extractor import ViTExtractor
 from ..retrieval import DescriptorConfig, backbone_identity
 from .embed import ExtractorSpec, embed_shard
 from .shards import Collection, write_shard
-from .sources import ShardSpec, expand_sources
+from .sources import ShardSpec, record_sources
 
 LOG = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
@@ -204,7 +204,7 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
         raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
     if engine == "ray" and not isinstance(extractor, ExtractorSpec):
         raise ConfigError("engine 'ray' needs an ExtractorSpec (each worker builds its own extractor)")
-    files, tars = expand_sources(sources)
+    files, tars, records = record_sources(sources)
     if not files and not tars:
         raise DataError(f"{', '.join(map(str, sources))}: no images or .tar shards found")
     if built is None:
@@ -215,7 +215,7 @@ def embed_collection(sources: Sequence[str | os.PathLike], out: str | os.PathLik
         raise ConfigError(f"descriptor config asks for stride {config.stride}, the extractor has {built.stride[0]}")
     identity = backbone_identity(built, weights, model_arg)
     coll = Collection.open_or_create(out, files, tars, identity, config, config.dim(built.embed_dim), shard_size,
-                                     patch_descriptors)
+                                     patch_descriptors, records)
     pending = coll.pending()
     report = EmbedReport(coll.root, engine, already_done=[s.name for s in coll.shards if s not in pending])
     start = time.perf_counter()

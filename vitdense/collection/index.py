@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backbones import atomic_write
+from ..cache import LRU
 from ..errors import ConfigError, DataError
 from ..descriptors import DescriptorConfig, faiss_search  # not ..retrieval: it imports torch (~0.5 GB)
 from .shards import Collection, read_shard
@@ -54,6 +55,8 @@ BASE_RSS = 320 << 20  # the build process without its data: Python, numpy, faiss
 TWO_LEVEL_FROM = 4096  # lists from which the coarse k-means runs in two levels (:func:`coarse_centroids`)
 KMEANS_ITER = 25  # faiss' default k-means iterations, for both levels
 ASSIGN_DEPTH = 128  # efSearch of an HNSW coarse quantizer while it assigns added vectors to lists
+ID_SHARDS = 64  # shards whose ids a ShardedIndex keeps (LRU): at the default 1000 files a shard, 64k id
+# strings (~100 B each as Python str, ~6 MB) whatever the collection's size
 
 
 def parse_size(text: str | int) -> int:
@@ -665,9 +668,10 @@ def set_nprobe(index: Any, nprobe: int) -> None:
 
 class ShardedIndex:
     """A built sharded index, opened memory-mapped; :meth:`search` re-ranks exactly from the shards'
-    vectors and :meth:`ids` names the results by the collection's ids."""
+    vectors and :meth:`ids` names the results by the collection's ids, read per shard on first use and
+    kept for the ``id_shards`` shards used last (LRU: memory bounded by that, not by N)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, id_shards: int = ID_SHARDS):
         root = Path(root)
         path = root / "index.json"
         try:
@@ -692,7 +696,7 @@ class ShardedIndex:
         self.shard_names = [s["name"] for s in shards]
         self.embeddings = Path(meta["embeddings"])
         self.rerank = int(meta.get("rerank", 0))
-        self._ids: dict[int, list[str]] = {}
+        self.id_cache = LRU(max(1, id_shards))  # shard index → its ids
 
     def check_backbone(self, identity: dict[str, Any]) -> None:
         """ConfigError when ``identity`` is not the network the collection was embedded with."""
@@ -708,18 +712,26 @@ class ShardedIndex:
         rerank = self.rerank if self.choice.kind != "flat" else 0
         return faiss_search(self.index, queries, k, self.vectors, rerank)
 
+    def shard_ids(self, s: int) -> list[str]:
+        """The collection's ids of shard ``s`` (read on first use, kept for the last ``id_shards`` shards)."""
+        ids = self.id_cache.get(s)
+        if ids is None:
+            ids = read_shard(self.embeddings, self.shard_names[s], ["id"])["id"]
+            self.id_cache.put(s, ids)
+        return ids
+
     def ids(self, global_ids: np.ndarray) -> list[str | None]:
-        """The collection's ids (paths, TAR::MEMBER) of global ids (None for -1), read from the shards."""
-        offsets = self.vectors.offsets
-        out: list[str | None] = []
-        for g in np.asarray(global_ids).ravel():
-            if g < 0:
-                out.append(None)
-                continue
-            s = int(np.searchsorted(offsets, g, side="right") - 1)
-            if s not in self._ids:
-                self._ids[s] = read_shard(self.embeddings, self.shard_names[s], ["id"])["id"]
-            out.append(self._ids[s][int(g - offsets[s])])
+        """The collection's ids (paths, TAR::MEMBER) of global ids (None for -1), read from the shards.
+
+        Each shard's ids are fetched once per call (results come in score order across shards: fetching
+        row by row could evict and re-read a shard within one call when they span more than ``id_shards``)."""
+        rows = np.asarray(global_ids, np.int64).ravel()
+        shards = np.searchsorted(self.vectors.offsets, rows, side="right") - 1
+        out: list[str | None] = [None] * len(rows)
+        for s in np.unique(shards[rows >= 0]):
+            ids, start = self.shard_ids(int(s)), int(self.vectors.offsets[s])
+            for i in np.flatnonzero((shards == s) & (rows >= 0)):
+                out[i] = ids[int(rows[i]) - start]
         return out
 
 

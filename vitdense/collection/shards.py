@@ -1,7 +1,9 @@
 """The embeddings folder: Parquet shards, their done-markers, and the collection's manifest.
 
     EMB/manifest.json              backbone identity + weights fingerprint, descriptor settings, dimension,
-                                   dtype, the shard plan with each shard's status and row count
+                                   dtype, the shard plan with each shard's status and row count, the
+                                   sources (path as given, folder of what it named; absent in folders
+                                   embedded before they were recorded: unknown)
     EMB/inputs/shard-NNNNN.txt     the files of a file shard (fixed when the shard is planned)
     EMB/shard-NNNNN.parquet        rows: id, sha256, meta (JSON), vector (D' float32)
     EMB/shard-NNNNN.patches.parquet  with --patch-descriptors: per row id, grid h, w, and the patch tokens
@@ -26,7 +28,7 @@ import numpy as np
 from ..backbones import atomic_write
 from ..errors import ConfigError, DataError
 from ..descriptors import DescriptorConfig
-from .sources import ShardSpec, plan_shards
+from .sources import ShardSpec, enclosing_folder, plan_shards
 
 if TYPE_CHECKING:  # embed imports torch; reading shards and building an index do not need it
     from .embed import ShardRows
@@ -129,6 +131,16 @@ def read_shard(root: str | os.PathLike, name: str, columns: Sequence[str] = ("id
 
 # ============================================================================ manifest
 
+def merge_sources(recorded: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``recorded`` followed by the sources of ``new`` it lacks; a source in both keeps its place, its folder
+    the deepest one holding both folders (a folder that has gained images elsewhere since)."""
+    out = {s["path"]: dict(s) for s in recorded}
+    for s in new:
+        have = out.setdefault(s["path"], dict(s))
+        have["folder"] = enclosing_folder([f for f in (have["folder"], s["folder"]) if f])
+    return list(out.values())
+
+
 @dataclass
 class Collection:
     """An embeddings folder: its settings and shard plan (see the module doc)."""
@@ -139,6 +151,7 @@ class Collection:
     dim: int
     shards: list[ShardSpec]
     patch_descriptors: bool = False  # each shard also keeps its rows' patch tokens (float16)
+    sources: list[dict[str, Any]] | None = None  # {"path", "folder"} per source; None: not recorded (older)
 
     @property
     def manifest_path(self) -> Path:
@@ -167,6 +180,8 @@ class Collection:
                     "rows": sum(s["rows"] or 0 for s in shards),
                     "complete": all(s["status"] == "done" for s in shards), "shards": shards,
                     "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.sources is not None:
+            manifest["sources"] = self.sources
         text = json.dumps(manifest, indent=1)
         atomic_write(self.manifest_path, lambda tmp: Path(tmp).write_text(text + "\n"))
         return manifest
@@ -191,20 +206,28 @@ class Collection:
                 if s["kind"] == "files":
                     items = tuple((root / "inputs" / f"{s['name']}.txt").read_text().splitlines())
                 shards.append(ShardSpec(s["name"], s["kind"], items, s.get("tar")))
+            sources = meta.get("sources")
+            if sources is not None:
+                sources = [{"path": str(s["path"]), "folder": s["folder"]} for s in sources]
             return cls(root, meta["backbone"], DescriptorConfig.from_dict(meta["descriptor"]), int(meta["dim"]),
-                       shards, bool(meta.get("patch_descriptors", False)))
+                       shards, bool(meta.get("patch_descriptors", False)), sources)
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise DataError(f"{path}: corrupt manifest ({err})") from None
 
     @classmethod
     def open_or_create(cls, root: str | os.PathLike, files: Sequence[str], tars: Sequence[str],
                        backbone: dict[str, Any], descriptor: DescriptorConfig, dim: int,
-                       shard_size: int, patch_descriptors: bool = False) -> "Collection":
+                       shard_size: int, patch_descriptors: bool = False,
+                       sources: Sequence[dict[str, Any]] | None = None) -> "Collection":
         """The collection at ``root`` with ``files`` and ``tars`` planned into shards.
 
         A new folder is planned from scratch. An existing one must have the same backbone (weights
         fingerprint, stride) and descriptor settings (ConfigError otherwise: a collection never mixes
         vectors of two settings); its plan is kept and inputs it does not hold yet become new shards.
+        ``sources``: what :func:`~vitdense.collection.sources.record_sources` records of the sources named;
+        added to those the manifest records (:func:`merge_sources`). Unknown sources stay unknown (no
+        "sources" in the manifest): those of a folder embedded before they were recorded, and those of
+        new shards planned without ``sources``.
         """
         root = Path(root)
         files = list(dict.fromkeys(files))  # a file named twice is one row
@@ -220,11 +243,17 @@ class Collection:
             planned_tars = {s.tar for s in coll.shards if s.tar}
             new = plan_shards([f for f in files if f not in planned], [t for t in tars if t not in planned_tars],
                               shard_size, start=len(coll.shards))
+            if sources is None:
+                if new:  # the new shards' sources are unknown, hence the collection's
+                    coll.sources = None
+            elif coll.sources is not None:
+                coll.sources = merge_sources(coll.sources, sources)
         else:
             if root.exists() and any(root.iterdir()):
                 raise DataError(f"{root}: folder exists and is not a vitdense embeddings folder; choose an empty "
                                 f"or new --out")
-            coll = cls(root, backbone, descriptor, dim, [], patch_descriptors)
+            coll = cls(root, backbone, descriptor, dim, [], patch_descriptors,
+                       None if sources is None else [dict(s) for s in sources])
             new = plan_shards(files, tars, shard_size)
         for spec in new:
             if spec.kind == "files":

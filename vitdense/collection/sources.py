@@ -6,7 +6,8 @@ file with a ``path``/``url``/``id`` column), or a webdataset ``.tar`` shard as i
 a list of files (cut from folders and lists, ``shard_size`` files each) or one whole tar.
 
 Every row gets a stable id that does not depend on row order: the resolved path of a file, or
-``TAR::MEMBER`` for a tar member.
+``TAR::MEMBER`` for a tar member. The manifest records each source (:func:`record_sources`): its path and
+the folder holding what it named, which is where ``vitdense serve`` may read the collection's files.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import DataError
 from ..io import IMAGE_SUFFIXES, natural_key
@@ -86,6 +87,37 @@ def expand_sources(sources: Sequence[str | os.PathLike]) -> tuple[list[str], lis
         else:
             raise DataError(f"{path}: not a folder, image, .tar shard or .txt/.parquet list of images")
     return files, tars
+
+
+def common_folder(paths_lo: str, paths_hi: str) -> str:
+    """The deepest folder holding every path whose string lies between ``lo`` and ``hi`` (their least and
+    greatest: every such path starts with the common prefix of those two)."""
+    prefix = os.path.commonprefix([paths_lo, paths_hi])
+    folder = prefix[:prefix.rfind("/")] if "/" in prefix else ""
+    return folder or "/"
+
+
+def enclosing_folder(folders: Sequence[str]) -> str | None:
+    """The deepest folder holding every one of ``folders`` (None for none)."""
+    ends = [f.rstrip("/") + "/" for f in folders]  # a folder's own name kept: it is no file's name
+    return common_folder(min(ends), max(ends)) if ends else None
+
+
+def record_sources(sources: Sequence[str | os.PathLike]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """:func:`expand_sources`, and what the manifest records of each source: ``{"path": the source as given,
+    made absolute (~ expanded, links kept), "folder": the deepest folder holding every file and tar it named
+    by an absolute path (the paths the rows' ids hold), None when it named none (a list of URLs)}``."""
+    files: list[str] = []
+    tars: list[str] = []
+    records: list[dict[str, Any]] = []
+    for source in sources:
+        named_files, named_tars = expand_sources([source])
+        files += named_files
+        tars += named_tars
+        absolute = [p for p in named_files + named_tars if os.path.isabs(p)]
+        records.append({"path": os.path.abspath(os.path.expanduser(source)),
+                        "folder": common_folder(min(absolute), max(absolute)) if absolute else None})
+    return files, tars, records
 
 
 def plan_shards(files: Sequence[str], tars: Sequence[str], shard_size: int, start: int = 0) -> list[ShardSpec]:

@@ -311,6 +311,11 @@ def propagate_command(frames: str | None, mask_path: str | None, davis_root: str
         if mask_path is not None:
             raise ConfigError("--mask is not used with --davis-root (masks come from Annotations/)")
         jobs = _davis_jobs(Path(davis_root), subset, sequences, resolution, out)
+        if evaluate:  # the ground truth the evaluation will read, checked before the first sequence runs
+            from ..davis import annotation_files
+
+            for job in jobs:
+                annotation_files(davis_root, job.label, resolution)
     for job in jobs:  # every video's frames and mask checked before the first one is segmented
         open_job(job)
         if not write_overlay:

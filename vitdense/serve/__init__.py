@@ -4,7 +4,6 @@ as an HTTP service with a search page.
     app.py       routes (Starlette): parse a request, call one Service method, shape the answer
     service.py   the loaded index (swapped atomically on reload), the query batcher, the page's analyses
     sharded.py   a sharded index served row by row: ids ROW-CHECK, ids read per shard (LRU), tar members
-    cache.py     the bounded LRU cache
     security.py  ids instead of paths, upload limits, the token and bind rules
     static/      the search page (plain HTML/JS/CSS, served by the app; nothing from a CDN)
 

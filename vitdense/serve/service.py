@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cache import LRU
 from ..errors import DataError
 from ..retrieval import ImageIndex, global_descriptors, preprocess_image
-from .cache import LRU
 from .security import (IndexedFile, Limits, RequestError, check_id, decode_upload, image_id, inside,
                        servable_path)
 from .sharded import ShardedSnapshot, open_sharded

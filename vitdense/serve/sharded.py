@@ -20,9 +20,11 @@ shard; the tar itself obeys the same rules), at the member's offset, for regular
 (compressed tars and members above :data:`MAX_MEMBER_BYTES`: 404/413). A tar's member list is read once and
 kept for the last ``tar_cache`` tars, keyed by the tar's inode, size and mtime (a rewritten tar is listed again).
 
-Allowed roots: the embeddings folder does not record its source folders, so files are served from the
-common folder of every planned file (inputs/*.txt, streamed: min and max strings only) and tar (manifest),
-with a warning, unless ``--root`` names the folder; rows outside it are never named in an answer.
+Allowed roots: unless ``--root`` names the folder, files are served from the common folder of every
+embedded file and tar: of the folders the manifest records for its sources (``vitdense embed`` records
+them), or, for an embeddings folder made before sources were recorded, of every planned file (inputs/*.txt,
+streamed: min and max strings only) and tar (manifest), with a warning. Rows outside it are never named in
+an answer.
 """
 from __future__ import annotations
 
@@ -38,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from ..cache import LRU
 from ..collection.index import ShardedIndex
 from ..collection.shards import read_shard, shard_path
-from ..collection.sources import TAR_SEP
+from ..collection.sources import TAR_SEP, common_folder, enclosing_folder
 from ..errors import DataError
-from .cache import LRU
 from .security import IndexedFile, RequestError, image_id, inside, servable_path
 
 LOG = logging.getLogger("vitdense.serve")
@@ -56,17 +58,9 @@ def row_id(row: int, id_string: str) -> str:
     return f"{row}-{image_id(id_string)}"
 
 
-def common_folder(paths_lo: str, paths_hi: str) -> str:
-    """The deepest folder holding every path whose string lies between ``lo`` and ``hi`` (their least and
-    greatest: every such path starts with the common prefix of those two)."""
-    prefix = os.path.commonprefix([paths_lo, paths_hi])
-    folder = prefix[:prefix.rfind("/")] if "/" in prefix else ""
-    return folder or "/"
-
-
 def planned_folder(embeddings: Path, shards: list[dict[str, Any]]) -> str | None:
     """Common folder of the files (inputs/NAME.txt, one path a line, streamed) and tars the manifest planned;
-    None when none is an absolute path."""
+    None when none is an absolute path. For a manifest that does not record its sources: reads every list."""
     lo = hi = None
     for spec in shards:
         if spec.get("tar"):
@@ -297,7 +291,9 @@ def open_sharded(root: str | os.PathLike, stamp: tuple[int, int, int], collectio
     try:
         manifest = json.loads(manifest_path.read_text())
         planned = {s["name"]: s for s in manifest["shards"]}
-    except (ValueError, KeyError, TypeError) as err:
+        sources = manifest.get("sources")  # None: embedded before sources were recorded
+        source_folders = None if sources is None else [s["folder"] for s in sources if s["folder"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DataError(f"{manifest_path}: corrupt manifest ({err})") from None
     missing = [n for n in idx.shard_names if n not in planned or not shard_path(emb, n).is_file()]
     if missing:
@@ -311,9 +307,14 @@ def open_sharded(root: str | os.PathLike, stamp: tuple[int, int, int], collectio
         roots = Roots(given, mstamp, given)
     elif isinstance(old, Roots) and old.given is None and old.manifest_stamp == mstamp:
         roots = old
+    elif source_folders is not None:
+        folder = enclosing_folder(source_folders)
+        LOG.info("%s: serving files under %s, the folder of the embeddings' %d source(s) (set --root to narrow "
+                 "it)", root, folder, len(sources))
+        roots = Roots(folder, mstamp, None)
     else:
         folder = planned_folder(emb, list(planned.values()))
-        LOG.warning("%s: the embeddings folder does not record its source folders; serving files under %s (set "
-                    "--root to narrow it)", root, folder)
+        LOG.warning("%s: the embeddings folder does not record its source folders (embedded before vitdense "
+                    "recorded them); serving files under %s (set --root to narrow it)", root, folder)
         roots = Roots(folder, mstamp, None)
     return ShardedSnapshot(idx, tars, roots, stamp, time.time(), LRU(max(1, id_shards)))

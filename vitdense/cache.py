@@ -1,4 +1,5 @@
-"""A small bounded cache shared by the service and the sharded-index snapshot."""
+"""A small bounded cache: the served index's thumbnails and dense descriptors, and the shard ids a sharded
+index reads (:class:`vitdense.collection.index.ShardedIndex`, the served snapshot of one)."""
 from __future__ import annotations
 
 import threading
