@@ -21,7 +21,7 @@ from vitdense import ConfigError, DataError
 from vitdense.collection.embed import ExtractorSpec, ShardRows
 from vitdense.collection.engines import embed_collection
 from vitdense.collection.index import ShardedIndex, build_index, choose_index
-from vitdense.collection.shards import Collection, marker_path, read_shard, write_shard
+from vitdense.collection.shards import Collection, marker_path, read_marker, read_shard, write_shard
 from vitdense.collection.sources import ShardSpec
 from vitdense.retrieval import DescriptorConfig, embed_images
 
@@ -95,6 +95,75 @@ def test_local_embed_matches_embed_images_and_resumes(tmp_path, weights):
                              num_workers=0, progress=False)
     assert grown.embedded == ["shard-00003"] and grown.rows == 23
     assert all_rows(tmp_path / "emb")[0][-3:] == [str(p.resolve()) for p in more]
+
+
+WORKER_LOG = "VITDENSE_TEST_WORKER_LOG"
+
+
+def _log_worker_start(worker_id: int) -> None:
+    """DataLoader worker_init_fn: one line per decoding process started."""
+    with open(os.environ[WORKER_LOG], "a") as f:
+        f.write(f"{os.getpid()} {worker_id}\n")
+
+
+def test_local_engine_starts_its_decoding_workers_once_and_keeps_the_rows(tmp_path, weights, monkeypatch):
+    """--workers 2 over 4 shards (3 of files, one with an unreadable image, and a tar; batches of 2, smaller
+    than a worker's share of a shard): the 2 decoding processes start once for the whole run (a loader per
+    shard started 2 per shard), batches are embedded in local_lanes' lanes with their torch threads, the
+    rows are those of --workers 0 and of embed_images, every shard keeps its own skipped rows, and torch's
+    thread count is as it was."""
+    import threading
+
+    import torch
+
+    from vitdense.collection import embed as embed_module
+    from vitdense.collection.engines import local_lanes
+
+    paths = make_images(tmp_path / "img", 13)
+    paths[6].write_bytes(b"not an image")  # in the second shard
+    write_tar(tmp_path / "img" / "t.tar", 5)
+    real = embed_module.DataLoader
+
+    def counting(*args, **kwargs):
+        assert "worker_init_fn" not in kwargs
+        return real(*args, worker_init_fn=_log_worker_start, **kwargs)
+
+    calls = []  # (thread, torch threads) of each batch embedded
+    real_batch = embed_module.embed_batch
+
+    def recording(*args, **kwargs):
+        calls.append((threading.current_thread(), torch.get_num_threads()))
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "DataLoader", counting)
+    monkeypatch.setattr(embed_module, "embed_batch", recording)
+    monkeypatch.setenv(WORKER_LOG, str(tmp_path / "workers.log"))
+    threads = torch.get_num_threads()
+    spec = ExtractorSpec("auto", str(weights[0]), "cpu")
+    lanes, per_lane = local_lanes(spec.build())
+    common = dict(shard_size=5, batch_size=2, progress=False)
+    two = embed_collection([tmp_path / "img"], tmp_path / "two", spec, CFG, num_workers=2, **common)
+    started = (tmp_path / "workers.log").read_text().splitlines()
+    assert len(started) == 2 and sorted(line.split()[1] for line in started) == ["0", "1"]
+    assert torch.get_num_threads() == threads
+    assert len(calls) >= 9 and {n for _, n in calls} == {per_lane}
+    assert all(t is not threading.main_thread() for t, _ in calls) == (lanes > 1)
+    zero = embed_collection([tmp_path / "img"], tmp_path / "zero", spec, CFG, num_workers=0, **common)
+    assert len((tmp_path / "workers.log").read_text().splitlines()) == 2  # no workers with --workers 0
+    names = [f"shard-{i:05d}" for i in range(4)]
+    assert two.embedded == zero.embedded == names and two.rows == zero.rows == 12 + 5
+    assert [r for _, r, _ in two.timeline] == [5, 4, 3, 5]
+    bad = str(paths[6].resolve())
+    assert two.skipped == zero.skipped == [(bad, "not an image file")]
+    assert [read_marker(tmp_path / "two", n)["skipped"] for n in names] == [[], [[bad, "not an image file"]], [], []]
+    ids, vecs = all_rows(tmp_path / "two")
+    ids0, vecs0 = all_rows(tmp_path / "zero")
+    good = [p for i, p in enumerate(paths) if i != 6]
+    tar = str((tmp_path / "img" / "t.tar").resolve())
+    assert ids == ids0 == [str(p.resolve()) for p in good] + [f"{tar}::{i:09d}.jpg" for i in range(5)]
+    np.testing.assert_allclose(vecs, vecs0, atol=1e-6)
+    ref = embed_images(spec.build(), good, CFG, batch_size=1, progress=False)
+    np.testing.assert_allclose(vecs[:12], ref.vectors, atol=1e-5)
 
 
 def test_steady_rate_counts_each_worker_from_its_first_finished_shard():
