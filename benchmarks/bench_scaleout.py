@@ -7,8 +7,9 @@
 
 Part 1 (engines): the same generated images embedded ``--rounds`` times by each engine in turn (local,
 ray, local, ray, ...: a drift of the machine's speed hits both alike): ``--engine local`` (this process,
-torch's threads, one DataLoader worker decoding) and ``--engine ray`` (a local Ray, an actor pool of
-``--actors``, one torch thread each). ``--engine-model tiny`` (64 px, a 6-block 192-d ViT) shows the
+one DataLoader worker decoding for all shards, batches embedded in ``local_lanes`` lanes: one torch thread
+each up to 4 threads) and ``--engine ray`` (a local Ray, an actor pool of ``--actors``, one torch thread
+each). ``--engine-model tiny`` (64 px, a 6-block 192-d ViT) shows the
 engines' own costs most; ``vits16`` (ViT-S/16 at 224 px, random weights) is a real model's work per image.
 Per run: images/s end to end (Ray's actor start and extractor builds included; ``ray.init`` once, apart)
 and steady (each worker from its first finished shard to its last, summed); the ratios are medians over
@@ -352,11 +353,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_scaleout_"))
     try:
         if not args.skip_engines:
+            from vitdense.collection.engines import local_lanes
+
             kw, size = ENGINE_MODELS[args.engine_model]
+            lanes, per_lane = local_lanes("cpu")
             print(f"\nengines, {args.images} images of {size} px in shards of {args.engine_shard}, random ViT "
                   f"({kw['embed_dim']}-d, {kw['depth']} blocks, patch {kw['patch_size']}), {args.actors} Ray actors "
-                  f"(1 torch thread each), local: torch's threads + 1 decoding worker, {os.cpu_count()} cores, "
-                  f"{args.rounds} rounds in turn")
+                  f"(1 torch thread each), local: {lanes} lanes of {per_lane} torch thread(s) + 1 decoding worker, "
+                  f"{os.cpu_count()} cores, {args.rounds} rounds in turn")
             e = engines(tmp / "engines", args.images, args.actors, args.rounds, args.engine_shard, args.engine_model)
             print(f"  medians: local {e['local_img_s']:.1f} img/s   ray {e['ray_img_s']:.1f} img/s   ray/local "
                   f"{e['ratio']:.2f} end to end (rounds {', '.join(f'{x:.2f}' for x in e['ratios'])}), "

@@ -140,7 +140,7 @@ def test_local_engine_starts_its_decoding_workers_once_and_keeps_the_rows(tmp_pa
     monkeypatch.setenv(WORKER_LOG, str(tmp_path / "workers.log"))
     threads = torch.get_num_threads()
     spec = ExtractorSpec("auto", str(weights[0]), "cpu")
-    lanes, per_lane = local_lanes(spec.build())
+    lanes, per_lane = local_lanes("cpu")
     common = dict(shard_size=5, batch_size=2, progress=False)
     two = embed_collection([tmp_path / "img"], tmp_path / "two", spec, CFG, num_workers=2, **common)
     started = (tmp_path / "workers.log").read_text().splitlines()

@@ -16,7 +16,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import ConfigError, DataError
 from ..extractor import ViTExtractor
@@ -24,6 +24,9 @@ from ..retrieval import DescriptorConfig, backbone_identity
 from .embed import ExtractorSpec, ShardRows, embed_shard, embed_shards
 from .shards import Collection, write_shard
 from .sources import ShardSpec, record_sources
+
+if TYPE_CHECKING:
+    import torch
 
 LOG = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
@@ -100,16 +103,17 @@ def _bar(total: int, progress: bool):
 MAX_LANES = 4
 
 
-def local_lanes(extractor: ViTExtractor) -> tuple[int, int]:
-    """(lanes, torch threads per lane) of the local engine: on a CPU, torch's threads split into at most
-    MAX_LANES lanes of equal threads (one thread a lane up to MAX_LANES threads); on a GPU one lane with the
-    threads as they are. The decoding workers are not counted off: they need little CPU, and single-thread
-    lanes lose little to a process that preempts one of them, where one pass on all threads waits for its
-    slowest thread (on a 2-core machine beside a busy process: 6.6 img/s on 2 threads, 11.7 in 2 lanes)."""
+def local_lanes(device: str | torch.device) -> tuple[int, int]:
+    """(lanes, torch threads per lane) of the local engine on ``device``: on a CPU, torch's threads split
+    into at most MAX_LANES lanes of equal threads (one thread a lane up to MAX_LANES threads); on a GPU one
+    lane with the threads as they are. The decoding workers are not counted off: they need little CPU, and
+    single-thread lanes lose little to a process that preempts one of them, where one pass on all threads
+    waits for its slowest thread (ViT-S/16 batches on 2 cores beside a busy process of another session:
+    6.6 img/s on 2 threads, 11.7 in 2 lanes of one)."""
     import torch
 
     threads = torch.get_num_threads()
-    if extractor.device.type != "cpu" or threads < 2:
+    if torch.device(device).type != "cpu" or threads < 2:
         return 1, threads
     per_lane = -(-threads // MAX_LANES)
     return threads // per_lane, per_lane
@@ -136,7 +140,7 @@ def run_local(root: Path, specs: Sequence[ShardSpec], extractor: ViTExtractor, c
     count set for the run and put back after it), and each shard is written as soon as its rows are complete;
     its (seconds since the run started, rows, process id) is appended to ``timeline``."""
     markers = []
-    lanes, threads = local_lanes(extractor)
+    lanes, threads = local_lanes(extractor.device)
     start, images = time.perf_counter(), 0
     # closing: the lanes and decoding workers end inside the block, also when a shard's write fails
     with _bar(len(specs), progress) as bar, _torch_threads(threads), \
